@@ -1,0 +1,1 @@
+"""Datasets, temporal splits, legacy rankers and slates."""

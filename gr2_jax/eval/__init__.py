@@ -1,0 +1,1 @@
+"""Ranking metrics, confidence intervals and evaluation tables."""

@@ -1,0 +1,28 @@
+"""Pipeline stages: one module each, wired by the graph below.
+
+Each stage module exposes `run(ctx: runner.StageContext) -> dict` (a JSON-able summary). The
+graph says which artifacts a stage reads; the runner produces missing ones first.
+"""
+
+# stage name -> stages whose artifacts it reads (direct inputs only).
+REQUIRES = {
+    "data": (),
+    "legacy": ("data",),
+    "eval": ("legacy",),
+}
+
+
+def transitive_requires(stage):
+  """All stages `stage` depends on, in an order where inputs come first."""
+  if stage not in REQUIRES:
+    raise KeyError(stage)
+  order = []
+
+  def visit(name):
+    for dep in REQUIRES[name]:
+      visit(dep)
+      if dep not in order:
+        order.append(dep)
+
+  visit(stage)
+  return order

@@ -1,0 +1,39 @@
+"""gr2_jax: Generative Reasoning Re-ranker (GR2) in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="gr2_jax",
+    version="0.1.0",
+    description="JAX/TPU-native Generative Reasoning Re-ranker: SID tokenizer, mid-training, "
+    "reasoning traces, SFT, RL with verifiable rewards, distillation and serving.",
+    packages=find_packages(include=["gr2_jax", "gr2_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "tensorflow-datasets>=4.9.8",
+        "array_record>=0.7",
+        "sentencepiece>=0.2",
+        "numpy>=1.26",
+        "absl-py>=2.1",
+        "ml-collections>=1.0",
+        "pyarrow>=15",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
+            # CPU build of PyTorch for the reference-parity tests; never unpinned.
+            "torch==2.13.0",
+            "transformers>=4.51",
+            "sentence-transformers>=3.0",
+        ],
+    },
+)
