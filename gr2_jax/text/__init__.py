@@ -1,0 +1,1 @@
+"""Text tokenizers, the chat template and its training loss mask."""
