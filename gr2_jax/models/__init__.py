@@ -1,0 +1,1 @@
+"""Decoder LLMs and their checkpoint I/O."""

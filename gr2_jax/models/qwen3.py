@@ -1,0 +1,354 @@
+"""Qwen3 decoder LLM in Flax NNX.
+
+Architecture (as Hugging Face `Qwen3ForCausalLM`): token embedding; N decoder layers, each
+`x + attn(rms(x))` then `x + mlp(rms(x))`; attention with bias-free q/k/v/o projections, a
+per-head RMSNorm on q and k before RoPE ("rotate_half" convention) and grouped-query attention;
+SwiGLU MLP; final RMSNorm; LM head tied to the embedding or separate.
+
+Module and parameter names follow the Hugging Face checkpoint (`embed_tokens`, `layers[i]
+.self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, `norm`, `lm_head`), so the mapping in
+`hf_io.py` reads one to one. Projection kernels are stored input-major ([in, out], with heads as
+their own axis: q_proj [E, H, D], o_proj [H, D, E]); HF stores [out, in].
+
+Every parameter carries logical axis names (`out_sharding` metadata) and the main activations
+are constrained by logical names through `gr2_jax.parallel.sharding.shard`, so parallelism is
+chosen by the rules table alone.
+
+KV cache: a dict {"k": [L, B, S, KVH, D], "v": same, "end": int32 [B]} made by `init_cache`.
+With a cache, row b's T new keys/values go to slots end[b] .. end[b]+T-1, query t of row b sees
+slots < end[b]+t+1, and the returned cache has end[b] advanced by the row's non-padding tokens,
+so right-padded prompts can be prefilled together and then decoded one token at a time.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gr2_jax.errors import UserError
+from gr2_jax.parallel import sharding as sharding_lib
+from gr2_jax.parallel.sharding import shard
+
+_F32 = jnp.float32
+INIT_STD = 0.02  # HF Qwen3 initializer_range
+# Logical axes of the KV cache arrays (see gr2_jax.parallel.sharding.DEFAULT_RULES).
+CACHE_AXES = ("layers", "cache_batch", "cache_length", "act_kv_heads", "head_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of a Qwen3 model."""
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 1e6
+  rms_eps: float = 1e-6
+  tie_embeddings: bool = True
+  dtype: str = "float32"  # compute dtype ("bfloat16" for bf16 compute)
+  param_dtype: str = "float32"  # master weights
+  remat: bool = False  # recompute each layer's activations in the backward pass
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "mlp_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise UserError(f"model config {name}={value!r} must be a positive integer")
+    if self.num_heads % self.num_kv_heads:
+      raise UserError(f"model config num_heads={self.num_heads} must be a multiple of "
+                      f"num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise UserError(f"model config head_dim={self.head_dim} must be even for RoPE")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"model config {name}={getattr(self, name)!r} must be one of "
+                        "float32, bfloat16, float16")
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+
+def _qwen3(layers, hidden, heads, mlp, tied):
+  return ModelConfig(vocab_size=151936, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                     num_kv_heads=8, head_dim=128, mlp_dim=mlp, tie_embeddings=tied)
+
+
+# Real shapes from the Hugging Face config.json of each Qwen/Qwen3-* checkpoint.
+PRESETS = {
+    "tiny": ModelConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16, mlp_dim=128),
+    # CPU main-job model; vocab_size is set from the trained tokenizer at build time.
+    "demo": ModelConfig(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4,
+                        num_kv_heads=2, head_dim=64, mlp_dim=768),
+    "qwen3-0.6b": _qwen3(28, 1024, 16, 3072, True),
+    "qwen3-1.7b": _qwen3(28, 2048, 16, 6144, True),
+    "qwen3-4b": _qwen3(36, 2560, 32, 9728, True),
+    "qwen3-8b": _qwen3(36, 4096, 32, 12288, False),
+    "qwen3-14b": _qwen3(40, 5120, 40, 17408, False),
+    "qwen3-32b": _qwen3(64, 5120, 64, 25600, False),
+}
+
+
+def get_model_config(preset, **overrides):
+  """The named preset with `overrides` (ModelConfig field names) applied."""
+  if preset not in PRESETS:
+    raise UserError(f"unknown model preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise UserError(f"unknown model config field(s) {', '.join(unknown)}; valid fields: "
+                    f"{', '.join(sorted(fields))}")
+  return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+def _param(rngs, shape, axes, dtype, std=INIT_STD):
+  value = std * jax.random.normal(rngs.params(), shape, _F32)
+  return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis, computed in fp32."""
+
+  def __init__(self, dim, eps, dtype):
+    self.weight = nnx.Param(jnp.ones((dim,), dtype), out_sharding=("norm",),
+                            eager_sharding=False)
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(_F32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.weight[...].astype(_F32)).astype(x.dtype)
+
+
+class Proj(nnx.Module):
+  """Bias-free projection whose kernel is [*in_dims, *out_dims] (input-major)."""
+
+  def __init__(self, in_dims, out_dims, axes, cfg, rngs):
+    self.kernel = _param(rngs, tuple(in_dims) + tuple(out_dims), axes, cfg.weight_dtype)
+    self.num_in = len(in_dims)
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x):
+    return jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                         axes=self.num_in)
+
+
+class Embed(nnx.Module):
+  """Token embedding table [V, E]; `attend` is the tied LM head."""
+
+  def __init__(self, cfg, rngs):
+    self.embedding = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                            cfg.weight_dtype)
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, tokens):
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x):
+    return jnp.einsum("bte,ve->btv", x, self.embedding[...].astype(self.dtype),
+                      preferred_element_type=_F32)
+
+
+def rope_tables(positions, head_dim, theta):
+  """cos, sin [B, T, D] for integer positions [B, T] (HF rotate_half layout)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=_F32) / head_dim))
+  freqs = positions.astype(_F32)[..., None] * inv_freq  # [B, T, D/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+  """Rotates x [B, T, H, D] by the tables [B, T, D]."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  cos = cos[:, :, None, :].astype(x.dtype)
+  sin = sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+def attend(q, k, v, mask):
+  """Grouped-query attention. q [B,T,H,D], k/v [B,S,KVH,D], mask bool [B,T,S] -> [B,T,H,D]."""
+  b, t, h, d = q.shape
+  kvh = k.shape[2]
+  q = q.reshape(b, t, kvh, h // kvh, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                      preferred_element_type=_F32) * (d ** -0.5)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(_F32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+  return out.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+  """Qwen3 self-attention: q/k/v/o projections, q/k RMSNorm, RoPE, GQA."""
+
+  def __init__(self, cfg, rngs):
+    e, h, kvh, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.q_proj = Proj([e], [h, d], ("embed", "heads", "head_dim"), cfg, rngs)
+    self.k_proj = Proj([e], [kvh, d], ("embed", "kv_heads", "head_dim"), cfg, rngs)
+    self.v_proj = Proj([e], [kvh, d], ("embed", "kv_heads", "head_dim"), cfg, rngs)
+    self.o_proj = Proj([h, d], [e], ("heads", "head_dim", "embed"), cfg, rngs)
+    self.q_norm = RMSNorm(d, cfg.rms_eps, cfg.weight_dtype)
+    self.k_norm = RMSNorm(d, cfg.rms_eps, cfg.weight_dtype)
+
+  def __call__(self, x, cos, sin, mask, kv=None, slots=None):
+    """x [B,T,E]; kv: this layer's cache (k, v) [B,S,KVH,D] and slots [B,T] to write to."""
+    q = apply_rope(self.q_norm(self.q_proj(x)), cos, sin)  # [B, T, H, D]
+    k = apply_rope(self.k_norm(self.k_proj(x)), cos, sin)  # [B, T, KVH, D]
+    v = self.v_proj(x)
+    q = shard(q, ("batch", "length", "act_heads", "head_dim"))
+    k = shard(k, ("batch", "length", "act_kv_heads", "head_dim"))
+    v = shard(v, ("batch", "length", "act_kv_heads", "head_dim"))
+    if kv is not None:
+      rows = jnp.arange(x.shape[0])[:, None]
+      # Slots past the cache's end are dropped by the scatter; callers size the cache.
+      k_cache = kv[0].at[rows, slots].set(k.astype(kv[0].dtype))
+      v_cache = kv[1].at[rows, slots].set(v.astype(kv[1].dtype))
+      kv = (k_cache, v_cache)
+      k, v = k_cache, v_cache
+    out = attend(q, k, v, mask)
+    out = shard(out, ("batch", "length", "act_heads", "head_dim"))
+    return self.o_proj(out), kv
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg, rngs):
+    e, m = cfg.hidden_size, cfg.mlp_dim
+    self.gate_proj = Proj([e], [m], ("embed", "mlp"), cfg, rngs)
+    self.up_proj = Proj([e], [m], ("embed", "mlp"), cfg, rngs)
+    self.down_proj = Proj([m], [e], ("mlp", "embed"), cfg, rngs)
+
+  def __call__(self, x):
+    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    h = shard(h, ("batch", "length", "act_mlp"))
+    return self.down_proj(h)
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm residual block: attention then MLP."""
+
+  def __init__(self, cfg, rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.weight_dtype)
+    self.self_attn = Attention(cfg, rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.weight_dtype)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, cos, sin, mask, kv=None, slots=None):
+    h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, slots)
+    x = shard(x + h, ("batch", "length", "act_embed"))
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return shard(x, ("batch", "length", "act_embed")), kv
+
+
+def _run_layer(layer, x, cos, sin, mask, kv, slots):
+  return layer(x, cos, sin, mask, kv, slots)
+
+
+_run_layer_remat = nnx.remat(_run_layer)
+
+
+class Qwen3(nnx.Module):
+  """Qwen3 causal LM."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed_tokens = Embed(cfg, rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.weight_dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head = Proj([cfg.hidden_size], [cfg.vocab_size], ("embed", "vocab"), cfg, rngs)
+
+  def __call__(self, tokens, positions, *, segment_ids=None, cache=None):
+    """Logits f32 [B, T, V] and the updated cache (None without one).
+
+    Args:
+      tokens, positions: int32 [B, T]; positions drive RoPE.
+      segment_ids: int32 [B, T], 0 = padding. Without a cache a token attends only to earlier
+        tokens of its own segment (packed sequences stay apart). With a cache it only decides
+        how far each row's `end` advances; padding must be on the right of each row.
+      cache: from `init_cache`; see the module docstring for its semantics.
+    """
+    cfg = self.cfg
+    b, t = tokens.shape
+    tokens = shard(tokens, ("batch", "length"))
+    x = shard(self.embed_tokens(tokens), ("batch", "length", "act_embed"))
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    idx = jnp.arange(t)
+    if cache is None:
+      mask = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (b, t, t))
+      if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+      slots = None
+    else:
+      end = cache["end"]
+      slots = end[:, None] + idx[None, :]  # [B, T]
+      mask = jnp.arange(cache["k"].shape[2])[None, None, :] < (slots + 1)[:, :, None]
+      k_all, v_all = cache["k"], cache["v"]
+    run = _run_layer_remat if cfg.remat else _run_layer
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (k_all[i], v_all[i])
+      x, kv = run(layer, x, cos, sin, mask, kv, slots)
+      if cache is not None:
+        k_all = k_all.at[i].set(kv[0])
+        v_all = v_all.at[i].set(kv[1])
+    x = self.norm(x)
+    if cfg.tie_embeddings:
+      logits = self.embed_tokens.attend(x)
+    else:
+      logits = jnp.tensordot(x, self.lm_head.kernel[...].astype(x.dtype), axes=1,
+                             preferred_element_type=_F32)
+    logits = shard(logits.astype(_F32), ("batch", "length", "act_vocab"))
+    if cache is None:
+      return logits, None
+    if segment_ids is None:
+      advance = jnp.full((b,), t, jnp.int32)
+    else:
+      advance = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+    new_cache = {"k": shard(k_all, CACHE_AXES), "v": shard(v_all, CACHE_AXES),
+                 "end": cache["end"] + advance}
+    return logits, new_cache
+
+
+def init_cache(cfg, batch, max_len, dtype=jnp.float32):
+  """An empty KV cache for `batch` rows of up to `max_len` tokens."""
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "end": jnp.zeros((batch,), jnp.int32)}
+
+
+def cache_shardings(cfg, mesh, rules=None, batch=1, max_len=1):
+  """NamedShardings for `init_cache(cfg, batch, max_len)` on `mesh` (for jit out_shardings)."""
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  kv = jax.sharding.NamedSharding(
+      mesh, sharding_lib.logical_to_spec(CACHE_AXES, rules, mesh, shape))
+  end = jax.sharding.NamedSharding(
+      mesh, sharding_lib.logical_to_spec(("cache_batch",), rules, mesh, (batch,)))
+  return {"k": kv, "v": kv, "end": end}
+
+
+def param_counts(model_or_state):
+  """(total, non_embedding) parameter counts; embedding and untied LM head count as embedding."""
+  state = model_or_state
+  if isinstance(model_or_state, nnx.Module):
+    state = nnx.state(model_or_state, nnx.Param)
+  total = embedding = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    size = math.prod(leaf.shape)
+    total += size
+    names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
+    if "embed_tokens" in names or "lm_head" in names:
+      embedding += size
+  return total, total - embedding

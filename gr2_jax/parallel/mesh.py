@@ -1,0 +1,71 @@
+"""Device mesh and sharded model construction."""
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh
+
+from gr2_jax.errors import UserError
+from gr2_jax.parallel import sharding as sharding_lib
+
+
+def make_mesh(shape=(1, 1, 1), devices=None, axis_names=sharding_lib.MESH_AXES):
+  """A (data, fsdp, tensor) mesh with Auto axis types; -1 in `shape` takes the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = list(shape)
+  if len(shape) != len(axis_names):
+    raise UserError(f"mesh shape {tuple(shape)} needs one size per axis {axis_names}")
+  if shape.count(-1) > 1:
+    raise UserError(f"mesh shape {tuple(shape)} may hold at most one -1")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    shape[shape.index(-1)] = len(devices) // max(known, 1)
+  if math.prod(shape) != len(devices):
+    raise UserError(
+        f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices but {len(devices)} are "
+        "given; change the mesh shape in the config")
+  grid = np.array(devices, dtype=object).reshape(shape)
+  return Mesh(grid, tuple(axis_names), axis_types=(AxisType.Auto,) * len(axis_names))
+
+
+def single_device_mesh(device=None):
+  """A (1, 1, 1) mesh on one device, for code that always wants a mesh."""
+  return make_mesh((1, 1, 1), devices=[device or jax.devices()[0]])
+
+
+def abstract_model(build_fn):
+  """(graphdef, abstract state) of the module `build_fn()` makes, without allocating it."""
+  return nnx.split(nnx.eval_shape(build_fn))
+
+
+def create_sharded(build_fn, mesh, rules=None):
+  """Builds `build_fn()` inside jit with out_shardings from the params' logical axes.
+
+  Every parameter is created directly on its shards; no device ever holds a full copy of a
+  sharded parameter.
+  """
+  graphdef, abs_state = abstract_model(build_fn)
+  shardings = sharding_lib.state_shardings(abs_state, mesh, rules)
+
+  def init():
+    return nnx.state(build_fn())
+
+  with sharding_lib.use_rules(mesh, rules):
+    state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def create_sharded_model(cfg, mesh, rules=None, seed=0):
+  """A randomly initialised Qwen3 model whose parameters are sharded over `mesh` by `rules`."""
+  from gr2_jax.models import qwen3  # pylint: disable=g-import-not-at-top  (models import parallel)
+  return create_sharded(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(seed)), mesh, rules)
+
+
+def reshard_model(model, mesh, rules=None):
+  """Places an existing model's parameters on `mesh` as `rules` say (device_put per leaf)."""
+  graphdef, state = nnx.split(model)
+  shardings = sharding_lib.state_shardings(state, mesh, rules)
+  state = jax.tree.map(jax.device_put, state, shardings)
+  return nnx.merge(graphdef, state)
