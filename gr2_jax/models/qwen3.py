@@ -112,8 +112,24 @@ def get_model_config(preset, **overrides):
   return dataclasses.replace(PRESETS[preset], **overrides)
 
 
-def _param(rngs, shape, axes, dtype, std=INIT_STD):
-  value = std * jax.random.normal(rngs.params(), shape, _F32)
+class _Keys:
+  """Deterministic stream of PRNG keys from one key.
+
+  Folding in a counter keeps initialisation free of per-parameter nnx.Rngs state updates,
+  which are slow to trace for models with hundreds of parameters.
+  """
+
+  def __init__(self, key):
+    self.key = key
+    self.count = 0
+
+  def __call__(self):
+    self.count += 1
+    return jax.random.fold_in(self.key, self.count)
+
+
+def _param(keys, shape, axes, dtype, std=INIT_STD):
+  value = std * jax.random.normal(keys(), shape, _F32)
   return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
 
 
@@ -134,8 +150,8 @@ class RMSNorm(nnx.Module):
 class Proj(nnx.Module):
   """Bias-free projection whose kernel is [*in_dims, *out_dims] (input-major)."""
 
-  def __init__(self, in_dims, out_dims, axes, cfg, rngs):
-    self.kernel = _param(rngs, tuple(in_dims) + tuple(out_dims), axes, cfg.weight_dtype)
+  def __init__(self, in_dims, out_dims, axes, cfg, keys):
+    self.kernel = _param(keys, tuple(in_dims) + tuple(out_dims), axes, cfg.weight_dtype)
     self.num_in = len(in_dims)
     self.dtype = cfg.compute_dtype
 
@@ -147,8 +163,8 @@ class Proj(nnx.Module):
 class Embed(nnx.Module):
   """Token embedding table [V, E]; `attend` is the tied LM head."""
 
-  def __init__(self, cfg, rngs):
-    self.embedding = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+  def __init__(self, cfg, keys):
+    self.embedding = _param(keys, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                             cfg.weight_dtype)
     self.dtype = cfg.compute_dtype
 
@@ -193,12 +209,12 @@ def attend(q, k, v, mask):
 class Attention(nnx.Module):
   """Qwen3 self-attention: q/k/v/o projections, q/k RMSNorm, RoPE, GQA."""
 
-  def __init__(self, cfg, rngs):
+  def __init__(self, cfg, keys):
     e, h, kvh, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.q_proj = Proj([e], [h, d], ("embed", "heads", "head_dim"), cfg, rngs)
-    self.k_proj = Proj([e], [kvh, d], ("embed", "kv_heads", "head_dim"), cfg, rngs)
-    self.v_proj = Proj([e], [kvh, d], ("embed", "kv_heads", "head_dim"), cfg, rngs)
-    self.o_proj = Proj([h, d], [e], ("heads", "head_dim", "embed"), cfg, rngs)
+    self.q_proj = Proj([e], [h, d], ("embed", "heads", "head_dim"), cfg, keys)
+    self.k_proj = Proj([e], [kvh, d], ("embed", "kv_heads", "head_dim"), cfg, keys)
+    self.v_proj = Proj([e], [kvh, d], ("embed", "kv_heads", "head_dim"), cfg, keys)
+    self.o_proj = Proj([h, d], [e], ("heads", "head_dim", "embed"), cfg, keys)
     self.q_norm = RMSNorm(d, cfg.rms_eps, cfg.weight_dtype)
     self.k_norm = RMSNorm(d, cfg.rms_eps, cfg.weight_dtype)
 
@@ -225,11 +241,11 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-  def __init__(self, cfg, rngs):
+  def __init__(self, cfg, keys):
     e, m = cfg.hidden_size, cfg.mlp_dim
-    self.gate_proj = Proj([e], [m], ("embed", "mlp"), cfg, rngs)
-    self.up_proj = Proj([e], [m], ("embed", "mlp"), cfg, rngs)
-    self.down_proj = Proj([m], [e], ("mlp", "embed"), cfg, rngs)
+    self.gate_proj = Proj([e], [m], ("embed", "mlp"), cfg, keys)
+    self.up_proj = Proj([e], [m], ("embed", "mlp"), cfg, keys)
+    self.down_proj = Proj([m], [e], ("mlp", "embed"), cfg, keys)
 
   def __call__(self, x):
     h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
@@ -240,11 +256,11 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   """Pre-norm residual block: attention then MLP."""
 
-  def __init__(self, cfg, rngs):
+  def __init__(self, cfg, keys):
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.weight_dtype)
-    self.self_attn = Attention(cfg, rngs)
+    self.self_attn = Attention(cfg, keys)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.weight_dtype)
-    self.mlp = MLP(cfg, rngs)
+    self.mlp = MLP(cfg, keys)
 
   def __call__(self, x, cos, sin, mask, kv=None, slots=None):
     h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, slots)
@@ -265,11 +281,12 @@ class Qwen3(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed_tokens = Embed(cfg, rngs)
-    self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+    keys = _Keys(rngs.params())
+    self.embed_tokens = Embed(cfg, keys)
+    self.layers = nnx.List([DecoderLayer(cfg, keys) for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.weight_dtype)
     if not cfg.tie_embeddings:
-      self.lm_head = Proj([cfg.hidden_size], [cfg.vocab_size], ("embed", "vocab"), cfg, rngs)
+      self.lm_head = Proj([cfg.hidden_size], [cfg.vocab_size], ("embed", "vocab"), cfg, keys)
 
   def __call__(self, tokens, positions, *, segment_ids=None, cache=None):
     """Logits f32 [B, T, V] and the updated cache (None without one).
@@ -320,6 +337,11 @@ class Qwen3(nnx.Module):
     new_cache = {"k": shard(k_all, CACHE_AXES), "v": shard(v_all, CACHE_AXES),
                  "end": cache["end"] + advance}
     return logits, new_cache
+
+
+def apply(graphdef, state, tokens, positions, *, segment_ids=None, cache=None):
+  """Pure form of `Qwen3.__call__` on split (graphdef, state), for jax.jit."""
+  return nnx.merge(graphdef, state)(tokens, positions, segment_ids=segment_ids, cache=cache)
 
 
 def init_cache(cfg, batch, max_len, dtype=jnp.float32):
