@@ -1,0 +1,1 @@
+"""On-device sampling: jitted prefill and a while_loop decode, with decoding constraints."""

@@ -1,0 +1,200 @@
+"""Decoding constraints: pure objects whose state rides in the sampler's loop.
+
+A constraint has `init(batch) -> state`, `allowed(state) -> bool [B, V]` and
+`update(state, tokens [B]) -> state`, all jittable; the constraint itself is a pytree (its arrays
+are traced, its settings static), so one compiled sampler serves every constraint of the same
+shapes.
+
+`TrieConstraint` allows only continuations of a set of token sequences (for example every
+valid semantic ID of a catalogue). The trie is stored as padded child tables: node n's children
+are `child_tokens[n, :]` / `child_nodes[n, :]` (-1 = none), so a step is a gather and a scatter,
+not a [nodes, V] table. Leaves are numbered in depth-first order, so the leaves below a node are
+the contiguous range `leaf_lo[n] .. leaf_hi[n]`; with a per-row `remaining [B, L]` mask of
+leaves still allowed, a child is allowed iff a prefix sum says its range holds a remaining leaf.
+That gives the slate constraint (each item of a row's slate at most once) with the same code.
+
+Node 0 is FREE (any token; only used with a `trigger`), node 1 the trie's root. With a trigger
+(e.g. `<|sid_begin|>`) generation is free until the trigger, then must follow the trie, then is
+free again after a leaf. Without one, generation starts at the root and returns to it after each
+leaf; `root_tokens` (stop or separator tokens) are also allowed at the root.
+"""
+
+from typing import Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gr2_jax.errors import UserError
+
+FREE, ROOT = 0, 1
+
+
+class Constraint:
+  """Interface of a decoding constraint (see the module docstring)."""
+
+  def init(self, batch: int):
+    raise NotImplementedError
+
+  def allowed(self, state) -> jax.Array:
+    raise NotImplementedError
+
+  def update(self, state, tokens: jax.Array):
+    raise NotImplementedError
+
+
+@flax.struct.dataclass
+class TrieConstraint(Constraint):
+  """Only continuations of the trie's sequences (see the module docstring)."""
+  child_tokens: jax.Array  # int32 [N, F], -1 = no child
+  child_nodes: jax.Array  # int32 [N, F]
+  leaf_lo: jax.Array  # int32 [N]
+  leaf_hi: jax.Array  # int32 [N]
+  leaf_id: jax.Array  # int32 [N], -1 for inner nodes
+  root_tokens: jax.Array  # int32 [R], allowed at the root (state stays at the root)
+  initial_remaining: jax.Array  # bool [1 or B, L]
+  vocab_size: int = flax.struct.field(pytree_node=False)
+  trigger: int = flax.struct.field(pytree_node=False, default=-1)
+  consume: bool = flax.struct.field(pytree_node=False, default=False)
+
+  @property
+  def num_leaves(self):
+    return self.initial_remaining.shape[1]
+
+  def init(self, batch):
+    rows = self.initial_remaining.shape[0]
+    if rows not in (1, batch):
+      raise UserError(f"the constraint was built for {rows} rows but the batch has {batch}")
+    start = FREE if self.trigger >= 0 else ROOT
+    return {"node": jnp.full((batch,), start, jnp.int32),
+            "remaining": jnp.broadcast_to(self.initial_remaining, (batch, self.num_leaves))}
+
+  def allowed(self, state):
+    node, remaining = state["node"], state["remaining"]
+    b, v = node.shape[0], self.vocab_size
+    tokens = self.child_tokens[node]  # [B, F]
+    children = jnp.maximum(self.child_nodes[node], 0)
+    csum = jnp.concatenate(
+        [jnp.zeros((b, 1), jnp.int32), jnp.cumsum(remaining.astype(jnp.int32), axis=1)], axis=1)
+    rows = jnp.arange(b)[:, None]
+    live = csum[rows, self.leaf_hi[children]] - csum[rows, self.leaf_lo[children]] > 0
+    ok = (tokens >= 0) & live
+    # Out-of-range index v marks "no token" and is dropped by the scatter.
+    mask = jnp.zeros((b, v), bool).at[rows, jnp.where(ok, tokens, v)].set(True, mode="drop")
+    at_root = (node == ROOT)[:, None]
+    mask = mask.at[:, self.root_tokens].set(at_root | mask[:, self.root_tokens])
+    if self.trigger >= 0:
+      free = (node == FREE)[:, None]
+      mask = jnp.where(free, True, mask)
+      any_left = jnp.any(remaining, axis=1)
+      mask = mask.at[:, self.trigger].set(jnp.where(free[:, 0], any_left, mask[:, self.trigger]))
+    return mask
+
+  def update(self, state, tokens):
+    node, remaining = state["node"], state["remaining"]
+    b = node.shape[0]
+    hit = self.child_tokens[node] == tokens[:, None]  # [B, F]
+    child = jnp.max(jnp.where(hit, self.child_nodes[node], -1), axis=1)
+    after_leaf = FREE if self.trigger >= 0 else ROOT
+    leaf = jnp.where(child >= 0, self.leaf_id[jnp.maximum(child, 0)], -1)
+    if self.trigger >= 0:
+      # In FREE only the trigger enters the trie; any other token stays free.
+      stay = jnp.where(tokens == self.trigger, ROOT, FREE)
+      new = jnp.where(node == FREE, stay, child)
+    else:
+      new = child
+    new = jnp.where(leaf >= 0, after_leaf, new)
+    # A token outside the trie (only possible if the caller ignored `allowed`, or a root
+    # token) leaves the row where it was.
+    new = jnp.where(new < 0, node, new)
+    if self.consume:
+      rows = jnp.arange(b)
+      remaining = remaining.at[rows, jnp.maximum(leaf, 0)].set(
+          jnp.where(leaf >= 0, False, remaining[rows, jnp.maximum(leaf, 0)]))
+    return {"node": new.astype(jnp.int32), "remaining": remaining}
+
+
+def _build_tables(sequences, vocab_size):
+  """Padded child tables and DFS leaf numbering of the trie of `sequences`."""
+  children = [{}, {}]  # node -> {token: child}; node 0 FREE, node 1 ROOT
+  terminal = {}
+  for s in sequences:
+    s = [int(t) for t in s]
+    if not s:
+      raise UserError("a constraint sequence is empty; every allowed sequence needs a token")
+    for t in s:
+      if not 0 <= t < vocab_size:
+        raise UserError(f"constraint token {t} is outside the vocabulary of {vocab_size}")
+    node = ROOT
+    for i, t in enumerate(s):
+      if node in terminal:
+        raise UserError(f"constraint sequence {s} extends another allowed sequence; the "
+                        "sequences must be prefix-free (end each with a closing token)")
+      if t not in children[node]:
+        children.append({})
+        children[node][t] = len(children) - 1
+      node = children[node][t]
+    if children[node]:
+      raise UserError(f"constraint sequence {s} is a prefix of another allowed sequence; the "
+                      "sequences must be prefix-free (end each with a closing token)")
+    terminal.setdefault(node, tuple(s))
+  n = len(children)
+  fanout = max(1, max(len(c) for c in children))
+  child_tokens = np.full((n, fanout), -1, np.int32)
+  child_nodes = np.full((n, fanout), -1, np.int32)
+  for i, c in enumerate(children):
+    for j, (t, ch) in enumerate(sorted(c.items())):
+      child_tokens[i, j], child_nodes[i, j] = t, ch
+  leaf_lo = np.zeros(n, np.int32)
+  leaf_hi = np.zeros(n, np.int32)
+  leaf_id = np.full(n, -1, np.int32)
+  leaf_seqs = []
+  # Iterative DFS (tries of long sequences would overflow Python's recursion limit).
+  stack = [(ROOT, False)]
+  while stack:
+    node, closing = stack.pop()
+    if closing:
+      leaf_hi[node] = len(leaf_seqs)
+      continue
+    leaf_lo[node] = len(leaf_seqs)
+    if node in terminal:
+      leaf_id[node] = len(leaf_seqs)
+      leaf_seqs.append(terminal[node])
+    stack.append((node, True))
+    for _, ch in sorted(children[node].items(), reverse=True):
+      stack.append((ch, False))
+  return dict(child_tokens=child_tokens, child_nodes=child_nodes, leaf_lo=leaf_lo,
+              leaf_hi=leaf_hi, leaf_id=leaf_id), leaf_seqs
+
+
+def trie_constraint(sequences: Sequence[Sequence[int]], vocab_size: int, *,
+                    trigger: Optional[int] = None,
+                    root_tokens: Sequence[int] = ()) -> TrieConstraint:
+  """Allows only the given (prefix-free) token sequences, any number of times."""
+  tables, leaves = _build_tables(sequences, vocab_size)
+  return TrieConstraint(
+      **{k: jnp.asarray(v) for k, v in tables.items()},
+      root_tokens=jnp.asarray(list(root_tokens), jnp.int32).reshape(-1),
+      initial_remaining=jnp.ones((1, len(leaves)), bool),
+      vocab_size=int(vocab_size), trigger=-1 if trigger is None else int(trigger),
+      consume=False)
+
+
+def slate_constraint(slates: Sequence[Sequence[Sequence[int]]], vocab_size: int, *,
+                     trigger: Optional[int] = None,
+                     root_tokens: Sequence[int] = ()) -> TrieConstraint:
+  """Row b may emit each sequence of `slates[b]` once, and nothing else inside the trie."""
+  union = sorted({tuple(int(t) for t in s) for slate in slates for s in slate})
+  tables, leaves = _build_tables(union, vocab_size)
+  index = {s: i for i, s in enumerate(leaves)}
+  remaining = np.zeros((len(slates), len(leaves)), bool)
+  for b, slate in enumerate(slates):
+    for s in slate:
+      remaining[b, index[tuple(int(t) for t in s)]] = True
+  return TrieConstraint(
+      **{k: jnp.asarray(v) for k, v in tables.items()},
+      root_tokens=jnp.asarray(list(root_tokens), jnp.int32).reshape(-1),
+      initial_remaining=jnp.asarray(remaining),
+      vocab_size=int(vocab_size), trigger=-1 if trigger is None else int(trigger),
+      consume=True)

@@ -1,0 +1,241 @@
+"""Batched autoregressive sampling on device: one jitted prefill, then a `lax.while_loop` decode.
+
+The model enters the jitted functions as an NNX (graphdef, state) pair, so both are pure. The
+prefill builds the KV cache and runs the right-padded prompts through it; the decode loop
+donates that cache and, per step, picks one token per row from the last logits (constraint mask,
+then greedy or temperature / top-k / top-p sampling), then feeds the tokens back at each row's
+current length. Rows stop at a stop token (which is kept in the output), after
+`max_new_tokens`, or when their cache is full; the loop ends when every row has stopped.
+
+Log-probabilities: `logprobs[b, i]` is log softmax of the raw model logits (temperature 1, no
+top-k / top-p / constraint) at the sampled token, i.e. log pi(token | prefix) of the policy
+itself. That is what RL ratios and distillation KLs use; it differs from the log-probability
+of the distribution actually sampled from whenever temperature != 1, top-k / top-p truncate, or
+a constraint masks tokens.
+"""
+
+import dataclasses
+import functools
+from typing import NamedTuple, Optional, Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gr2_jax.errors import UserError
+from gr2_jax.models import qwen3
+from gr2_jax.sampling.constraints import Constraint
+
+
+class SampleOutput(NamedTuple):
+  """Generated tokens per row, right-padded with `pad_id` after `lengths[b]` tokens."""
+  tokens: jax.Array  # int32 [B, N]
+  logprobs: jax.Array  # f32 [B, N], raw-model log-probs (see module docstring); 0 on padding
+  lengths: jax.Array  # int32 [B], the stop token included
+  done: jax.Array  # bool [B], True when the row emitted a stop token
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """Static decoding settings (changing one recompiles the decode loop)."""
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0  # 1.0 = off
+  greedy: bool = False
+  stop_tokens: tuple = ()
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise UserError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+    if not self.greedy and self.temperature <= 0:
+      raise UserError(f"temperature={self.temperature} must be > 0 (or set greedy=True)")
+    if self.top_k < 0:
+      raise UserError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
+    if not 0 < self.top_p <= 1:
+      raise UserError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+def pad_prompts(prompts, lengths=None, pad_id=0, multiple=1):
+  """(tokens int32 [B, P], lengths int32 [B]) from a list of id lists or a padded array.
+
+  P is rounded up to `multiple` so that nearby prompt lengths share one compilation.
+  """
+  if lengths is None:
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+      raise UserError("a padded prompt array needs `lengths` (the real length of each row)")
+    rows = [list(map(int, p)) for p in prompts]
+    if not rows:
+      raise UserError("sample() got no prompts")
+    lengths = np.array([len(r) for r in rows], np.int32)
+    width = max(1, int(lengths.max()))
+    tokens = np.full((len(rows), width), pad_id, np.int32)
+    for i, r in enumerate(rows):
+      tokens[i, :len(r)] = r
+  else:
+    tokens = np.asarray(prompts, np.int32)
+    lengths = np.asarray(lengths, np.int32)
+    if tokens.ndim != 2 or lengths.shape != (tokens.shape[0],):
+      raise UserError(f"prompts must be [B, P] with lengths [B]; got {tokens.shape} and "
+                      f"{lengths.shape}")
+    if (lengths > tokens.shape[1]).any():
+      raise UserError(f"a prompt length {int(lengths.max())} exceeds the prompt array width "
+                      f"{tokens.shape[1]}")
+  if (lengths < 1).any():
+    raise UserError(f"prompt {int(np.argmin(lengths))} is empty; every prompt needs a token")
+  width = -(-tokens.shape[1] // multiple) * multiple
+  if width != tokens.shape[1]:
+    tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])), constant_values=pad_id)
+  return tokens, lengths
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "cache_dtype"))
+def prefill(graphdef, state, tokens, lengths, *, cache_len, cache_dtype=jnp.float32):
+  """Runs right-padded prompts through a fresh cache; returns (last logits f32 [B, V], cache)."""
+  model = nnx.merge(graphdef, state)
+  b, p = tokens.shape
+  cache = qwen3.init_cache(model.cfg, b, cache_len, cache_dtype)
+  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+  segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
+  logits, cache = model(tokens, positions, segment_ids=segment_ids, cache=cache)
+  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+  return last, cache
+
+
+def _filter_logits(logits, params):
+  """Temperature, top-k and top-p applied to logits [B, V] (masked entries are -inf)."""
+  logits = logits / params.temperature
+  if params.top_k and params.top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, params.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if params.top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p: token i stays if the mass before it
+    # is below top_p (the most likely token always stays).
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = before < params.top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return logits
+
+
+def _choose(logits, allowed, key, params):
+  """One token per row from logits [B, V] restricted to `allowed` [B, V]."""
+  masked = jnp.where(allowed, logits, -jnp.inf)
+  if params.greedy:
+    return jnp.argmax(masked, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, _filter_logits(masked, params), axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params"), donate_argnames=("cache",))
+def decode(graphdef, state, logits, cache, lengths, key, constraint, *, params):
+  """The decode loop from the prefill's last logits; returns (SampleOutput, cache, error).
+
+  The returned cache holds the prompts and the generated tokens (it reuses the donated
+  buffers). `error` is (step, row) of the first row whose constraint allowed no token, or
+  (-1, -1).
+  """
+  model = nnx.merge(graphdef, state)
+  b, v = logits.shape
+  n = params.max_new_tokens
+  cache_len = cache["k"].shape[2]
+  # A row generates at most until its cache is full: token i is fed at slot length + i - 1.
+  budget = jnp.minimum(n, cache_len - lengths + 1)
+  stops = jnp.asarray(params.stop_tokens, jnp.int32).reshape(-1)
+  cstate = constraint.init(b) if constraint is not None else None
+
+  def cond(carry):
+    step, done = carry[0], carry[5]
+    return (step < n) & ~jnp.all(done)
+
+  def body(carry):
+    step, cache, logits, out_tokens, out_logprobs, done, stopped, count, cstate, error = carry
+    active = ~done
+    if constraint is not None:
+      allowed = constraint.allowed(cstate)
+      empty = ~jnp.any(allowed, axis=-1) & active
+      first = jnp.argmax(empty)
+      error = jnp.where((error[0] < 0) & jnp.any(empty),
+                        jnp.stack([step, first.astype(jnp.int32)]), error)
+      # A row left without choices takes the unconstrained distribution (no NaNs) and stops;
+      # the error is raised after the loop.
+      allowed = allowed | empty[:, None]
+    else:
+      empty = jnp.zeros((b,), bool)
+      allowed = jnp.ones((b, v), bool)
+    token = _choose(logits, allowed, jax.random.fold_in(key, step), params)
+    token = jnp.where(active, token, params.pad_id)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=1)
+    logprob = jnp.where(active, logprob[:, 0], 0.0)
+    out_tokens = out_tokens.at[:, step].set(token)
+    out_logprobs = out_logprobs.at[:, step].set(logprob)
+    count = count + active.astype(jnp.int32)
+    stopped = stopped | (active & jnp.any(token[:, None] == stops[None, :], axis=-1))
+    done = done | stopped | (count >= budget) | empty
+    if constraint is not None:
+      cstate = constraint.update(cstate, token)
+    # Feed the tokens at each row's current length; finished rows are padding (their cache
+    # end stays put).
+    logits, cache = model(token[:, None], cache["end"][:, None],
+                          segment_ids=active.astype(jnp.int32)[:, None], cache=cache)
+    return (step + 1, cache, logits[:, 0], out_tokens, out_logprobs, done, stopped, count,
+            cstate, error)
+
+  carry = (jnp.int32(0), cache, logits, jnp.full((b, n), params.pad_id, jnp.int32),
+           jnp.zeros((b, n), jnp.float32), jnp.zeros((b,), bool), jnp.zeros((b,), bool),
+           jnp.zeros((b,), jnp.int32), cstate, jnp.full((2,), -1, jnp.int32))
+  _, cache, _, tokens, logprobs, _, stopped, count, _, error = jax.lax.while_loop(
+      cond, body, carry)
+  return SampleOutput(tokens, logprobs, count, stopped), cache, error
+
+
+def sample(model: nnx.Module, prompts, *, lengths=None, key: jax.Array,
+           max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, greedy: bool = False, stop_tokens: Sequence[int] = (),
+           pad_id: int = 0, constraint: Optional[Constraint] = None,
+           cache_len: Optional[int] = None, cache_dtype=jnp.float32,
+           prompt_multiple: int = 1) -> SampleOutput:
+  """Samples up to `max_new_tokens` per prompt from a Qwen3 model.
+
+  Args:
+    model: a `gr2_jax.models.qwen3.Qwen3`.
+    prompts: a list of id lists, or a right-padded int32 [B, P] array with `lengths`.
+    key: PRNG key; the same key, prompts and settings give the same output.
+    temperature, top_k, top_p, greedy: how a token is picked; top_k=0 / top_p=1 are off.
+    stop_tokens: a row stops after emitting one of these (it is kept in the output).
+    pad_id: fills `tokens` after each row's end and pads the prompts.
+    constraint: restricts the allowed tokens per step (see `constraints.py`).
+    cache_len: KV cache slots per row; default: padded prompt width + max_new_tokens. A row
+      whose cache fills stops early.
+    prompt_multiple: rounds the padded prompt width up, to share compilations.
+  """
+  params = SamplingParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                          top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy),
+                          stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id))
+  tokens, lengths = pad_prompts(prompts, lengths, pad_id, prompt_multiple)
+  if cache_len is None:
+    cache_len = tokens.shape[1] + params.max_new_tokens
+  if int(lengths.max()) > cache_len:
+    raise UserError(f"prompt {int(np.argmax(lengths))} has {int(lengths.max())} tokens but the "
+                    f"KV cache holds {cache_len}; raise cache_len or shorten the prompt")
+  vocab = model.cfg.vocab_size
+  for name, ids in (("stop token", params.stop_tokens), ("pad_id", (params.pad_id,))):
+    for t in ids:
+      if not 0 <= t < vocab:
+        raise UserError(f"{name} {t} is outside the model's vocabulary of {vocab}")
+  if constraint is not None and getattr(constraint, "vocab_size", vocab) != vocab:
+    raise UserError(f"the constraint was built for a vocabulary of {constraint.vocab_size} "
+                    f"but the model has {vocab}")
+  graphdef, state = nnx.split(model)
+  lengths = jnp.asarray(lengths)
+  logits, cache = prefill(graphdef, state, jnp.asarray(tokens), lengths,
+                          cache_len=int(cache_len), cache_dtype=jnp.dtype(cache_dtype))
+  out, _, error = decode(graphdef, state, logits, cache, lengths, key, constraint, params=params)
+  step, row = (int(x) for x in jax.device_get(error))
+  if step >= 0:
+    raise UserError(f"constraint left no allowed token at step {step} for row {row}; check "
+                    "that the constraint's sequences can be completed (stop tokens allowed?)")
+  return out

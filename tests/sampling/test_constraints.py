@@ -1,0 +1,90 @@
+"""Tests of the trie and slate constraints, stepped by hand without a model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gr2_jax.errors import UserError
+from gr2_jax.sampling import constraints
+
+V = 12
+# Jitted once per constraint shape: eager op-by-op dispatch would dominate the test time.
+_ALLOWED = jax.jit(lambda c, state: c.allowed(state))
+_UPDATE = jax.jit(lambda c, state, tokens: c.update(state, tokens))
+
+
+def _allowed(c, state):
+  return [sorted(np.flatnonzero(row).tolist()) for row in np.asarray(_ALLOWED(c, state))]
+
+
+def _step(c, state, tokens):
+  return _UPDATE(c, state, jnp.array(tokens))
+
+
+def test_trie_walk():
+  # Items (2, 3, 9), (2, 4, 9), (5, 6, 9); 1 may end the output at the root.
+  c = constraints.trie_constraint([[2, 3, 9], [2, 4, 9], [5, 6, 9]], V, root_tokens=[1])
+  state = c.init(2)
+  assert _allowed(c, state) == [[1, 2, 5], [1, 2, 5]]
+  state = _step(c, state, [2, 5])
+  assert _allowed(c, state) == [[3, 4], [6]]
+  state = _step(c, state, [4, 6])
+  assert _allowed(c, state) == [[9], [9]]
+  state = _step(c, state, [9, 9])  # both items complete: back at the root
+  assert _allowed(c, state) == [[1, 2, 5], [1, 2, 5]]
+  state = _step(c, state, [1, 2])  # a root token keeps row 0 at the root
+  assert _allowed(c, state) == [[1, 2, 5], [3, 4]]
+
+
+def test_trigger_mode():
+  # Free text until 7 (sid_begin), then an item (3, 4, 8) or (3, 5, 8), then free again.
+  c = constraints.trie_constraint([[3, 4, 8], [3, 5, 8]], V, trigger=7)
+  state = c.init(1)
+  assert _allowed(c, state) == [list(range(V))]
+  for token, want in [(0, list(range(V))), (7, [3]), (3, [4, 5]), (5, [8]),
+                      (8, list(range(V)))]:
+    state = _step(c, state, [token])
+    assert _allowed(c, state) == [want], token
+
+
+def test_slate_each_item_once_and_trigger_closed_when_exhausted():
+  # Row 0's slate: items A=(3, 4) and B=(3, 5); row 1's slate: C=(6, 4) only. Trigger 7.
+  c = constraints.slate_constraint([[[3, 4], [3, 5]], [[6, 4]]], V, trigger=7)
+  state = c.init(2)
+  free = list(range(V))
+  assert _allowed(c, state) == [free, free]
+  state = _step(c, state, [7, 7])
+  assert _allowed(c, state) == [[3], [6]]  # only the row's own items
+  state = _step(c, state, [3, 6])
+  assert _allowed(c, state) == [[4, 5], [4]]
+  state = _step(c, state, [5, 4])  # row 0 emitted B, row 1 emitted C
+  # Row 1 has nothing left: the trigger is no longer allowed.
+  assert _allowed(c, state) == [free, [t for t in free if t != 7]]
+  state = _step(c, state, [7, 0])
+  assert _allowed(c, state) == [[3], [t for t in free if t != 7]]
+  state = _step(c, state, [3, 0])
+  assert _allowed(c, state) == [[4], [t for t in free if t != 7]]  # B is used up
+
+
+def test_slate_without_trigger_runs_dry():
+  c = constraints.slate_constraint([[[3, 4]]], V)
+  state = _step(c, _step(c, c.init(1), [3]), [4])
+  assert _allowed(c, state) == [[]]
+
+
+@pytest.mark.parametrize("seqs, match", [
+    ([[1, 2], [1, 2, 3]], "prefix-free"),
+    ([[1, 2, 3], [1, 2]], "prefix-free"),
+    ([[1, 99]], "outside the vocabulary"),
+    ([[]], "empty"),
+])
+def test_bad_sequences(seqs, match):
+  with pytest.raises(UserError, match=match):
+    constraints.trie_constraint(seqs, V)
+
+
+def test_batch_mismatch():
+  c = constraints.slate_constraint([[[3, 4]], [[5, 6]]], V)
+  with pytest.raises(UserError, match="built for 2 rows"):
+    c.init(3)

@@ -1,0 +1,189 @@
+"""Tests of the sampler against a full-recompute reference on the tiny Qwen3 model."""
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gr2_jax.errors import UserError
+from gr2_jax.models import qwen3
+from gr2_jax.sampling import constraints
+from gr2_jax.sampling import sampler
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14]]
+N = 6
+WIDTH = 16  # reference forward width: any prompt plus every generated token
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = qwen3.get_model_config("tiny", vocab_size=64)
+  # Weights drawn on the host (no per-shape compilations of the random ops). The 0.02-scale
+  # init would make the tied LM head echo the last token; larger weights give varied,
+  # prompt-dependent continuations.
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+      lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.4 if x.ndim > 1 else np.ones(x.shape),
+                            x.dtype), params)
+  return nnx.merge(graphdef, params)
+
+
+@pytest.fixture(scope="module")
+def full_logprobs(model):
+  """Log-softmax of a cache-free forward of one sequence, [len, V]."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(tokens):
+    m = nnx.merge(graphdef, state)
+    logits, _ = m(tokens[None], jnp.arange(WIDTH)[None])
+    return jax.nn.log_softmax(logits[0], axis=-1)
+
+  def run(seq):
+    # Causal attention: right padding does not change the logits of the real tokens.
+    padded = np.zeros(WIDTH, np.int32)
+    padded[:len(seq)] = seq
+    return np.asarray(forward(jnp.asarray(padded)))[:len(seq)]
+
+  return run
+
+
+def _greedy_reference(full_logprobs, prompt, steps, stops=()):
+  seq = list(prompt)
+  for _ in range(steps):
+    seq.append(int(np.argmax(full_logprobs(seq)[-1])))
+    if seq[-1] in stops:
+      break
+  return seq[len(prompt):]
+
+
+def _rows(out):
+  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  return [tokens[b, :lengths[b]].tolist() for b in range(len(lengths))]
+
+
+def _assert_padded(out, pad_id):
+  tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+  for b, n in enumerate(lengths):
+    assert (tokens[b, n:] == pad_id).all()
+    assert (np.asarray(out.logprobs)[b, n:] == 0).all()
+
+
+def test_greedy_with_cache_equals_full_recompute_and_stops(model, full_logprobs):
+  plain = [_greedy_reference(full_logprobs, p, N) for p in PROMPTS]
+  assert len({tuple(r) for r in plain}) == 3  # the model is not degenerate
+  stop = plain[0][2]
+  want = [_greedy_reference(full_logprobs, p, N, stops=(stop,)) for p in PROMPTS]
+  out = sampler.sample(model, PROMPTS, key=jax.random.key(0), max_new_tokens=N, greedy=True,
+                       stop_tokens=[stop], pad_id=63)
+  assert _rows(out) == want
+  np.testing.assert_array_equal(out.done, [stop in w for w in want])
+  assert out.done[0] and out.lengths[0] <= 3
+  _assert_padded(out, 63)
+  # The stop token only ends row 0: rows without it run the full recompute's N tokens.
+  for b in range(3):
+    if stop not in want[b]:
+      assert _rows(out)[b] == plain[b]
+  # Top-k = 1 sampling is greedy decoding, whatever the temperature.
+  topk = sampler.sample(model, PROMPTS, key=jax.random.key(5), max_new_tokens=N,
+                        temperature=0.7, top_k=1, stop_tokens=[stop], pad_id=63)
+  assert _rows(topk) == want
+
+
+def test_sampling_is_reproducible_and_logprobs_are_the_models(model, full_logprobs):
+  kw = dict(max_new_tokens=N, temperature=1.5, top_p=0.95, pad_id=0)
+  a = sampler.sample(model, PROMPTS, key=jax.random.key(3), **kw)
+  b = sampler.sample(model, PROMPTS, key=jax.random.key(3), **kw)
+  c = sampler.sample(model, PROMPTS, key=jax.random.key(4), **kw)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.logprobs, b.logprobs)
+  assert not np.array_equal(a.tokens, c.tokens)
+  np.testing.assert_array_equal(a.lengths, [N, N, N])
+  for prompt, row, logprobs in zip(PROMPTS, _rows(a), np.asarray(a.logprobs)):
+    ref = full_logprobs(prompt + row)
+    want = [ref[len(prompt) - 1 + i, t] for i, t in enumerate(row)]
+    np.testing.assert_allclose(logprobs, want, atol=2e-4)
+
+
+def _parse(row, sequences, stop):
+  """Splits `row` into allowed sequences, optionally ended by `stop`; None if it cannot."""
+  items, i = [], 0
+  while i < len(row):
+    if row[i] == stop:
+      return items if i == len(row) - 1 else None
+    match = [s for s in sequences if row[i:i + len(s)] == list(s)]
+    if not match:
+      # An unfinished item may only be cut off by the end of the output.
+      if any(list(s[:len(row) - i]) == row[i:] for s in sequences):
+        return items
+      return None
+    items.append(tuple(match[0]))
+    i += len(match[0])
+  return items
+
+
+def test_trie_constraint_only_emits_valid_sequences(model):
+  sequences = [(20, 21, 22), (20, 23, 22), (30, 31, 22), (40, 22)]
+  stop = 2
+  c = constraints.trie_constraint(sequences, 64, root_tokens=[stop])
+  seen = set()
+  for seed in range(3):
+    out = sampler.sample(model, PROMPTS, key=jax.random.key(seed), max_new_tokens=N,
+                         temperature=3.0, stop_tokens=[stop], constraint=c)
+    for row in _rows(out):
+      items = _parse(row, sequences, stop)
+      assert items is not None, row
+      seen.update(items)
+  assert len(seen) >= 2  # high temperature explores several items
+
+
+def test_slate_constraint_emits_permutations_and_fails_when_dry(model):
+  slates = [[(20, 21), (20, 22), (30, 31)], [(40, 41), (20, 21), (42, 41)],
+            [(50, 51), (52, 53), (54, 55)]]
+  kw = dict(key=jax.random.key(0), max_new_tokens=N, temperature=2.0)
+  out = sampler.sample(model, PROMPTS, constraint=constraints.slate_constraint(slates, 64), **kw)
+  for row, slate in zip(_rows(out), slates):
+    items = [tuple(row[i:i + 2]) for i in range(0, N, 2)]
+    assert sorted(items) == sorted(slate)
+  # Row 1 now holds two items of two tokens: at step 4 nothing is left for it. (Same union of
+  # items, so the compiled loop is reused.)
+  dry = [slates[0], [(40, 41), (42, 41)], slates[2]]
+  with pytest.raises(UserError, match="no allowed token at step 4 for row 1"):
+    sampler.sample(model, PROMPTS, constraint=constraints.slate_constraint(dry, 64), **kw)
+
+
+def test_full_cache_stops_rows_early(model, full_logprobs):
+  # Token i is fed at slot length + i - 1, so a cache of 11 slots lets rows of 3, 5 and 2
+  # prompt tokens generate 9, 7 and 10 tokens; at most 9 are asked for.
+  out = sampler.sample(model, PROMPTS, key=jax.random.key(0), max_new_tokens=9, greedy=True,
+                       cache_len=11)
+  np.testing.assert_array_equal(out.lengths, [9, 7, 9])
+  assert not np.asarray(out.done).any()
+  for prompt, row in zip(PROMPTS, _rows(out)):
+    assert row == _greedy_reference(full_logprobs, prompt, len(row))
+
+
+def test_padded_array_input_matches_lists(model):
+  tokens, lengths = sampler.pad_prompts(PROMPTS, pad_id=9, multiple=4)
+  assert tokens.shape == (3, 8)
+  np.testing.assert_array_equal(lengths, [3, 5, 2])
+  np.testing.assert_array_equal(tokens[2], [13, 14, 9, 9, 9, 9, 9, 9])
+
+
+def test_user_errors_before_compiling(model):
+  key = jax.random.key(0)
+  with pytest.raises(UserError, match="prompt 1 has 5 tokens but the KV cache holds 4"):
+    sampler.sample(model, PROMPTS, key=key, max_new_tokens=2, cache_len=4)
+  with pytest.raises(UserError, match="needs `lengths`"):
+    sampler.sample(model, np.ones((2, 3), np.int32), key=key, max_new_tokens=2)
+  with pytest.raises(UserError, match="prompt 1 is empty"):
+    sampler.sample(model, [[1], []], key=key, max_new_tokens=2)
+  with pytest.raises(UserError, match="stop token 99 is outside"):
+    sampler.sample(model, PROMPTS, key=key, max_new_tokens=2, stop_tokens=[99])
+  with pytest.raises(UserError, match="temperature"):
+    sampler.sample(model, PROMPTS, key=key, max_new_tokens=2, temperature=0.0)
+  with pytest.raises(UserError, match="vocabulary of 100"):
+    sampler.sample(model, PROMPTS, key=key, max_new_tokens=2,
+                   constraint=constraints.trie_constraint([[1, 2]], 100))
