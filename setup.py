@@ -15,6 +15,7 @@ setup(
         "orbax-checkpoint>=0.11",
         "grain>=0.2.10",
         "tensorflow-datasets>=4.9.8",
+        "importlib_resources",  # tfds builders import it lazily
         "array_record>=0.7",
         "sentencepiece>=0.2",
         "numpy>=1.26",

@@ -8,6 +8,7 @@ graph says which artifacts a stage reads; the runner produces missing ones first
 REQUIRES = {
     "data": (),
     "legacy": ("data",),
+    "sids": ("data",),
     "eval": ("legacy",),
 }
 

@@ -1,0 +1,189 @@
+"""SASRec, the legacy ranker: a causal self-attention next-item model (Kang & McAuley, 2018).
+
+It is trained on the legacy period only and scores the whole catalogue; its top-K for an
+example is the slate GR2 re-ranks, in SASRec's own order. Item i is token i + 1; 0 pads.
+"""
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class SASRecConfig:
+  num_items: int
+  max_len: int = 50
+  dim: int = 64
+  num_blocks: int = 2
+  num_heads: int = 1
+  dropout: float = 0.2
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm causal self-attention + point-wise feed-forward."""
+
+  def __init__(self, cfg, rngs):
+    self.norm1 = nnx.LayerNorm(cfg.dim, rngs=rngs)
+    self.qkv = nnx.Linear(cfg.dim, 3 * cfg.dim, rngs=rngs)
+    self.out = nnx.Linear(cfg.dim, cfg.dim, rngs=rngs)
+    self.num_heads = cfg.num_heads
+    self.norm2 = nnx.LayerNorm(cfg.dim, rngs=rngs)
+    self.ff1 = nnx.Linear(cfg.dim, cfg.dim, rngs=rngs)
+    self.ff2 = nnx.Linear(cfg.dim, cfg.dim, rngs=rngs)
+    self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+  def attention(self, x, mask):
+    b, l, d = x.shape
+    q, k, v = jnp.split(self.qkv(x).reshape(b, l, 3 * self.num_heads, -1), 3, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(x.dtype)
+    probs = jax.nn.softmax(jnp.where(mask, logits, -1e9), axis=-1)
+    return self.out(jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, d))
+
+  def __call__(self, x, mask, deterministic):
+    x = x + self.drop(self.attention(self.norm1(x), mask), deterministic=deterministic)
+    h = self.ff2(self.drop(jax.nn.relu(self.ff1(self.norm2(x))), deterministic=deterministic))
+    return x + self.drop(h, deterministic=deterministic)
+
+
+class SASRec(nnx.Module):
+
+  def __init__(self, cfg, *, rngs):
+    self.cfg = cfg
+    self.item_emb = nnx.Embed(cfg.num_items + 1, cfg.dim, rngs=rngs)
+    self.pos_emb = nnx.Embed(cfg.max_len, cfg.dim, rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_blocks)])
+    self.norm = nnx.LayerNorm(cfg.dim, rngs=rngs)
+    self.drop = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+  def __call__(self, seq, deterministic=True):
+    """seq: int32 [B, L] of item tokens, right-aligned, 0 = padding. Returns [B, L, D]."""
+    valid = seq > 0
+    x = self.item_emb(seq) * (self.cfg.dim ** 0.5) + self.pos_emb(jnp.arange(seq.shape[1]))
+    x = self.drop(x, deterministic=deterministic) * valid[..., None]
+    causal = jnp.tril(jnp.ones((seq.shape[1], seq.shape[1]), bool))
+    mask = (causal[None] & valid[:, None, :])[:, None]  # [B, 1, L, L]
+    for block in self.blocks:
+      x = block(x, mask, deterministic) * valid[..., None]
+    return self.norm(x)
+
+  def scores(self, seq):
+    """Scores of every item (index i = item i) after the last position: [B, num_items]."""
+    h = self(seq)[:, -1]
+    return h @ self.item_emb.embedding[...][1:].T
+
+
+def _loss(model, x, y, negatives):
+  """Softmax cross-entropy of each next item against the full catalogue (negatives empty) or
+  against a shared set of uniformly sampled negatives (sampled softmax, accidental hits masked)."""
+  h = model(x, deterministic=False)  # [B, L, D]
+  table = model.item_emb.embedding[...]
+  if negatives.shape[0] == 0:
+    logits = (h @ table.T).at[..., 0].set(-1e9)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+  else:
+    pos = jnp.einsum("bld,bld->bl", h, table[y])
+    neg = h @ table[negatives].T  # [B, L, S]
+    neg = jnp.where(negatives[None, None, :] == y[..., None], -1e9, neg)
+    ce = jax.nn.logsumexp(jnp.concatenate([pos[..., None], neg], -1), -1) - pos
+  w = (y > 0).astype(jnp.float32)
+  return (ce * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+@nnx.jit
+def _train_step(model, optimizer, x, y, negatives):
+  loss, grads = nnx.value_and_grad(_loss)(model, x, y, negatives)
+  optimizer.update(model, grads)
+  return loss
+
+
+@functools.partial(nnx.jit, static_argnames="k")
+def _rank_and_top_k(model, seq, excluded, targets, popularity, k):
+  """Scores all items, drops excluded ones (-1 = none), and returns the top k with scores and
+  the 0-based full-catalogue rank of the target under SASRec and under popularity."""
+  rows = jnp.arange(seq.shape[0])[:, None]
+  n = popularity.shape[0]
+  excl = jnp.where(excluded < 0, n, excluded)
+
+  def masked(scores):
+    scores = jnp.concatenate([scores, jnp.zeros_like(scores[:, :1])], axis=1)
+    return scores.at[rows, excl].set(-jnp.inf)[:, :n]
+
+  def rank(scores):
+    t = scores[rows[:, 0], targets]
+    return (scores > t[:, None]).sum(1)
+
+  scores = masked(model.scores(seq))
+  pop = masked(jnp.broadcast_to(popularity, scores.shape))
+  top_scores, top = jax.lax.top_k(scores, k)
+  return top, top_scores, rank(scores), rank(pop)
+
+
+def _user_sequences(user, item, mask):
+  """Per-user item-token arrays (item + 1) of the masked interactions, chronological."""
+  user, item = user[mask], item[mask] + 1
+  bounds = np.flatnonzero(np.diff(user)) + 1
+  return [s for s in np.split(item, bounds) if s.size >= 2]
+
+
+def sample_batch(seqs, batch_size, max_len, rng):
+  """Random crops of length max_len + 1 from random users: inputs and next-item targets."""
+  x = np.zeros((batch_size, max_len), np.int32)
+  y = np.zeros((batch_size, max_len), np.int32)
+  for b, u in enumerate(rng.integers(0, len(seqs), batch_size)):
+    s = seqs[u]
+    end = rng.integers(2, s.size + 1)
+    crop = s[max(0, end - max_len - 1):end]
+    x[b, max_len - crop.size + 1:] = crop[:-1]
+    y[b, max_len - crop.size + 1:] = crop[1:]
+  return x, y
+
+
+def train(cfg, interactions, mask, *, steps, batch_size, learning_rate, num_negatives, seed,
+          log_every=100):
+  """Trains SASRec on the masked (legacy-period) interactions; returns the model."""
+  seqs = _user_sequences(interactions["user"], interactions["item"], mask)
+  model = SASRec(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(100, steps // 10),
+                                                steps, learning_rate * 0.1)
+  optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=0.0), wrt=nnx.Param)
+  rng = np.random.default_rng(seed)
+  start, seen = time.time(), 0
+  for step in range(1, steps + 1):
+    x, y = sample_batch(seqs, batch_size, cfg.max_len, rng)
+    negatives = rng.integers(1, cfg.num_items + 1, num_negatives).astype(np.int32)
+    loss = _train_step(model, optimizer, jnp.asarray(x), jnp.asarray(y), jnp.asarray(negatives))
+    seen += int((y > 0).sum())
+    if step % log_every == 0 or step == steps:
+      elapsed = time.time() - start
+      logging.info("[legacy] sasrec step %d/%d  loss %.4f  %.0f targets/s", step, steps,
+                   float(loss), seen / max(elapsed, 1e-9))
+  return model
+
+
+def history_tokens(history, max_len):
+  """Right-aligned item histories (-1 = pad) -> SASRec tokens of width max_len."""
+  h = history[:, -max_len:]
+  return np.where(h >= 0, h + 1, 0).astype(np.int32)
+
+
+def rank_and_top_k(model, history, excluded, targets, popularity, k, batch_size=1024):
+  """Batched `_rank_and_top_k` over right-aligned histories; returns numpy arrays."""
+  tokens = history_tokens(history, model.cfg.max_len)
+  pop = jnp.asarray(popularity)
+  outs = []
+  for i in range(0, len(tokens), batch_size):
+    sl = slice(i, i + batch_size)
+    parts = [tokens[sl], excluded[sl], targets[sl]]
+    pad = batch_size - len(parts[0])
+    if pad:  # one compiled shape for every batch
+      parts = [np.concatenate([p, np.zeros((pad,) + p.shape[1:], p.dtype)]) for p in parts]
+    out = _rank_and_top_k(model, *map(jnp.asarray, parts), pop, k)
+    outs.append([np.asarray(o)[:batch_size - pad] for o in out])
+  return [np.concatenate(col) for col in zip(*outs)]

@@ -1,0 +1,100 @@
+"""Legacy stage: train SASRec on the legacy period, then cut each example's top-K slate."""
+
+import json
+import os
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from gr2_jax.data import artifacts
+from gr2_jax.data import preprocess
+from gr2_jax.data import sasrec
+from gr2_jax.data import slates as slates_lib
+from gr2_jax.errors import UserError
+from gr2_jax.eval import metrics
+
+
+def _train_or_restore(ctx, cfg, inter):
+  c = ctx.section
+  ckpt = ctx.path("sasrec")
+  abstract = nnx.eval_shape(lambda: sasrec.SASRec(cfg, rngs=nnx.Rngs(0)))
+  abstract_state = nnx.state(abstract, nnx.Param)
+  checkpointer = ocp.StandardCheckpointer()
+  if os.path.isdir(ckpt):
+    logging.info("[legacy] restoring SASRec from %s", ckpt)
+    state = checkpointer.restore(ckpt, abstract_state)
+    model = sasrec.SASRec(cfg, rngs=nnx.Rngs(0))
+    nnx.update(model, state)
+    return model
+  mask = inter["period"] == artifacts.PERIODS.index("legacy")
+  model = sasrec.train(cfg, inter, mask, steps=c.steps, batch_size=c.batch_size,
+                       learning_rate=c.learning_rate, num_negatives=c.num_negatives,
+                       seed=c.seed)
+  checkpointer.save(ckpt, nnx.state(model, nnx.Param))
+  checkpointer.wait_until_finished()
+  return model
+
+
+def run(ctx):
+  c = ctx.section
+  data_dir = ctx.inputs["data"]
+  inter = artifacts.load_interactions(data_dir)
+  examples = preprocess.load_examples(os.path.join(data_dir, "examples.npz"))
+  num_items = len(artifacts.load_items(data_dir))
+  if c.slate_size < 2 or c.slate_size >= num_items:
+    raise UserError(f"legacy.slate_size must be in [2, {num_items - 1}], got {c.slate_size}")
+  cfg = sasrec.SASRecConfig(num_items=num_items, max_len=c.max_len, dim=c.dim,
+                            num_blocks=c.num_blocks, num_heads=c.num_heads, dropout=c.dropout)
+  start = time.time()
+  model = _train_or_restore(ctx, cfg, inter)
+  train_seconds = time.time() - start
+  pop = slates_lib.popularity(inter)
+  np.save(ctx.path("popularity.npy"), pop)
+
+  excluded = slates_lib.exclusion_lists(examples, inter)
+  start = time.time()
+  slate, slate_scores, rank_sasrec, rank_pop = sasrec.rank_and_top_k(
+      model, examples["history"], excluded, examples["target"], pop, c.slate_size,
+      batch_size=c.score_batch)
+  logging.info("[legacy] scored %d examples against %d items in %.1fs",
+               len(examples["target"]), num_items, time.time() - start)
+
+  labels, grades = slates_lib.labels_for(slate, examples, c.positive_rating)
+  in_slate = rank_sasrec < c.slate_size
+  target_index = np.where(in_slate, rank_sasrec, -1).astype(np.int32)
+  report = {"sasrec_train_seconds": round(train_seconds, 1), "coverage": {}, "full_catalogue": {}}
+  records = {}
+  for period, split in slates_lib.SPLITS.items():
+    m = examples["period"] == period
+    keep = m & in_slate
+    report["coverage"][split] = {"examples": int(m.sum()), "slates": int(keep.sum()),
+                                 "coverage": float(keep.sum() / max(m.sum(), 1))}
+    idx = np.flatnonzero(keep)
+    records[split] = {k: examples[k][idx] for k in (
+        "user", "timestamp", "history", "history_rating", "history_len", "target",
+        "target_rating")}
+    records[split].update(example_id=idx.astype(np.int64), target_index=target_index[idx],
+                          slate=slate[idx], slate_scores=slate_scores[idx], labels=labels[idx],
+                          grades=grades[idx])
+  val = examples["period"] == 2
+  for name, ranks in (("sasrec", rank_sasrec), ("popularity", rank_pop)):
+    r = ranks[val]
+    hr = metrics.recall_at_k(r, 10)
+    nd = metrics.ndcg_at_k(r, 10)
+    report["full_catalogue"][name] = {
+        "HR@10": metrics.bootstrap_ci(hr, seed=c.seed),
+        "NDCG@10": metrics.bootstrap_ci(nd, seed=c.seed),
+    }
+  slates_lib.write(ctx.path("tfds"), records, c.slate_size)
+  with open(ctx.path("report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  for name, r in report["full_catalogue"].items():
+    logging.info("[legacy] validation full catalogue %-10s HR@10 %.4f  NDCG@10 %.4f", name,
+                 r["HR@10"]["mean"], r["NDCG@10"]["mean"])
+  for split, cov in report["coverage"].items():
+    logging.info("[legacy] %-10s slates %6d of %6d examples (coverage %.3f)", split,
+                 cov["slates"], cov["examples"], cov["coverage"])
+  return report
