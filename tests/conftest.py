@@ -6,3 +6,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402  (after the XLA flags above)
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory):
+  """A workdir holding the tiny data + legacy artifacts on the real MovieLens-1M download."""
+  from gr2_jax import config_lib
+  from gr2_jax import runner
+  configs = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+  workdir = str(tmp_path_factory.mktemp("tiny_workdir"))
+  config = config_lib.load_config_module(os.path.join(configs, "legacy.py")).get_config("tiny")
+  runner.run_stage(config, workdir, "legacy")
+  return workdir

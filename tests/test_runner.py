@@ -1,0 +1,59 @@
+"""The runner: upstream stages run first, artifacts are keyed by config, finished ones reused."""
+
+import json
+import os
+
+from gr2_jax import config_lib
+from gr2_jax import runner
+from tests.data.test_sources import write_logs
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _data_config(tmp_path, **overrides):
+  config = config_lib.load_config_module(os.path.join(CONFIGS, "data.py")).get_config("tiny")
+  ipath, mpath = write_logs(tmp_path)
+  config.data.source = "files"
+  config.data.interactions_path = ipath
+  config.data.items_path = mpath
+  config.data.min_history = 3
+  for k, v in overrides.items():
+    config.data[k] = v
+  return config
+
+
+def test_fingerprint_follows_config_and_inputs(tmp_path):
+  a = _data_config(tmp_path)
+  b = _data_config(tmp_path, max_history=7)
+  assert runner.fingerprint(a, "data") != runner.fingerprint(b, "data")
+  assert runner.fingerprint(a, "data") == runner.fingerprint(_data_config(tmp_path), "data")
+
+
+def test_stage_runs_once_and_is_reused(tmp_path):
+  config = _data_config(tmp_path)
+  workdir = str(tmp_path / "w")
+  out, summary = runner.run_stage(config, workdir, "data")
+  assert runner.is_done(out)
+  assert summary["users"] == 30 and summary["items"] == 40
+  periods = summary["periods"]
+  assert sum(p["interactions"] for p in (periods[k] for k in
+                                         ("legacy", "train", "validation", "test"))) == 900
+  with open(os.path.join(out, "done.json")) as f:
+    first = json.load(f)["finished_at"]
+  os.utime(os.path.join(out, "done.json"))
+  out2, summary2 = runner.run_stage(config, workdir, "data")
+  assert out2 == out and summary2 == summary
+  with open(os.path.join(out, "done.json")) as f:
+    assert json.load(f)["finished_at"] == first
+  # Another config gets another folder; the first artifact stays.
+  other, _ = runner.run_stage(_data_config(tmp_path, max_history=7), workdir, "data")
+  assert other != out and runner.is_done(out) and runner.is_done(other)
+
+
+def test_unfinished_artifact_is_rerun(tmp_path):
+  config = _data_config(tmp_path)
+  workdir = str(tmp_path / "w")
+  out, _ = runner.run_stage(config, workdir, "data")
+  os.remove(os.path.join(out, "done.json"))  # as if the run had crashed before finishing
+  out2, _ = runner.run_stage(config, workdir, "data")
+  assert out2 == out and runner.is_done(out)
