@@ -118,20 +118,19 @@ def test_bf16_compute_is_close_to_fp32_and_returns_fp32_logits():
   assert np.abs(np.asarray(out) - np.asarray(ref)).max() < 0.05 * np.abs(ref).max()
 
 
-def test_remat_gives_same_loss_and_grads():
-  _, graphdef, state = _tiny(num_layers=1)
-  _, remat_graphdef, _ = _tiny(num_layers=1, remat=True)
-  tokens, positions, _ = _padded([[5, 6, 7, 8, 9]], 5)
+def test_remat_checkpoints_each_layer_in_the_backward_pass():
+  """remat=True wraps every layer in a rematerialisation (checked on the traced program)."""
+  tokens = jnp.zeros((1, 4), jnp.int32)
 
-  def loss(st, gd):
-    logits, _ = qwen3.apply(gd, st, tokens, positions)
-    return jnp.mean(jax.nn.logsumexp(logits, -1))
+  def remat_count(remat):
+    cfg = qwen3.get_model_config("tiny", vocab_size=64, remat=remat)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0))))
+    loss = lambda st: jnp.sum(qwen3.apply(graphdef, st, tokens, tokens)[0])
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(state)
+    return sum(e.primitive.name.startswith(("remat", "checkpoint")) for e in jaxpr.jaxpr.eqns)
 
-  l1, g1 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(state, graphdef)
-  l2, g2 = jax.jit(jax.value_and_grad(loss), static_argnums=1)(state, remat_graphdef)
-  np.testing.assert_allclose(l1, l2, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+  assert remat_count(False) == 0
+  assert remat_count(True) == 2  # one per layer of the tiny model
 
 
 # (total, non-embedding) in billions as rounded on the Qwen3 model cards.
