@@ -1,0 +1,130 @@
+"""Omega: the strict parser and validator of a re-ranking answer.
+
+Omega = 1 only when the answer's last top-level JSON object (after any text the model wrote
+before it; only whitespace or chat end tokens may follow it) holds a "recommendations" list that
+is a permutation of exactly the slate's SIDs. Nothing is ever partially parsed, and no input
+string makes the parser raise.
+"""
+
+import json
+import re
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from gr2_jax.sids import tokens
+
+REASONS = ("ok", "no_json", "bad_json", "missing_key", "not_a_list", "bad_sid", "foreign",
+           "duplicate", "missing", "empty_slate")
+END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+_DECODER = json.JSONDecoder()
+
+
+class ParseResult(NamedTuple):
+  omega: bool
+  order: Optional[tuple]  # slate positions in output order; None unless omega
+  reason: str
+  explanation: Optional[str]
+
+
+def _fail(reason, explanation=None):
+  return ParseResult(False, None, reason, explanation)
+
+
+def _strip_tail(text):
+  """Drops trailing whitespace and chat end tokens."""
+  while True:
+    text = text.rstrip()
+    tok = next((t for t in END_TOKENS if text.endswith(t)), None)
+    if tok is None:
+      return text
+    text = text[:-len(tok)]
+
+
+def _last_object(text):
+  """The outermost JSON object that ends where the text ends, or a failure reason."""
+  starts = [m.start() for m in re.finditer(r"\{", text)]
+  if not starts:
+    return None, "no_json"
+  for s in starts:  # the earliest start that decodes to the end is the outermost object
+    try:
+      obj, end = _DECODER.raw_decode(text, s)
+    except (ValueError, RecursionError):
+      continue
+    if end == len(text):
+      return obj, "ok"
+  return None, "bad_json"
+
+
+def canonical_sid(s):
+  """The SID string if `s` is exactly one well-formed SID (surrounding spaces allowed)."""
+  if not isinstance(s, str):
+    return None
+  s = s.strip()
+  codes = tokens.parse_sid(s)
+  if codes is None or not codes or tokens.sid_tokens(codes) != s:
+    return None
+  return s
+
+
+def parse_ranking(text, slate_sids) -> ParseResult:
+  """Parses and validates an answer against the slate's SIDs (in slate order).
+
+  A slate may hold two items with the same SID; the answer must then list that SID as often,
+  and its occurrences take the slate positions in slate order.
+  """
+  if not slate_sids:
+    return _fail("empty_slate")
+  if not isinstance(text, str):
+    return _fail("no_json")
+  obj, reason = _last_object(_strip_tail(text))
+  if obj is None:
+    return _fail(reason)
+  explanation = obj.get("explanation")
+  explanation = explanation if isinstance(explanation, str) else None
+  if "recommendations" not in obj:
+    return _fail("missing_key", explanation)
+  recs = obj["recommendations"]
+  if not isinstance(recs, list):
+    return _fail("not_a_list", explanation)
+  free = {}  # SID -> its unused slate positions, in slate order
+  for pos, sid in enumerate(slate_sids):
+    free.setdefault(str(sid).strip(), []).append(pos)
+  order = []
+  for r in recs:
+    sid = canonical_sid(r)
+    if sid is None:
+      return _fail("bad_sid", explanation)
+    if sid not in free:
+      return _fail("foreign", explanation)
+    if not free[sid]:
+      return _fail("duplicate", explanation)
+    pos = free[sid].pop(0)
+    order.append(pos)
+  if len(order) != len(slate_sids):
+    return _fail("missing", explanation)
+  return ParseResult(True, tuple(order), "ok", explanation)
+
+
+def parse_batch(texts, slates_sids):
+  """Omega bool [N], order int32 [N, K] (identity where Omega = 0) and reason codes [N].
+
+  All slates must have the same size K.
+  """
+  n = len(texts)
+  if len(slates_sids) != n:
+    raise ValueError(f"{n} texts but {len(slates_sids)} slates")
+  sizes = {len(s) for s in slates_sids}
+  if len(sizes) > 1:
+    raise ValueError(f"slates differ in size: {sorted(sizes)}")
+  k = sizes.pop() if sizes else 0
+  omega = np.zeros(n, bool)
+  order = np.tile(np.arange(k, dtype=np.int32), (n, 1))
+  reasons = []
+  for i, (text, sids) in enumerate(zip(texts, slates_sids)):
+    r = parse_ranking(text, sids)
+    reasons.append(r.reason)
+    if r.omega:
+      omega[i] = True
+      order[i] = r.order
+  return omega, order, reasons

@@ -1,0 +1,132 @@
+"""The re-ranking prompt: system turn, user turn (history and candidates), assistant JSON answer.
+
+Items are dicts with a "sid" string and metadata ("title", "year", "genres"), written in the
+unified item format of `gr2_jax.sids.tokens.format_item`. The answer is
+`{"explanation": "...", "recommendations": [SID, ...]}`, or only the recommendations in the
+no-reasoning variant.
+"""
+
+import dataclasses
+import json
+
+from gr2_jax.errors import UserError
+from gr2_jax.sids import tokens
+
+PART_ORDERS = ("system_user_candidates", "system_candidates_user")
+ITEM_FIELDS = ("sid", "title", "year", "genres")
+USER_FIELDS = ("age", "gender", "occupation")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+  """How a re-ranking prompt is rendered.
+
+  part_order: "system_user_candidates", or "system_candidates_user" so that the system turn and
+    the candidates form a prefix shared by every user who gets the same slate.
+  reasoning: False renders the no-reasoning variant (the answer holds only the ranking).
+  """
+  max_history: int = 20
+  item_fields: tuple = ITEM_FIELDS
+  part_order: str = "system_user_candidates"
+  reasoning: bool = True
+  include_user: bool = True
+  item_noun: str = "movies"
+
+  def __post_init__(self):
+    if self.part_order not in PART_ORDERS:
+      raise UserError(f"prompt part_order must be one of {', '.join(PART_ORDERS)}, "
+                      f"got {self.part_order!r}")
+    unknown = [f for f in self.item_fields if f not in ITEM_FIELDS]
+    if unknown:
+      raise UserError(f"unknown prompt item_fields {unknown}; valid: {', '.join(ITEM_FIELDS)}")
+    if "sid" not in self.item_fields:
+      raise UserError("prompt item_fields must include 'sid': the answer cites items by SID")
+    if self.max_history < 1:
+      raise UserError(f"prompt max_history must be >= 1, got {self.max_history}")
+
+
+def system_text(cfg: PromptConfig) -> str:
+  """Analyst persona, the objective and the answer schema, in a few lines."""
+  lines = [
+      f"You are a recommendation analyst. Re-rank the candidate {cfg.item_noun} by how likely "
+      f"the user is to watch each one next, most likely first.",
+      "Items are written as SID title (year) | genres.",
+  ]
+  if cfg.reasoning:
+    lines += [
+        "In the explanation, reason in three steps citing items by SID: patterns in the history, "
+        "candidates that match them, final choice.",
+        'Answer with JSON only: {"explanation": "...", "recommendations": [SID, ...]} '
+        "listing every candidate SID exactly once.",
+    ]
+  else:
+    lines.append('Answer with JSON only: {"recommendations": [SID, ...]} listing every '
+                 "candidate SID exactly once.")
+  return "\n".join(lines)
+
+
+def item_line(item, cfg: PromptConfig) -> str:
+  fields = tuple(f for f in cfg.item_fields if f != "sid")
+  return tokens.format_item(item, item["sid"], fields)
+
+
+def user_text(user) -> str:
+  """`age 25, gender M, occupation 8`: the known user features (missing ones skipped)."""
+  parts = []
+  for k in USER_FIELDS:
+    v = user.get(k)
+    if v is None or v == "" or v == -1:
+      continue
+    parts.append(f"{k} {v}")
+  return ", ".join(parts)
+
+
+def _history_block(history_items, cfg):
+  shown = list(history_items)[-cfg.max_history:]
+  return [f"History (oldest first, {len(shown)} items):"] + [item_line(it, cfg) for it in shown]
+
+
+def _candidates_block(slate_items, cfg):
+  return [f"Candidates ({len(slate_items)}):"] + [item_line(it, cfg) for it in slate_items]
+
+
+def shown_history(history_items, cfg: PromptConfig):
+  """The history items the prompt shows (the most recent `max_history`)."""
+  return list(history_items)[-cfg.max_history:]
+
+
+def user_content(history_items, slate_items, cfg: PromptConfig, user=None) -> str:
+  """The user turn: user features, history (most recent last) and candidates in cfg's order."""
+  context = []
+  if cfg.include_user and user:
+    u = user_text(user)
+    if u:
+      context.append(f"User: {u}")
+  context += _history_block(history_items, cfg)
+  candidates = _candidates_block(slate_items, cfg)
+  if cfg.part_order == "system_candidates_user":
+    return "\n".join(candidates + context)
+  return "\n".join(context + candidates)
+
+
+def render_answer(order_sids, explanation=None) -> str:
+  """The assistant's JSON answer; without an explanation only the recommendations."""
+  obj = {} if explanation is None else {"explanation": explanation}
+  obj["recommendations"] = list(order_sids)
+  return json.dumps(obj, ensure_ascii=False)
+
+
+def build_messages(history_items, slate_items, cfg: PromptConfig, user=None, answer=None):
+  """[system, user] messages, plus the assistant `answer` (a rendered JSON string) if given."""
+  if not slate_items:
+    raise UserError("a re-ranking prompt needs at least one candidate")
+  messages = [{"role": "system", "content": system_text(cfg)},
+              {"role": "user", "content": user_content(history_items, slate_items, cfg, user)}]
+  if answer is not None:
+    messages.append({"role": "assistant", "content": answer})
+  return messages
+
+
+def with_sids(item_ids, items, sids):
+  """Item dicts of `item_ids` with their "sid" added; items[i] and sids[i] describe item i."""
+  return [dict(items[int(i)], sid=sids[int(i)]) for i in item_ids]
