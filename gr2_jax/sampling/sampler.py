@@ -226,9 +226,12 @@ def sample(model: nnx.Module, prompts, *, lengths=None, key: jax.Array,
     for t in ids:
       if not 0 <= t < vocab:
         raise UserError(f"{name} {t} is outside the model's vocabulary of {vocab}")
-  if constraint is not None and getattr(constraint, "vocab_size", vocab) != vocab:
-    raise UserError(f"the constraint was built for a vocabulary of {constraint.vocab_size} "
-                    f"but the model has {vocab}")
+  if constraint is not None:
+    if getattr(constraint, "vocab_size", vocab) != vocab:
+      raise UserError(f"the constraint was built for a vocabulary of {constraint.vocab_size} "
+                      f"but the model has {vocab}")
+    batch = tokens.shape[0]
+    jax.eval_shape(lambda: constraint.init(batch))  # a batch mismatch fails here, uncompiled
   graphdef, state = nnx.split(model)
   lengths = jnp.asarray(lengths)
   logits, cache = prefill(graphdef, state, jnp.asarray(tokens), lengths,

@@ -184,6 +184,9 @@ def test_user_errors_before_compiling(model):
     sampler.sample(model, PROMPTS, key=key, max_new_tokens=2, stop_tokens=[99])
   with pytest.raises(UserError, match="temperature"):
     sampler.sample(model, PROMPTS, key=key, max_new_tokens=2, temperature=0.0)
+  with pytest.raises(UserError, match="built for 2 rows but the batch has 3"):
+    sampler.sample(model, PROMPTS, key=key, max_new_tokens=2,
+                   constraint=constraints.slate_constraint([[[1, 2]], [[3, 4]]], 64))
   with pytest.raises(UserError, match="vocabulary of 100"):
     sampler.sample(model, PROMPTS, key=key, max_new_tokens=2,
                    constraint=constraints.trie_constraint([[1, 2]], 100))
