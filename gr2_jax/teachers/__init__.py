@@ -1,0 +1,1 @@
+"""Teachers that write ranked, explained answers for the re-ranking SFT data."""
