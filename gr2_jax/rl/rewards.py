@@ -159,7 +159,7 @@ def auc(valid, order, target_index=None, grades=None, *, alpha=0.0, invalid_pena
 @REWARDS.register("graded_ndcg")
 def graded_ndcg(valid, order, target_index=None, grades=None, *, alpha=0.0,
                 invalid_penalty=-1.0):
-  """Technical report: graded NDCG (gains 2^g - 1, full slate) with the conditional rule of `auc`."""
+  """Technical report: graded NDCG (gains 2^g - 1, full slate), conditional rule of `auc`."""
   del target_index
   return _conditional_metric_reward(graded_ndcg_of, "ndcg", valid, order, grades, alpha,
                                     invalid_penalty, "graded_ndcg")

@@ -152,6 +152,8 @@ def test_metrics_match_the_eval_reference_on_random_permutations():
   assert 0 < signal.sum() < n
   ref_auc = np.where(signal, np.nan_to_num(metrics.auc(ordered)), 0.0)
   ref_ndcg = np.where(signal, np.nan_to_num(metrics.graded_ndcg_at_k(ordered, k)), 0.0)
-  np.testing.assert_allclose(_jit(rewards.auc)(valid, order, grades=grades)["total"], ref_auc, atol=1e-5)
-  np.testing.assert_allclose(_jit(rewards.graded_ndcg)(valid, order, grades=grades)["total"], ref_ndcg,
-                             rtol=1e-5, atol=1e-6)
+  got_auc = _jit(rewards.auc)(valid, order, grades=grades)
+  got_ndcg = _jit(rewards.graded_ndcg)(valid, order, grades=grades)
+  np.testing.assert_array_equal(got_auc["has_signal"], signal)
+  np.testing.assert_allclose(got_auc["total"], ref_auc, atol=1e-5)
+  np.testing.assert_allclose(got_ndcg["total"], ref_ndcg, rtol=1e-5, atol=1e-6)
