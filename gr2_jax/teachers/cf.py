@@ -11,6 +11,7 @@ prints the teacher's greedy metrics against the legacy order on W's slates.
 """
 
 import copy
+import itertools
 import os
 
 from absl import app
@@ -27,6 +28,7 @@ from gr2_jax.teachers import base
 from gr2_jax.text import prompts
 
 FEATURES = ("cooc", "transition", "genre", "popularity", "position")
+_EXPLAINED = ("cooc", "transition", "genre", "popularity")  # the legacy slot is no reason
 
 
 def default_config():
@@ -57,13 +59,13 @@ def standardize(f):
 
 def cooc_norm(stats, a, b):
   """Cosine-normalised co-occurrence of items a and b (broadcasting index arrays)."""
-  deg = stats.cooc.sum(1) + 1.0
+  deg = stats.cooc_degree + 1.0
   return stats.cooc[a, b] / np.sqrt(deg[a] * deg[b])
 
 
 def transition_prob(stats, a, b):
   """Estimated P(next = b | a) from the transition counts (add-one on the denominator)."""
-  return stats.transitions[a, b] / (stats.transitions.sum(1)[a] + 1.0)
+  return stats.transitions[a, b] / (stats.transitions_out[a] + 1.0)
 
 
 def genre_profile(stats, history, decay):
@@ -123,7 +125,7 @@ _CLAUSES = {
              "{c} pairs well with {h}"),
     "genre": ("{c} fits the {g} taste", "{c} matches the {g} pattern",
               "{c} is {g}, in line with the history"),
-    "popularity": ("{c} is widely watched", "{c} is a popular title"),
+    "popularity": ("{c} is widely watched", "{c} is among the most watched candidates"),
     "weak": ("{c} has little support in the history", "{c} is a weaker fit"),
 }
 _STEP2 = ("Step 2: {clauses}.", "Step 2, matching: {clauses}.", "Step 2: {clauses}.")
@@ -136,8 +138,8 @@ _WHY = {
     "transition": "it directly follows {h}",
     "cooc": "it is watched alongside {h}",
     "genre": "it best fits the {g} taste",
-    "popularity": "it is the most broadly watched option",
-    "weak": "the other candidates fit no better",
+    "popularity": "it is broadly watched",
+    "weak": "it is the most plausible next watch overall",
 }
 
 
@@ -153,7 +155,6 @@ class CFTeacher(base.Teacher):
     # Features only look at what the prompt shows, so the trace can cite all of it.
     self.cfg.recent = min(self.cfg.recent, self.prompt_cfg.max_history)
     self.cfg.last_n = min(self.cfg.last_n, self.prompt_cfg.max_history)
-    self._popular = np.quantile(stats.popularity, 0.9)
 
   def _shown(self, history):
     return np.asarray(list(history)[-self.prompt_cfg.max_history:], np.int64)
@@ -170,8 +171,13 @@ class CFTeacher(base.Teacher):
   def _ref(self, item):
     return f"{self.sids[item]} ({self.items[item]['title']})"
 
-  def _evidence(self, hist, slate, profile):
-    """Per slate position: (kind, history item or None, genre or None) of its best support."""
+  def _evidence(self, hist, slate, profile, contrib):
+    """Per slate position: (kind, history item or None, genre or None) of its best support.
+
+    The kinds are tried by their contribution to the candidate's score, largest first; one
+    counts only if it contributes positively and the statistics back it (a transition or
+    co-occurrence seen at least once, a genre shared with the history's top genres).
+    """
     cfg = self.cfg
     recent = hist[-cfg.recent:]
     w_r = cfg.decay ** np.arange(len(recent))[::-1]
@@ -180,35 +186,46 @@ class CFTeacher(base.Teacher):
     top_genres = [self.stats.genres[j] for j in np.argsort(-profile, kind="stable")[:3]
                   if profile[j] > 0]
     out = []
-    for c in slate:
-      if len(last) and self.stats.transitions[last, c].max() > 0:
-        j = int(np.argmax(w_l * transition_prob(self.stats, last, c)))
-        out.append(("transition", int(last[j]), None))
-        continue
-      if len(recent) and self.stats.cooc[recent, c].max() > 0:
-        j = int(np.argmax(w_r * cooc_norm(self.stats, recent, c)))
-        out.append(("cooc", int(recent[j]), None))
-        continue
-      genres = set(self.items[c].get("genres", ()))
-      shared = [g for g in top_genres if g in genres]
-      if shared:
-        out.append(("genre", None, shared[0]))
-      elif self.stats.popularity[c] >= self._popular:
-        out.append(("popularity", None, None))
-      else:
-        out.append(("weak", None, None))
+    for p, c in enumerate(slate):
+      found = ("weak", None, None)
+      for kind in sorted(_EXPLAINED, key=lambda f: -contrib[f][p]):
+        if contrib[kind][p] <= 0:
+          break
+        if kind == "transition" and len(last) and self.stats.transitions[last, c].max() > 0:
+          found = (kind, int(last[np.argmax(w_l * transition_prob(self.stats, last, c))]), None)
+        elif kind == "cooc" and len(recent) and self.stats.cooc[recent, c].max() > 0:
+          found = (kind, int(recent[np.argmax(w_r * cooc_norm(self.stats, recent, c))]), None)
+        elif kind == "genre":
+          shared = [g for g in top_genres if g in self.items[c].get("genres", ())]
+          if shared:
+            found = (kind, None, shared[0])
+        elif kind == "popularity":
+          found = (kind, None, None)
+        if found[0] != "weak":
+          break
+      out.append(found)
     return out
 
-  def explain(self, history, slate, order, rng):
-    """The three-step trace for `order` (slate positions) of `slate` given `history`."""
+  def _contributions(self, hist, slate):
+    """Scores [K] and each feature's weighted standardized contribution {name: [K]}."""
+    padded = np.concatenate([np.full(max(1, len(hist)) - len(hist), -1), hist])[None, :]
+    f = features(self.stats, padded, slate[None, :], self.cfg)
+    contrib = {name: self.cfg.weights[name] * standardize(f[name])[0] for name in FEATURES}
+    return sum(contrib.values()), contrib
+
+  def explain(self, history, slate, order, rng, contrib=None):
+    """The three-step trace for `order` (slate positions) of `slate` given `history`, and the
+    kind of evidence given for the top item."""
     hist = self._shown(history)
     slate = np.asarray(slate, np.int64)
+    if contrib is None:
+      _, contrib = self._contributions(hist, slate)
     profile = genre_profile(self.stats, hist[None, :], self.cfg.genre_decay)[0]
     top = [j for j in np.argsort(-profile, kind="stable")[:2] if profile[j] > 0]
     genres = " and ".join(f"{self.stats.genres[j]} ({round(100 * profile[j])}%)" for j in top)
     recent = " and ".join(self._ref(int(h)) for h in hist[-2:][::-1]) or "nothing yet"
     step1 = rng.choice(_STEP1).format(genres=genres or "no clear genre", recent=recent)
-    ev = self._evidence(hist, slate, profile)
+    ev = self._evidence(hist, slate, profile, contrib)
 
     def fill(template, pos):
       kind, h, g = ev[pos]
@@ -225,9 +242,7 @@ class CFTeacher(base.Teacher):
   def sample(self, example, *, target_visible, rng, num_samples=1):
     rng = np.random.default_rng(rng)
     slate = np.asarray(example.slate, np.int64)
-    hist = self._shown(example.history)
-    padded = np.concatenate([np.full(max(1, len(hist)) - len(hist), -1), hist])[None, :]
-    s = scores(self.stats, padded, slate[None, :], self.cfg)[0]
+    s, contrib = self._contributions(self._shown(example.history), slate)
     orders = sample_orders(s, self.cfg.temperature, rng, num_samples)
     if target_visible:
       t = list(example.slate).index(example.target)
@@ -235,7 +250,7 @@ class CFTeacher(base.Teacher):
     outs = []
     for o in orders:
       order = tuple(int(p) for p in o)
-      trace, kind = self.explain(example.history, slate, order, rng)
+      trace, kind = self.explain(example.history, slate, order, rng, contrib)
       sids = [self.sids[int(slate[p])] for p in order]
       text = prompts.render_answer(sids, trace if self.prompt_cfg.reasoning else None)
       outs.append(base.TeacherOutput(text=text, order=order, meta={
@@ -252,11 +267,33 @@ def evaluate_teacher(teacher, slates, n_boot=1000, seed=0):
   return rows, tables.format_table(rows)
 
 
+def grid_search(teacher, slates, grid):
+  """Weights (one value list per feature in `grid`) maximising R@1 + N@3 of the greedy order.
+
+  Returns (best weights dict, {"R@1", "R@3", "N@3"} of the best)."""
+  history = np.asarray(slates["history"])[:, -teacher.prompt_cfg.max_history:]
+  z = {name: standardize(v) for name, v in
+       features(teacher.stats, history, slates["slate"], teacher.cfg).items()}
+  names = list(grid)
+  best = None
+  for values in itertools.product(*(grid[n] for n in names)):
+    w = dict(teacher.cfg.weights.to_dict(), **dict(zip(names, values)))
+    vals = tables.per_example(tables.order_by_scores(sum(w[f] * z[f] for f in FEATURES)), slates)
+    m = {k: float(vals[k].mean()) for k in ("R@1", "R@3", "N@3")}
+    if best is None or m["R@1"] + m["N@3"] > best[1]["R@1"] + best[1]["N@3"]:
+      best = (w, m)
+  return best
+
+
 def _latest(workdir, stage):
   path = os.path.join(workdir, stage, "latest")
   if not os.path.isdir(path):
     raise UserError(f"{path} does not exist; run the {stage} stage with --workdir={workdir}")
   return os.path.realpath(path)
+
+
+_GRID = {"cooc": [1.0], "transition": [0.0, 0.25, 0.5, 1.0], "genre": [0.0, 0.25, 0.5],
+         "popularity": [0.0, 0.1, 0.25], "position": [0.0, 0.25, 0.5, 1.0, 2.0]}
 
 
 def main(argv):
@@ -267,6 +304,10 @@ def main(argv):
   stats = cf_stats.compute_stats(artifacts.load_interactions(data_dir), items, window=f.window)
   slates = slates_lib.load_split(legacy_dir, f.split, max_examples=f.max_examples)
   teacher = CFTeacher(stats, items, [str(i) for i in range(len(items))])
+  if f.tune:
+    weights, m = grid_search(teacher, slates, _GRID)
+    print(f"best weights {weights}: {m}")
+    teacher.cfg.weights.update(weights)
   _, table = evaluate_teacher(teacher, slates)
   print(f"{f.split} slates of {legacy_dir}\n{table}")
 
@@ -276,4 +317,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("split", "validation", "slate split to evaluate on")
   flags.DEFINE_integer("max_examples", 0, "random subset of the split (0 = all)")
   flags.DEFINE_integer("window", 5, "co-occurrence window of the statistics")
+  flags.DEFINE_bool("tune", False, "grid-search the feature weights on the split first")
   app.run(main)

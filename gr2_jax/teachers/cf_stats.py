@@ -4,6 +4,7 @@ Dense [N, N] count matrices: MovieLens-1M has ~3.7k items, so each is ~55 MB in 
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -22,6 +23,16 @@ class CFStats:
   @property
   def num_items(self):
     return len(self.popularity)
+
+  @functools.cached_property
+  def cooc_degree(self):
+    """Co-occurrence row sums [N] (cached: the matrices are large)."""
+    return self.cooc.sum(1)
+
+  @functools.cached_property
+  def transitions_out(self):
+    """Transitions leaving each item [N]."""
+    return self.transitions.sum(1)
 
 
 def genre_matrix(items):

@@ -129,14 +129,18 @@ def test_traces_are_grounded_and_parse(stats, reasoning):
   assert len(explanations) > 5 or not reasoning
 
 
-def test_trace_cites_evidence(stats):
-  t = teacher(stats, temperature=0.0)
+@pytest.mark.parametrize("cooc_weight,kind", [(1.0, "cooc"), (0.1, "transition")])
+def test_trace_cites_evidence(stats, cooc_weight, kind):
+  # Only item 2 has co-occurrences and transitions (from 1, the last item): each standardizes
+  # to sqrt(2), so the feature with the larger weight explains it.
+  c = cf.default_config()
+  c.temperature, c.weights.cooc, c.weights.transition = 0.0, cooc_weight, 0.5
+  t = cf.CFTeacher(stats, ITEMS, SIDS, c)
   ex = base.TeacherExample(history=(0, 1), slate=(4, 2, 3))
   out = t.sample(ex, target_visible=False, rng=0)[0]
-  assert out.order[0] == 1 and out.meta["top_evidence"] == "transition"
-  # 2 follows 1 (the last item) in the transitions: step 3 cites both.
+  assert out.order[0] == 1 and out.meta["top_evidence"] == kind
   step3 = json.loads(out.text)["explanation"].split("Step 3")[1]
-  assert SIDS[2] in step3 and SIDS[1] in step3
+  assert SIDS[2] in step3 and SIDS[1] in step3 and SIDS[0] not in step3
 
 
 def test_evaluate_teacher_by_hand(stats):
@@ -164,3 +168,20 @@ def test_rejection_sample_and_examples_from_slates(stats):
                                    "target": np.array([3]), "user": np.array([0])},
                                   users=[{"age": 18}])
   assert exs == [base.TeacherExample(history=(0, 1), slate=(2, 3), target=3, user={"age": 18})]
+
+
+def test_grid_search_picks_weights_by_hand(stats):
+  slates = {"history": np.array([[0, 1], [-1, 1]]), "slate": np.array([[4, 3, 2], [3, 4, 2]]),
+            "target_index": np.array([2, 2]), "labels": np.array([[0, 0, 1], [0, 0, 1]]),
+            "grades": np.array([[0, 0, 2], [0, 0, 2]])}
+  # A large legacy-slot weight keeps the target (last slot) last; weight 0 puts it first.
+  w, m = cf.grid_search(teacher(stats), slates, {"position": [20.0, 0.0]})
+  assert w["position"] == 0.0 and m["R@1"] == 1.0
+  assert w["cooc"] == cf.default_config().weights.cooc
+
+
+def test_empty_history(stats):
+  ex = base.TeacherExample(history=(), slate=(2, 3, 4), target=3)
+  for visible in (False, True):
+    out = teacher(stats).sample(ex, target_visible=visible, rng=0)[0]
+    assert parser.parse_ranking(out.text, [SIDS[i] for i in ex.slate]).omega
