@@ -82,8 +82,8 @@ def user_text(user) -> str:
 
 
 def _history_block(history_items, cfg):
-  shown = list(history_items)[-cfg.max_history:]
-  return [f"History (oldest first, {len(shown)} items):"] + [item_line(it, cfg) for it in shown]
+  return ["History (oldest first):"] + [item_line(it, cfg)
+                                        for it in shown_history(history_items, cfg)]
 
 
 def _candidates_block(slate_items, cfg):

@@ -36,7 +36,7 @@ SYSTEM_PLAIN = (
     'Answer with JSON only: {"recommendations": [SID, ...]} listing every candidate SID exactly '
     "once.")
 CONTEXT = ("User: age 25, gender F\n"
-           "History (oldest first, 2 items):\n"
+           "History (oldest first):\n"
            "<|sid_begin|><s_a_0><s_b_1><|sid_end|> Toy Story (1995) | Animation, Comedy\n"
            "<|sid_begin|><s_a_1><s_b_2><|sid_end|> Heat (1995) | Action, Crime")
 CANDIDATES = ("Candidates (3):\n"
@@ -71,7 +71,7 @@ def test_history_cap_keeps_most_recent_and_user_features_optional():
   cfg = prompts.PromptConfig(max_history=1, include_user=False)
   user = prompts.build_messages(HISTORY, SLATE, cfg, user=USER)[1]["content"]
   assert user.splitlines()[:2] == [
-      "History (oldest first, 1 items):",
+      "History (oldest first):",
       "<|sid_begin|><s_a_1><s_b_2><|sid_end|> Heat (1995) | Action, Crime"]
   assert "Toy Story" not in user and "User:" not in user
 
