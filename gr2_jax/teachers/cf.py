@@ -41,6 +41,7 @@ def default_config():
       {"cooc": 1.0, "transition": 0.5, "genre": 0.3, "popularity": 0.2, "position": 0.5})
   c.temperature = 1.0
   c.trace_candidates = 3  # candidates discussed in step 2
+  c.min_evidence = 2  # counts a trace needs to say an item "often" follows / goes with another
   return c
 
 
@@ -176,7 +177,8 @@ class CFTeacher(base.Teacher):
 
     The kinds are tried by their contribution to the candidate's score, largest first; one
     counts only if it contributes positively and the statistics back it (a transition or
-    co-occurrence seen at least once, a genre shared with the history's top genres).
+    co-occurrence seen at least `min_evidence` times, a genre shared with the history's top
+    genres).
     """
     cfg = self.cfg
     recent = hist[-cfg.recent:]
@@ -191,10 +193,14 @@ class CFTeacher(base.Teacher):
       for kind in sorted(_EXPLAINED, key=lambda f: -contrib[f][p]):
         if contrib[kind][p] <= 0:
           break
-        if kind == "transition" and len(last) and self.stats.transitions[last, c].max() > 0:
-          found = (kind, int(last[np.argmax(w_l * transition_prob(self.stats, last, c))]), None)
-        elif kind == "cooc" and len(recent) and self.stats.cooc[recent, c].max() > 0:
-          found = (kind, int(recent[np.argmax(w_r * cooc_norm(self.stats, recent, c))]), None)
+        if kind == "transition" and len(last):
+          j = int(np.argmax(w_l * transition_prob(self.stats, last, c)))
+          if self.stats.transitions[last[j], c] >= cfg.min_evidence:
+            found = (kind, int(last[j]), None)
+        elif kind == "cooc" and len(recent):
+          j = int(np.argmax(w_r * cooc_norm(self.stats, recent, c)))
+          if self.stats.cooc[recent[j], c] >= cfg.min_evidence:
+            found = (kind, int(recent[j]), None)
         elif kind == "genre":
           shared = [g for g in top_genres if g in self.items[c].get("genres", ())]
           if shared:

@@ -69,7 +69,7 @@ def test_gumbel_matches_plackett_luce_and_is_reproducible():
 
 def teacher(stats, temperature=1.0, **prompt_kwargs):
   c = cf.default_config()
-  c.temperature = temperature
+  c.temperature, c.min_evidence = temperature, 1  # the hand log counts each pair once
   return cf.CFTeacher(stats, ITEMS, SIDS, c, prompts.PromptConfig(**prompt_kwargs))
 
 
@@ -135,12 +135,17 @@ def test_trace_cites_evidence(stats, cooc_weight, kind):
   # to sqrt(2), so the feature with the larger weight explains it.
   c = cf.default_config()
   c.temperature, c.weights.cooc, c.weights.transition = 0.0, cooc_weight, 0.5
+  c.min_evidence = 1
   t = cf.CFTeacher(stats, ITEMS, SIDS, c)
   ex = base.TeacherExample(history=(0, 1), slate=(4, 2, 3))
   out = t.sample(ex, target_visible=False, rng=0)[0]
   assert out.order[0] == 1 and out.meta["top_evidence"] == kind
   step3 = json.loads(out.text)["explanation"].split("Step 3")[1]
   assert SIDS[2] in step3 and SIDS[1] in step3 and SIDS[0] not in step3
+  # Seen once only: too little to claim "often"; the genre match (Drama) explains it instead.
+  c.min_evidence = 2
+  out = cf.CFTeacher(stats, ITEMS, SIDS, c).sample(ex, target_visible=False, rng=0)[0]
+  assert out.meta["top_evidence"] == "genre" and SIDS[1] not in out.text.split("Step 3")[1]
 
 
 def test_evaluate_teacher_by_hand(stats):
