@@ -37,6 +37,20 @@ def rloo(rewards):
   return (r - jnp.mean(r, axis=-1, keepdims=True)) * (g / (g - 1))
 
 
+def opd_advantages(advantages, logp, logp_teacher, mask, *, beta=1.0):
+  """On-policy distillation: float32 [B, T] per-token advantages for `losses.ppo_clip`.
+
+  A_t = A - beta * (logp_t - logp_teacher_t): the sequence advantage [B] of the reward plus the
+  per-token reverse KL(student || teacher) as a negative reward, held constant, so that its
+  policy gradient is the reverse KL's gradient. Masked positions get 0.
+  """
+  mask = jnp.asarray(mask, bool)
+  kl = jnp.where(mask, jnp.asarray(logp, jnp.float32) - jnp.asarray(logp_teacher, jnp.float32),
+                 0.0)
+  adv = jnp.asarray(advantages, jnp.float32)[:, None] - beta * kl
+  return jax.lax.stop_gradient(jnp.where(mask, adv, 0.0))
+
+
 def group_keep_mask(rewards, prompt_mask=None, *, atol=1e-6):
   """bool [P]: groups whose rewards are not all equal (they carry a gradient).
 

@@ -68,7 +68,11 @@ def seq_mean_token_sum_norm(token_loss, mask, max_len=None):
 
 
 # KL estimators (Schulman, "Approximating KL divergence"): fn(logp, logp_ref) -> [B, T] per-token
-# estimates of KL(pi || pi_ref) from tokens sampled by pi; with log_r = logp_ref - logp:
+# estimates of KL(pi || pi_ref) from tokens sampled by pi; with log_r = logp_ref - logp.
+# Differentiated as a loss term their gradients differ from their values: in expectation over
+# pi, k2's gradient is that of KL(pi || ref) (the reverse KL), k3's that of KL(ref || pi) (GRPO's
+# usual choice) and k1's is zero. OPD's reverse KL to a teacher therefore uses k2 here, or
+# `advantages.opd_advantages` (the KL as a per-token reward).
 
 
 @KL_ESTIMATORS.register("k1")
@@ -110,7 +114,8 @@ def _clipped_loss(log_ratio, token_log_ratio, advantages, logp_new, mask, logp_r
   clipped = -adv * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
   token_loss = jnp.maximum(unclipped, clipped)
   metrics = {}
-  if logp_ref is not None and kl_beta:
+  # kl_beta is config (a Python number); a traced value always adds the term.
+  if logp_ref is not None and not (isinstance(kl_beta, (int, float)) and kl_beta == 0):
     ref = jax.lax.stop_gradient(_masked(logp_ref, mask))
     kl = KL_ESTIMATORS.get(kl_estimator)(logp_new, ref)
     token_loss = token_loss + kl_beta * kl

@@ -49,6 +49,7 @@ def output_rank(order, target_index):
 def _rank_delta(valid, order, target_index, reward):
   valid = jnp.asarray(valid, bool)
   target = _need("target_index", target_index, reward)
+  order = jnp.asarray(order)
   k = order.shape[-1]
   has_signal = (target >= 0) & (target < k)
   rank_out = output_rank(order, target)

@@ -100,3 +100,14 @@ def test_dynamic_sampling_pipeline():
   np.testing.assert_allclose(functools.partial(advantages.grpo, eps=0.0)(sel["r"]),
                              [[-1, 1], [1, -1]], atol=1e-6)
   assert bool(valid.all())
+
+
+def test_opd_advantages_add_the_reverse_kl_per_token():
+  adv = np.array([1.0, -0.5])
+  logp = np.log([[0.5, 0.2, 0.9], [0.3, 0.3, 0.3]])
+  teacher = np.log([[0.25, 0.4, 0.9], [0.6, 0.3, 0.3]])
+  mask = np.array([[1, 1, 1], [1, 1, 0]], bool)
+  out = advantages.opd_advantages(adv, logp, teacher, mask, beta=0.5)
+  ln2 = np.log(2.0)
+  np.testing.assert_allclose(out, [[1 - 0.5 * ln2, 1 + 0.5 * ln2, 1.0],
+                                   [-0.5 + 0.5 * ln2, -0.5, 0.0]], atol=1e-6)
