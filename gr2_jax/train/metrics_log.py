@@ -1,0 +1,74 @@
+"""Training metrics: a progress line on stdout (absl), TensorBoard event files, a JSONL copy."""
+
+import json
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def model_flops_per_token(cfg, seq_len):
+  """Training FLOPs per token (forward + backward = 3x forward) of a Qwen3 config.
+
+  Counts every matmul the step really runs: the projections, the LM head (an embedding lookup
+  is free) and the full [T, T] attention scores and mixing (the causal mask does not skip
+  work here).
+  """
+  e, h, kvh, d, m = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  per_layer = 2 * (e * h * d * 2 + e * kvh * d * 2 + 3 * e * m) + 2 * 2 * seq_len * h * d
+  forward = cfg.num_layers * per_layer + 2 * e * cfg.vocab_size
+  return 3 * forward
+
+
+def measure_peak_flops(n=1024, repeats=5):
+  """FLOP/s of a large f32 matmul on all local devices: this machine's achievable peak."""
+  x = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    f(x).block_until_ready()
+  per_device = 2 * n ** 3 * repeats / (time.perf_counter() - start)
+  return per_device
+
+
+class MetricsLogger:
+  """Writes scalars to `<logdir>/events.*` (TensorBoard) and `<logdir>/metrics.jsonl`."""
+
+  def __init__(self, logdir, total_steps, prefix=""):
+    os.makedirs(logdir, exist_ok=True)
+    self.logdir = logdir
+    self.total_steps = total_steps
+    self.prefix = prefix
+    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+    self._writer = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._writer = SummaryWriter(logdir=logdir, flush_secs=10)
+
+  def write(self, step, metrics, kind="train"):
+    """Logs `metrics` (name -> float) at `step` under the tag prefix `kind/`."""
+    metrics = {k: float(v) for k, v in metrics.items()}
+    if self._writer is not None:
+      for k, v in metrics.items():
+        if np.isfinite(v):
+          self._writer.add_scalar(f"{kind}/{k}", v, step)
+    self._jsonl.write(json.dumps({"step": int(step), "kind": kind, **metrics}) + "\n")
+    self._jsonl.flush()
+
+  def progress(self, step, metrics, eta_seconds=None):
+    m = metrics
+    line = (f"{self.prefix}step {step}/{self.total_steps} loss {m.get('loss', float('nan')):.4f}"
+            f" lr {m.get('lr', 0):.2e} gnorm {m.get('grad_norm', 0):.3f}"
+            f" tok/s {m.get('tokens_per_sec', 0):,.0f} mfu {100 * m.get('mfu', 0):.2f}%")
+    if eta_seconds is not None:
+      line += f" eta {eta_seconds / 60:.1f}m"
+    logging.info(line)
+
+  def close(self):
+    self._jsonl.close()
+    if self._writer is not None:
+      self._writer.close()

@@ -1,0 +1,310 @@
+"""The generic trainer: a pure jitted train step and a thin driver around it.
+
+The step (`make_train_step`) maps (state, batch) -> (state, metrics) with the state donated.
+State is {"params": pure dict of the model's parameters, "opt_state": optax state, "step"}.
+A batch holds `micro_batches` micro-batches ([M, B, T] arrays from `packing.pack` rows); the
+step sums the weighted token losses and their gradients over them and divides once by the
+total weight, so the result is the per-token mean over the whole batch, however unevenly the
+tokens fall into micro-batches.
+
+The driver (`Trainer.fit`) owns the data iterator, logging, evaluation and checkpoints. The
+data order comes from a grain `MapDataset` (`batch_dataset`); its iterator state is saved in
+each checkpoint's metadata, so a resumed run reads exactly the batches an uninterrupted one
+would have read. SIGTERM makes the driver save after the step in flight and raise `Preempted`.
+"""
+
+import dataclasses
+import functools
+import signal
+import threading
+import time
+from typing import Callable, Optional
+
+from absl import logging
+from flax import nnx
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gr2_jax.errors import UserError
+from gr2_jax.models import qwen3
+from gr2_jax.parallel import sharding as sharding_lib
+from gr2_jax.train import checkpoint as ckpt_lib
+from gr2_jax.train import metrics_log
+from gr2_jax.train import optim
+
+DEVICE_FIELDS = ("tokens", "positions", "segment_ids", "targets", "weights")
+_COMPILED = {}
+
+
+class Preempted(SystemExit):
+  """Raised after a SIGTERM once the checkpoint of the last finished step is saved."""
+
+  def __init__(self, step):
+    super().__init__(143)
+    self.step = step
+
+
+def token_loss(graphdef, params, batch):
+  """(sum of weighted token NLLs, sum of weights) of one [B, T] batch."""
+  logits, _ = qwen3.apply(graphdef, params, batch["tokens"], batch["positions"],
+                          segment_ids=batch["segment_ids"])
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+  nll = logz - target_logit
+  w = batch["weights"].astype(jnp.float32)
+  return jnp.sum(nll * w), jnp.sum(w)
+
+
+def make_train_step(graphdef, tx, schedule):
+  """The pure train step (state, batch [M, B, T]) -> (state, metrics)."""
+
+  def step_fn(state, batch):
+    params = state["params"]
+    grad_fn = jax.value_and_grad(lambda p, mb: token_loss(graphdef, p, mb), has_aux=True)
+
+    def micro(carry, mb):
+      g_acc, l_acc, w_acc = carry
+      (l, w), g = grad_fn(params, mb)
+      return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, w_acc + w), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (g, l, w), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+    denom = jnp.maximum(w, 1.0)
+    grads = jax.tree.map(lambda x, p: (x / denom).astype(p.dtype), g, params)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    metrics = {"loss": l / denom, "grad_norm": optax.tree.norm(grads),
+               "lr": schedule(state["step"]), "tokens": w}
+    return {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+  return step_fn
+
+
+def accumulated_grads(graphdef, params, batch):
+  """(loss, grads) of the step's objective on a [M, B, T] batch, without an update (for tests)."""
+
+  def total(p):
+    def micro(carry, mb):
+      l, w = token_loss(graphdef, p, mb)
+      return (carry[0] + l, carry[1] + w), None
+    (l, w), _ = jax.lax.scan(micro, (jnp.float32(0), jnp.float32(0)), batch)
+    return l / jnp.maximum(w, 1.0)
+
+  return jax.value_and_grad(total)(params)
+
+
+def batch_dataset(rows, batch_size, micro_batches=1, seed=0, shuffle=True):
+  """An endless grain MapDataset of batches {field: [M, B, T]} drawn from packed `rows`.
+
+  Each pass over the rows is a fresh seeded shuffle; batch k is a pure function of (rows,
+  seed, k), which is what makes resuming exact.
+  """
+  n = len(rows["tokens"])
+  per_step = batch_size * micro_batches
+  if n < per_step:
+    raise UserError(f"{n} packed rows cannot fill one step of {micro_batches} x {batch_size} "
+                    "rows; lower the batch size or add data")
+  ds = grain.MapDataset.range(n)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(None).batch(per_step, drop_remainder=True)
+
+  def gather(idx):
+    idx = np.asarray(idx)
+    return {k: v[idx].reshape((micro_batches, batch_size) + v.shape[1:]) for k, v in rows.items()}
+
+  return ds.map(gather)
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+  """Driver settings."""
+  num_steps: int
+  micro_batches: int = 1
+  log_every: int = 10
+  eval_every: int = 0  # 0 = only at the end
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 2
+  peak_flops: float = 0.0  # per device; 0 = measure a large matmul once
+  task_names: tuple = ()
+
+
+class Trainer:
+  """Drives the jitted step over a `batch_dataset`, with logging, evals and checkpoints."""
+
+  def __init__(self, model: qwen3.Qwen3, optim_cfg: optim.OptimConfig, cfg: TrainerConfig, *,
+               mesh, workdir: str, rules=None, trainable_rows=None, name: str = "train"):
+    self.cfg = cfg
+    self.mesh = mesh
+    self.rules = rules
+    self.workdir = workdir
+    self.name = name
+    self.model_cfg = model.cfg
+    self.graphdef, abs_state = nnx.split(model)
+    params = nnx.to_pure_dict(abs_state)
+    self.param_shardings = nnx.to_pure_dict(
+        sharding_lib.state_shardings(nnx.state(model), mesh, rules))
+    self.schedule = optim.lr_schedule(optim_cfg)
+    rows = None if trainable_rows is None else tuple(int(r) for r in np.unique(trainable_rows))
+    self.tx = optim.make_optimizer(optim_cfg, trainable_rows=rows,
+                                   vocab_size=model.cfg.vocab_size)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abs_opt = jax.eval_shape(self.tx.init, params)
+    opt_shardings = optax.tree_map_params(
+        self.tx, lambda _, s: s, abs_opt, self.param_shardings,
+        transform_non_params=lambda _: replicated)
+    self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings,
+                            "step": replicated}
+    self._init_params = jax.device_put(params, self.param_shardings)
+    # Compiled functions are shared by trainers of the same model, optimiser and mesh (a
+    # resumed phase or a second trainer in one process does not compile again).
+    key = (self.graphdef, optim_cfg, rows, mesh, sharding_lib.normalize_rules(rules))
+    if key not in _COMPILED:
+      step_fn = make_train_step(self.graphdef, self.tx, self.schedule)
+      _COMPILED[key] = (
+          jax.jit(step_fn, in_shardings=(self.state_shardings, None),
+                  out_shardings=(self.state_shardings, None), donate_argnums=0),
+          jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"]),
+          jax.jit(functools.partial(token_loss, self.graphdef)))
+    self._step, self._opt_init, self._eval = _COMPILED[key]
+    self._stop = threading.Event()
+
+  def _batch_sharding(self, shape):
+    spec = sharding_lib.logical_to_spec((None, "batch", "length"), self.rules, self.mesh, shape)
+    return jax.sharding.NamedSharding(self.mesh, spec)
+
+  def init_state(self):
+    with sharding_lib.use_rules(self.mesh, self.rules):
+      opt_state = self._opt_init(self._init_params)
+    step = jax.device_put(jnp.int32(0), self.state_shardings["step"])
+    return {"params": self._init_params, "opt_state": opt_state, "step": step}
+
+  def model(self, params):
+    return nnx.merge(self.graphdef, params)
+
+  def evaluate_loss(self, params, rows, batch_size):
+    """Token-weighted mean loss of packed `rows` (dict of [N, T])."""
+    total = weight = 0.0
+    n = len(rows["tokens"])
+    with sharding_lib.use_rules(self.mesh, self.rules):
+      for i in range(0, n - batch_size + 1, batch_size):
+        b = {k: jnp.asarray(rows[k][i:i + batch_size]) for k in DEVICE_FIELDS}
+        l, w = self._eval(params, b)
+        total += float(l)
+        weight += float(w)
+    return total / max(weight, 1.0)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    logging.warning("[%s] SIGTERM: saving a checkpoint after the current step", self.name)
+    self._stop.set()
+
+  def fit(self, dataset, *, eval_fn: Optional[Callable] = None,
+          on_step: Optional[Callable] = None):
+    """Trains to `cfg.num_steps` (resuming from the last checkpoint); returns (params, summary).
+
+    Args:
+      dataset: from `batch_dataset`.
+      eval_fn: (params, step) -> dict of floats, run every `eval_every` steps and at the end.
+      on_step: (step) -> None after each step, before its checkpoint (tests use it).
+    """
+    cfg = self.cfg
+    names = tuple(cfg.task_names)
+    manager = ckpt_lib.CheckpointManager(f"{self.workdir}/ckpt",
+                                         max_to_keep=cfg.keep_checkpoints)
+    it = iter(dataset.to_iter_dataset())
+    task_tokens = {n: 0.0 for n in names}
+    history = []
+    start = manager.latest_step()
+    if start is None:
+      state, start = self.init_state(), 0
+    else:
+      shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": self.tx.init(p),
+                                         "step": jnp.int32(0)}, self._init_params)
+      target = ckpt_lib.abstract_like(shapes, self.state_shardings)
+      state, meta = manager.restore(target)
+      it.set_state(meta["data"])
+      task_tokens.update(meta.get("task_tokens", {}))
+      history = meta.get("history", [])
+      logging.info("[%s] resumed at step %d from %s", self.name, start, manager.directory)
+    peak = cfg.peak_flops or metrics_log.measure_peak_flops()
+    flops_per_step = None
+    logger = metrics_log.MetricsLogger(f"{self.workdir}/tb", cfg.num_steps, f"[{self.name}] ")
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+      previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    self._stop.clear()
+    t_window, tok_window, steps_window, t_start = None, 0, 0, time.time()
+    train_seconds, train_tokens, train_steps = 0.0, 0, 0
+    try:
+      for step in range(start, cfg.num_steps):
+        batch = next(it)
+        if names:
+          for k, n in enumerate(names):
+            task_tokens[n] += float(batch["weights"][batch["task"] == k].sum())
+        real = int((batch["segment_ids"] > 0).sum())
+        if flops_per_step is None:
+          t = batch["tokens"].shape
+          flops_per_step = metrics_log.model_flops_per_token(self.model_cfg, t[-1]) * np.prod(t)
+        dev = {k: jax.device_put(batch[k], self._batch_sharding(batch[k].shape))
+               for k in DEVICE_FIELDS}
+        with sharding_lib.use_rules(self.mesh, self.rules):
+          state, metrics = self._step(state, dev)
+        done = step + 1
+        if t_window is None:  # the first step compiles; time from its end
+          jax.block_until_ready(metrics)
+          t_window = time.time()
+        else:
+          tok_window += real
+          steps_window += 1
+        if done % cfg.log_every == 0 or done == cfg.num_steps:
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          now = time.time()
+          if steps_window:
+            dt = now - t_window
+            m["tokens_per_sec"] = tok_window / dt
+            m["mfu"] = flops_per_step * steps_window / dt / (peak * self.mesh.size)
+            m["step_seconds"] = dt / steps_window
+            train_seconds += dt
+            train_tokens += tok_window
+            train_steps += steps_window
+          t_window, tok_window, steps_window = now, 0, 0
+          for n in names:
+            m[f"task_tokens/{n}"] = task_tokens[n]
+          logger.write(done, m)
+          eta = m.get("step_seconds", 0) * (cfg.num_steps - done)
+          logger.progress(done, m, eta)
+          history.append({"step": done, "loss": m["loss"], "lr": m["lr"],
+                          "grad_norm": m["grad_norm"]})
+        if on_step is not None:
+          on_step(done)
+        if eval_fn is not None and ((cfg.eval_every and done % cfg.eval_every == 0)
+                                    or done == cfg.num_steps):
+          ev = eval_fn(state["params"], done)
+          logger.write(done, ev, kind="eval")
+          logging.info("[%s] eval at step %d: %s", self.name, done,
+                       " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        stop = self._stop.is_set()
+        if done % cfg.checkpoint_every == 0 or done == cfg.num_steps or stop:
+          manager.save(done, state, {"data": it.get_state(), "task_tokens": task_tokens,
+                                     "history": history}, force=True)
+        if stop:
+          raise Preempted(done)
+    finally:
+      if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+      logger.close()
+      manager.close()  # waits for the saves in flight, also when a step raised
+    summary = {
+        "steps": cfg.num_steps, "resumed_from": start,
+        "wall_seconds": round(time.time() - t_start, 1),
+        "tokens_per_sec": train_tokens / train_seconds if train_seconds else None,
+        "mfu": (flops_per_step * train_steps / train_seconds / (peak * self.mesh.size)
+                if train_seconds else None),
+        "task_tokens": task_tokens, "loss_history": history,
+        "peak_flops_per_device": peak,
+    }
+    return state["params"], summary

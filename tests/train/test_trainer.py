@@ -1,0 +1,142 @@
+"""Train step: token-normalised accumulation, AdamW update, sharding, resume after kills."""
+
+import os
+import signal
+
+from flax import nnx
+import jax
+import numpy as np
+import optax
+import pytest
+
+from gr2_jax.models import qwen3
+from gr2_jax.parallel import mesh as mesh_lib
+from gr2_jax.train import optim
+from gr2_jax.train import packing
+from gr2_jax.train import trainer as trainer_lib
+
+VOCAB = 32
+
+
+CFG = qwen3.get_model_config("tiny", vocab_size=VOCAB, num_layers=1, hidden_size=32,
+                             mlp_dim=64, num_heads=2, num_kv_heads=1)
+
+
+def _model(seed=0):
+  return mesh_lib.create_sharded_model(CFG, mesh_lib.single_device_mesh(), seed=seed)
+
+
+def _rows(n, seq_len=8, seed=0):
+  rng = np.random.default_rng(seed)
+  ex = []
+  for _ in range(n):
+    length = int(rng.integers(2, seq_len + 1))
+    ex.append((rng.integers(1, VOCAB, length), rng.integers(0, 3, length).astype(np.float32)))
+  return packing.pack(ex, seq_len, tasks=[i % 2 for i in range(n)])
+
+
+def _stack(rows, sl_list):
+  return {k: np.stack([rows[k][sl] for sl in sl_list]) for k in trainer_lib.DEVICE_FIELDS}
+
+
+def test_accumulation_is_normalised_by_tokens_not_micro_batches():
+  model = _model()
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  rows = _rows(12)
+  # Micro-batches of 2 rows with different token weights; the whole batch as one.
+  a, b = slice(0, 2), slice(2, 4)
+  assert rows["weights"][a].sum() != rows["weights"][b].sum()
+  f = jax.jit(lambda p, x: trainer_lib.accumulated_grads(graphdef, p, x))
+  loss_acc, g_acc = f(params, _stack(rows, [a, b]))
+  loss_one, g_one = f(params, _stack(rows, [slice(0, 4)]))
+  np.testing.assert_allclose(loss_acc, loss_one, rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(g_acc), jax.tree.leaves(g_one)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+  # And the loss is the weighted mean token NLL computed by hand.
+  logits = jax.jit(lambda p, t, q, s: qwen3.apply(graphdef, p, t, q, segment_ids=s)[0])(
+      params, rows["tokens"][:4], rows["positions"][:4], rows["segment_ids"][:4])
+  logp = np.asarray(jax.nn.log_softmax(logits))
+  nll = -np.take_along_axis(logp, rows["targets"][:4, :, None], -1)[..., 0]
+  w = rows["weights"][:4]
+  np.testing.assert_allclose(loss_one, (nll * w).sum() / w.sum(), rtol=1e-5)
+
+
+def test_step_applies_clipped_adamw_on_an_8_device_mesh():
+  model = _model()
+  mesh = mesh_lib.make_mesh((2, 2, 2))
+  ocfg = optim.OptimConfig(learning_rate=0.01, warmup_steps=0, total_steps=10,
+                           weight_decay=0.1, clip_norm=0.5)
+  tcfg = trainer_lib.TrainerConfig(num_steps=1, peak_flops=1e9)
+  tr = trainer_lib.Trainer(model, ocfg, tcfg, mesh=mesh, workdir="/nonexistent")
+  rows = _rows(40)
+  batch = _stack(rows, [slice(0, 4)])
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  _, grads = jax.jit(lambda p, x: trainer_lib.accumulated_grads(graphdef, p, x))(params, batch)
+  tx = optim.make_optimizer(ocfg)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  expected = optax.apply_updates(params, updates)
+  new_state, metrics = tr._step(tr.init_state(), batch)  # pylint: disable=protected-access
+  np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+  assert int(new_state["step"]) == 1
+  for x, y in zip(jax.tree.leaves(new_state["params"]), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-5)
+  emb = new_state["params"]["embed_tokens"]["embedding"]
+  assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+
+
+def _run(workdir, num_steps, on_step=None, seen=None):
+  mesh = mesh_lib.single_device_mesh()
+  ocfg = optim.OptimConfig(learning_rate=0.01, warmup_steps=2, total_steps=num_steps)
+  tcfg = trainer_lib.TrainerConfig(num_steps=num_steps, micro_batches=2, log_every=1,
+                                   checkpoint_every=2, peak_flops=1e9, task_names=("a", "b"))
+  tr = trainer_lib.Trainer(_model(), ocfg, tcfg, mesh=mesh, workdir=workdir)
+  ds = trainer_lib.batch_dataset(_rows(24), batch_size=2, micro_batches=2, seed=5)
+
+  def record(step):
+    if seen is not None:
+      seen.append(step)
+    if on_step is not None:
+      on_step(step)
+
+  return tr.fit(ds, on_step=record)
+
+
+def test_killed_and_preempted_runs_resume_exactly(tmp_path):
+  ref, ref_summary = _run(str(tmp_path / "ref"), 7)
+
+  # A hard kill after step 5 (checkpoints every 2 steps): resumes at 4, redoes step 5.
+  class Killed(Exception):
+    pass
+
+  def kill(step):
+    if step == 5:
+      raise Killed()
+
+  work = str(tmp_path / "killed")
+  with pytest.raises(Killed):
+    _run(work, 7, on_step=kill)
+  seen = []
+  out, summary = _run(work, 7, seen=seen)
+  assert summary["resumed_from"] == 4 and seen == [5, 6, 7]
+  for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(x, y)
+  assert summary["task_tokens"] == ref_summary["task_tokens"]
+  assert [h["loss"] for h in summary["loss_history"]] == [
+      h["loss"] for h in ref_summary["loss_history"]]
+
+  # SIGTERM during step 3: the step finishes, is saved, and the run stops.
+  def term(step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  work = str(tmp_path / "term")
+  with pytest.raises(trainer_lib.Preempted):
+    _run(work, 7, on_step=term)
+  seen = []
+  out, summary = _run(work, 7, seen=seen)
+  assert summary["resumed_from"] == 3 and seen == [4, 5, 6, 7]
+  for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(x, y)
+  assert os.path.isdir(os.path.join(work, "tb"))
