@@ -54,9 +54,11 @@ def section(preset):
   c.chunk = 100
   c.save_every = 1000
   c.seed = 0
-  # Ablation: one row per technique, added in this order to a plain RQ-VAE, plus RQ-KMeans.
+  # Ablation: one row per technique, added in this order to a plain RQ-VAE, plus RQ-KMeans
+  # (plain_no_kmeans: the plain row with randomly initialised codebooks).
   c.ablation = False
-  c.ablation_rows = "plain,ema,random_last,diversity,dead_code,contrastive,rq_kmeans"
+  c.ablation_rows = ("plain_no_kmeans,plain,ema,random_last,diversity,dead_code,contrastive,"
+                     "rq_kmeans")
   if preset == "tiny":
     c.codebook_size = 64
     c.hidden_dims = (128,)

@@ -25,7 +25,9 @@ from gr2_jax.sids import rqvae
 from gr2_jax.sids import tokens
 
 # Ablation rows in the papers' order; each row adds its technique to the ones above it.
+# "plain_no_kmeans" is the plain row with random instead of k-means codebook initialisation.
 ABLATION_ORDER = ("plain", "ema", "random_last", "diversity", "dead_code", "contrastive")
+ROWS = ("plain_no_kmeans",) + ABLATION_ORDER + ("rq_kmeans",)
 
 
 def check_items(items):
@@ -53,6 +55,8 @@ def rqvae_config(section, input_dim, **overrides):
 
 def ablation_overrides(row, section):
   """RQ-VAE overrides of one ablation row: techniques up to `row` on, later ones off."""
+  if row == "plain_no_kmeans":
+    return dict(ablation_overrides("plain", section), kmeans_init="none")
   on = ABLATION_ORDER[:ABLATION_ORDER.index(row) + 1]
   return {"ema": "ema" in on, "random_last_level": "random_last" in on,
           "diversity_weight": section.diversity_weight if "diversity" in on else 0.0,
@@ -121,9 +125,8 @@ def run(ctx):
   if s.ablation:
     rows = [r.strip() for r in s.ablation_rows.split(",") if r.strip()]
     for row in rows:
-      if row != "rq_kmeans" and row not in ABLATION_ORDER:
-        raise UserError(f"unknown ablation row {row!r}; valid: "
-                        f"{', '.join(ABLATION_ORDER + ('rq_kmeans',))}")
+      if row not in ROWS:
+        raise UserError(f"unknown ablation row {row!r}; valid: {', '.join(ROWS)}")
       t0 = time.time()
       if row == "rq_kmeans":
         cfg = rqvae_config(s, x.shape[1], random_last_level=True)

@@ -13,7 +13,7 @@ from gr2_jax.errors import UserError
 from gr2_jax.sids import tokens
 from gr2_jax.stages import sids as sids_stage
 
-N = 48
+N = 40  # as in test_rqvae.py: same shapes, same compiled step
 
 
 def _load_section(**overrides):
@@ -23,10 +23,12 @@ def _load_section(**overrides):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   s = module.section("tiny")
-  # Small and cheap; every test here shares this RQ-VAE shape so it compiles once.
-  s.update(embedding="file", codebook_size=8, num_levels=2, hidden_dims=(16,), latent_dim=4,
+  # Small and cheap, and the same RQ-VAE as tests/sids/test_rqvae.py's resumption test, so
+  # one compiled train step serves all of them.
+  s.update(embedding="file", codebook_size=4, num_levels=2, hidden_dims=(8,), latent_dim=4,
            batch_size=16, steps=20, chunk=10, save_every=10, kmeans_iters=5,
-           dead_code_reset=False)
+           dead_code_reset=True, dead_code_steps=3, diversity_weight=0.1,
+           contrastive_weight=0.1)
   s.update(**overrides)
   return s
 
@@ -62,13 +64,13 @@ def test_stage_writes_unique_sids_and_report(tmp_path):
   ctx = _ctx(tmp_path, _load_section(embedding_path=emb_path))
   summary = sids_stage.run(ctx)
   table = tokens.load_sid_table(ctx.path())
-  assert table["num_learned"] == 2 and table["codebook_size"] == 8
+  assert table["num_learned"] == 2 and table["codebook_size"] == 4
   assert len(table["items"]) == N
   sids = [row["sid"] for row in table["items"]]
   assert len(set(sids)) == N  # the random last level makes every SID unique
   for row, item in zip(table["items"], items):
     assert row["id"] == item["id"] and tokens.parse_sid(row["sid"]) == tuple(row["codes"])
-    assert max(row["codes"]) < 8
+    assert max(row["codes"]) < 4
   with open(ctx.path("report.json")) as f:
     rep = json.load(f)
   assert rep["uniqueness_full"] == summary["uniqueness_full"] == 1.0
@@ -83,19 +85,18 @@ def test_stage_writes_unique_sids_and_report(tmp_path):
 def test_stage_ablation_rows(tmp_path):
   _, emb_path = _write_data(str(tmp_path / "data"))
   section = _load_section(embedding_path=emb_path, ablation=True,
-                          ablation_rows="random_last,rq_kmeans", diversity_weight=0.0,
-                          contrastive_weight=0.0)
+                          ablation_rows="contrastive,rq_kmeans")
   ctx = _ctx(tmp_path, section)
   sids_stage.run(ctx)
   with open(ctx.path("ablation.json")) as f:
     rows = json.load(f)
-  assert list(rows) == ["random_last", "rq_kmeans"]
+  assert list(rows) == ["contrastive", "rq_kmeans"]
   assert rows["rq_kmeans"]["uniqueness_full"] == 1.0
   md = open(ctx.path("ablation.md")).read().splitlines()
-  assert md[2].startswith("| random_last |") and md[3].startswith("| rq_kmeans |")
+  assert md[2].startswith("| contrastive |") and md[3].startswith("| rq_kmeans |")
   # The section's own configuration equals the last RQ-VAE row, so its report is reused.
   with open(ctx.path("report.json")) as f:
-    assert json.load(f)["uniqueness_learned"] == rows["random_last"]["uniqueness_learned"]
+    assert json.load(f)["uniqueness_learned"] == rows["contrastive"]["uniqueness_learned"]
 
 
 def test_stage_rq_kmeans_tokenizer(tmp_path):
@@ -106,14 +107,14 @@ def test_stage_rq_kmeans_tokenizer(tmp_path):
 
 @pytest.mark.parametrize("case, match", [
     ("duplicate", "item id 3 twice"),
-    ("small", "smaller than the codebook size 8"),
+    ("small", "smaller than the codebook size 4"),
     ("nan", "NaN"),
     ("width", "shape"),
     ("empty_text", "empty text"),
 ])
 def test_stage_bad_inputs(tmp_path, case, match):
   folder = str(tmp_path / "data")
-  items, emb_path = _write_data(folder, n=4 if case == "small" else N)
+  items, emb_path = _write_data(folder, n=3 if case == "small" else N)
   section = _load_section(embedding_path=emb_path)
   if case == "duplicate":
     items[4]["id"] = 3
