@@ -38,6 +38,25 @@ def _train_or_restore(ctx, cfg, inter):
   return model
 
 
+def _subsample(examples, max_examples, seed):
+  """Keeps at most max_examples[i] random examples of split i (0 = all); ids stay row numbers
+  of the data artifact's examples.npz (kept in `row`)."""
+  if len(max_examples) != len(slates_lib.SPLITS):
+    raise UserError(f"legacy.max_examples needs one count per split "
+                    f"({', '.join(slates_lib.SPLITS.values())}), got {tuple(max_examples)}")
+  rng = np.random.default_rng(seed)
+  keep = []
+  for cap, period in zip(max_examples, slates_lib.SPLITS):
+    idx = np.flatnonzero(examples["period"] == period)
+    if cap and idx.size > cap:
+      idx = np.sort(rng.choice(idx, cap, replace=False))
+    keep.append(idx)
+  keep = np.concatenate(keep)
+  out = {k: v[keep] for k, v in examples.items()}
+  out["row"] = keep.astype(np.int64)
+  return out
+
+
 def run(ctx):
   c = ctx.section
   data_dir = ctx.inputs["data"]
@@ -54,6 +73,7 @@ def run(ctx):
   pop = slates_lib.popularity(inter)
   np.save(ctx.path("popularity.npy"), pop)
 
+  examples = _subsample(examples, c.max_examples, c.seed)
   excluded = slates_lib.exclusion_lists(examples, inter)
   start = time.time()
   slate, slate_scores, rank_sasrec, rank_pop = sasrec.rank_and_top_k(
@@ -76,7 +96,7 @@ def run(ctx):
     records[split] = {k: examples[k][idx] for k in (
         "user", "timestamp", "history", "history_rating", "history_len", "target",
         "target_rating")}
-    records[split].update(example_id=idx.astype(np.int64), target_index=target_index[idx],
+    records[split].update(example_id=examples["row"][idx], target_index=target_index[idx],
                           slate=slate[idx], slate_scores=slate_scores[idx], labels=labels[idx],
                           grades=grades[idx])
   val = examples["period"] == 2
