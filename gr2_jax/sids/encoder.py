@@ -139,10 +139,10 @@ def model_from_tensors(tensors, cfg=MiniLMConfig()):
     for part in path[:-1]:
       node = node[part] if isinstance(part, int) else getattr(node, part)
     var = getattr(node, path[-1])
-    if tuple(var.value.shape) != value.shape:
-      raise UserError(f"encoder tensor {key} has shape {value.shape}, expected "
-                      f"{tuple(var.value.shape)}")
-    var.value = jnp.asarray(value)
+    expected = tuple(var.get_value().shape)
+    if expected != value.shape:
+      raise UserError(f"encoder tensor {key} has shape {value.shape}, expected {expected}")
+    var.set_value(jnp.asarray(value))
   return model
 
 

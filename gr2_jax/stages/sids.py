@@ -8,7 +8,6 @@ and `ablation.md`.
 
 import dataclasses
 import json
-import os
 import time
 
 from absl import logging

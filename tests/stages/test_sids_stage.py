@@ -92,7 +92,8 @@ def test_stage_ablation_rows(tmp_path):
     rows = json.load(f)
   assert list(rows) == ["contrastive", "rq_kmeans"]
   assert rows["rq_kmeans"]["uniqueness_full"] == 1.0
-  md = open(ctx.path("ablation.md")).read().splitlines()
+  with open(ctx.path("ablation.md")) as f:
+    md = f.read().splitlines()
   assert md[2].startswith("| contrastive |") and md[3].startswith("| rq_kmeans |")
   # The section's own configuration equals the last RQ-VAE row, so its report is reused.
   with open(ctx.path("report.json")) as f:
