@@ -67,20 +67,21 @@ def test_gumbel_matches_plackett_luce_and_is_reproducible():
   assert len({tuple(r) for r in a}) > 1
 
 
-def teacher(stats, temperature=1.0, **prompt_kwargs):
+def teacher(stats, temperature=1.0, position=0.0, **prompt_kwargs):
   c = cf.default_config()
   c.temperature, c.min_evidence = temperature, 1  # the hand log counts each pair once
+  c.weights.position = position
   return cf.CFTeacher(stats, ITEMS, SIDS, c, prompts.PromptConfig(**prompt_kwargs))
 
 
 def test_greedy_order_by_hand(stats):
   # Item 2 leads every feature; 3 and 4 only differ by their legacy slot.
-  t = teacher(stats, temperature=0.0)
+  t = teacher(stats, temperature=0.0, position=0.5)
   ex = base.TeacherExample(history=(0, 1), slate=(2, 3, 4))
   assert t.sample(ex, target_visible=False, rng=0)[0].order == (0, 1, 2)
   ex = base.TeacherExample(history=(0, 1), slate=(4, 3, 2))
   assert t.sample(ex, target_visible=False, rng=0)[0].order == (2, 0, 1)
-  low = teacher(stats, temperature=1e-6)
+  low = teacher(stats, temperature=1e-6, position=0.5)
   assert {low.sample(ex, target_visible=False, rng=s)[0].order for s in range(5)} == {(2, 0, 1)}
 
 
