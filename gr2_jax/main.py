@@ -85,6 +85,7 @@ def main(argv):
     print("error: missing --workdir=DIR (the folder for the pipeline's artifacts)",
           file=sys.stderr)
     sys.exit(2)
+  logging.get_absl_handler().addFilter(runner.QuietLibraries())
   config = _CONFIG.value
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)

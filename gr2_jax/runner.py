@@ -44,6 +44,7 @@ def fingerprint(config, stage):
   """Hash of the stage's config section and, recursively, of its inputs' fingerprints."""
   payload = {
       "stage": stage,
+      "version": stages_lib.VERSIONS.get(stage, 1),
       "section": config_lib.to_plain(config[stage]),
       "inputs": {dep: fingerprint(config, dep) for dep in stages_lib.REQUIRES[stage]},
   }
@@ -71,12 +72,25 @@ def _write_json_atomic(path, obj):
   os.replace(tmp, path)
 
 
+class QuietLibraries(logging.Filter):
+  """Drops INFO records that libraries log through absl (orbax logs every save step by step)."""
+
+  PREFIXES = ("orbax", "tensorflow_datasets", "etils", "grain")
+
+  def filter(self, record):
+    if record.levelno > logging.INFO:
+      return True
+    module = os.path.normpath(record.pathname).split(os.sep)
+    return not any(part.startswith(self.PREFIXES) for part in module[-4:-1])
+
+
 class _StageLog:
   """Copies log records to `<artifact>/log.txt` while a stage runs."""
 
   def __init__(self, path):
     self.handler = logging.FileHandler(path)
     self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    self.handler.addFilter(QuietLibraries())
 
   def __enter__(self):
     absl_logging.get_absl_logger().addHandler(self.handler)

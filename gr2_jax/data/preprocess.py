@@ -4,7 +4,7 @@ The split is by global time: the earliest `period_fractions[0]` of interactions 
 period (the only data the legacy ranker trains on), then the LLM training period, then
 validation and test. Cut points are timestamps, so interactions that share a timestamp never
 straddle two periods. An example is one interaction of the train, validation or test period:
-its history is the user's earlier interactions (any period, capped at `max_history`), its
+its history is the user's strictly earlier interactions (any period, capped at `max_history`), its
 further positives are the user's next interactions in the same period within a short window.
 """
 
@@ -87,16 +87,26 @@ def split_periods(timestamps, fractions):
 
 
 def build_examples(inter, max_history, min_history, window_items, window_seconds):
-  """Next-item examples for every interaction of periods 1..3 (see module docstring)."""
+  """Next-item examples for every interaction of periods 1..3 (see module docstring).
+
+  The history holds only interactions strictly earlier in time than the target: interactions
+  that share the target's timestamp have no true order, and letting the tie-break order (item
+  id) put some of them before the target would leak that order into the task.
+  """
   user, item, ts, period = inter["user"], inter["item"], inter["timestamp"], inter["period"]
   n = len(user)
   starts = np.searchsorted(user, user, side="left")
   ends = np.searchsorted(user, user, side="right")
-  pos = np.arange(n) - starts
-  sel = np.flatnonzero((period >= 1) & (pos >= min_history))
-  hist_len = np.minimum(pos[sel], max_history).astype(np.int32)
-  # Right-aligned histories: column L-1 is the most recent interaction.
-  idx = sel[:, None] - max_history + np.arange(max_history)[None, :]
+  # Interactions tied in time with each one: [tie_lo, tie_hi) in the sorted arrays.
+  key = user.astype(np.int64) * (1 << 40) + (ts - ts.min())
+  tie_lo_all = np.searchsorted(key, key, side="left")
+  before = tie_lo_all - starts  # interactions strictly earlier in time
+  sel = np.flatnonzero((period >= 1) & (before >= min_history))
+  tie_lo = tie_lo_all[sel].astype(np.int64)
+  tie_hi = np.searchsorted(key, key[sel], side="right").astype(np.int64)
+  hist_len = np.minimum(before[sel], max_history).astype(np.int32)
+  # Right-aligned histories: column L-1 is the most recent earlier interaction.
+  idx = tie_lo[:, None] - max_history + np.arange(max_history)[None, :]
   valid = idx >= starts[sel][:, None]
   safe = np.where(valid, idx, 0)
   history = np.where(valid, item[safe], PAD).astype(np.int32)
@@ -108,10 +118,6 @@ def build_examples(inter, max_history, min_history, window_items, window_seconds
             & (ts[fsafe] - ts[sel][:, None] <= window_seconds))
   further = np.where(fvalid, item[fsafe], PAD).astype(np.int32)
   further_rating = np.where(fvalid, inter["rating"][fsafe], 0).astype(np.float32)
-  # Interactions tied in time with the target: [tie_lo, tie_hi) in the sorted arrays.
-  key = user.astype(np.int64) * (1 << 40) + (ts - ts.min())
-  tie_lo = np.searchsorted(key, key[sel], side="left").astype(np.int64)
-  tie_hi = np.searchsorted(key, key[sel], side="right").astype(np.int64)
   return {
       "index": sel.astype(np.int64),
       "user": user[sel],

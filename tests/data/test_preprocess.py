@@ -56,7 +56,10 @@ def test_build_examples_history_further_and_ties():
   np.testing.assert_array_equal(ex["target"][u1], [0, 3, 5, 2])
   # Target a (t3): history d, b right-aligned in width 3.
   np.testing.assert_array_equal(ex["history"][u1][0], [-1, 4, 1])
-  np.testing.assert_array_equal(ex["history_len"][u1], [2, 3, 3, 3])
+  # c shares t=3 with a: its history stops before the tie, so a is not in it.
+  np.testing.assert_array_equal(ex["history"][u1][1], [-1, 4, 1])
+  np.testing.assert_array_equal(ex["history"][u1][2], [1, 0, 3])
+  np.testing.assert_array_equal(ex["history_len"][u1], [2, 2, 3, 3])
   # Further positives of a: c (t3, 0 s later) and e (t10, 7 s later: outside the 5 s window).
   np.testing.assert_array_equal(ex["further"][u1][0], [3, -1])
   # a and c share t=3: both examples see the same tie range of two interactions.

@@ -31,12 +31,13 @@ def test_split_is_temporal_and_examples_follow_it(tiny_workdir):
     assert ts[period == p].max() < ts[period == p + 1].min()
   ex = preprocess.load_examples(os.path.join(data_dir, "examples.npz"))
   assert set(np.unique(ex["period"])) <= {1, 2, 3}
-  # Every history item is an earlier (or tied, smaller-id) interaction of the same user.
-  i = 0
-  idx = ex["index"][i]
-  n = ex["history_len"][i]
-  np.testing.assert_array_equal(ex["history"][i, -n:], inter["item"][idx - n:idx])
-  assert (inter["user"][idx - n:idx + 1] == ex["user"][i]).all()
+  # Histories are the user's interactions strictly earlier in time than the target.
+  for i in range(0, len(ex["target"]), 997):
+    lo, n = ex["tie_lo"][i], ex["history_len"][i]
+    np.testing.assert_array_equal(ex["history"][i, -n:], inter["item"][lo - n:lo])
+    assert (inter["user"][lo - n:lo] == ex["user"][i]).all()
+    assert (inter["timestamp"][lo - n:lo] < ex["timestamp"][i]).all()
+    assert inter["item"][ex["index"][i]] == ex["target"][i]
 
 
 def test_slates_hold_the_target_and_no_seen_or_tied_items(tiny_workdir):
