@@ -1,0 +1,76 @@
+"""Mid-training: SID tokens join the LLM's vocabulary; warm-up of the new rows, then training
+on the four tasks; evaluation by constrained generative next-item retrieval and captioning.
+
+  python -m gr2_jax.main --config=configs/midtrain.py --workdir=W
+  python -m gr2_jax.main --config=configs/midtrain.py:tiny --workdir=W
+  python -m gr2_jax.main --config=configs/midtrain.py --workdir=W \
+      --config.midtrain.hf_checkpoint=/path/to/Qwen3-0.6B
+"""
+
+import ml_collections
+
+from gr2_jax import config_lib
+
+PRESETS = ("default", "tiny")
+
+
+def section(preset):
+  c = ml_collections.ConfigDict()
+  # Base model: a Hugging Face Qwen3 folder (config.json, *.safetensors, tokenizer.json), or
+  # empty for a freshly initialised `model_preset` with a SentencePiece tokenizer trained on
+  # the catalogue's text, the SID and chat tokens as user-defined symbols.
+  c.hf_checkpoint = ""
+  c.model_preset = "demo"
+  c.sp_vocab_size = 4096  # SentencePiece pieces (SID and chat tokens included)
+  c.num_devices = 0  # 0 = all; the mesh is (data = devices, 1, 1)
+  # Task mix: shares of trained tokens (normalised; the OneRec-Think reproduction used
+  # sequential 66%, alignment 24%, caption 5%, general 5%).
+  c.task_mix = ml_collections.ConfigDict(
+      {"sequential": 0.5, "caption": 0.3, "persona": 0.1, "text": 0.1})
+  c.max_history_items = 10  # SIDs of history per sequential / persona document
+  c.seq_len = 256  # packed row length
+  c.batch_size = 8  # rows per micro-batch
+  c.micro_batches = 1
+  # Warm-up: only the SID rows of the embedding / LM head train.
+  c.warmup_steps = 40
+  c.warmup_lr = 3e-3
+  # Full training.
+  c.steps = 300
+  c.learning_rate = 3e-3
+  c.lr_warmup_steps = 20
+  c.end_lr_ratio = 0.1
+  c.weight_decay = 0.01
+  c.clip_norm = 1.0
+  c.log_every = 10
+  c.eval_every = 100  # held-out loss
+  c.checkpoint_every = 100
+  c.seed = 0
+  # Evaluation.
+  c.eval_examples = 300  # per split (validation, test), a seeded sample
+  c.beam_width = 20  # beams searched; the top 10 after dropping seen items are ranked
+  c.eval_batch = 32
+  c.caption_items = 300  # items seen in training whose title is generated from the SID
+  c.n_boot = 1000
+  if preset == "tiny":
+    c.model_preset = "tiny"
+    c.sp_vocab_size = 1200
+    c.num_devices = 1
+    c.seq_len = 128
+    c.batch_size = 4
+    c.micro_batches = 2
+    c.warmup_steps = 4
+    c.steps = 12
+    c.lr_warmup_steps = 2
+    c.log_every = 4
+    c.eval_every = 6
+    c.checkpoint_every = 6
+    c.eval_examples = 16
+    c.beam_width = 12
+    c.eval_batch = 16
+    c.caption_items = 8
+    c.n_boot = 100
+  return c
+
+
+def get_config(arg=None):
+  return config_lib.compose(__file__, arg, PRESETS, section)

@@ -1,0 +1,359 @@
+"""Mid-training stage: SID tokens into the LLM, warm-up of their rows, four-task training, and
+generative next-item retrieval with beam search constrained to valid SIDs.
+
+Artifact: `tokenizer/`, `model/` (final parameters, orbax), `model_config.json`, `warmup/` and
+`train/` (checkpoints `ckpt/`, TensorBoard and metrics.jsonl under `tb/`), `eval.json`,
+`eval.md`. `load_model(artifact_dir)` gives later stages (model, tokenizer, sid table).
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gr2_jax.data import artifacts
+from gr2_jax.data import preprocess
+from gr2_jax.data import sasrec
+from gr2_jax.data import slates as slates_lib
+from gr2_jax import runner
+from gr2_jax.errors import UserError
+from gr2_jax.eval import metrics
+from gr2_jax.midtrain import tasks as tasks_lib
+from gr2_jax.models import hf_io
+from gr2_jax.models import qwen3
+from gr2_jax.models import vocab as vocab_lib
+from gr2_jax.parallel import mesh as mesh_lib
+from gr2_jax.sampling import beam
+from gr2_jax.sampling import constraints
+from gr2_jax.sampling import sampler
+from gr2_jax.sids import tokens as sid_lib
+from gr2_jax.text import tokenizers
+from gr2_jax.train import optim
+from gr2_jax.train import packing
+from gr2_jax.train import trainer as trainer_lib
+
+TOP_K = 10
+
+
+def _mesh(c):
+  devices = jax.devices()
+  if c.num_devices:
+    devices = devices[:c.num_devices]
+  return mesh_lib.make_mesh((len(devices), 1, 1), devices=devices)
+
+
+def _model_and_tokenizer(ctx, mesh, sid_token_strs, corpus):
+  """(model, tokenizer, ids of the SID tokens) with the SID tokens in the vocabulary."""
+  c = ctx.section
+  tok_dir = ctx.path("tokenizer")
+  if c.hf_checkpoint:
+    tok = tokenizers.load_tokenizer(c.hf_checkpoint)
+    model, cfg = hf_io.load_hf_checkpoint(c.hf_checkpoint, mesh=mesh)
+    if tok.vocab_size > cfg.vocab_size:
+      raise UserError(f"the tokenizer in {c.hf_checkpoint} has {tok.vocab_size} tokens but the "
+                      f"checkpoint has {cfg.vocab_size} embedding rows: they come from different "
+                      "vocabularies; use the tokenizer.json saved with the checkpoint")
+    if not isinstance(tok, tokenizers.HFTokenizer):
+      raise UserError(f"{c.hf_checkpoint} needs a tokenizer.json next to the weights")
+    tok.add_tokens(sid_token_strs)
+    tok.save(tok_dir)
+    if tok.vocab_size > cfg.vocab_size:
+      model = vocab_lib.extend_vocab(model, tok.vocab_size - cfg.vocab_size, rng=c.seed,
+                                     mesh=mesh)
+  else:
+    if os.path.isdir(tok_dir):
+      tok = tokenizers.load_tokenizer(tok_dir)
+    else:
+      tok = tokenizers.train_sentencepiece(corpus, tok_dir, c.sp_vocab_size,
+                                           user_defined_symbols=sid_token_strs, seed=c.seed)
+    vocab = -(-tok.vocab_size // 128) * 128  # rows a multiple of 128 shard evenly
+    cfg = qwen3.get_model_config(c.model_preset, vocab_size=vocab)
+    model = mesh_lib.create_sharded_model(cfg, mesh, seed=c.seed)
+  ids = [tok.token_to_id(t) for t in sid_token_strs]
+  if any(i is None for i in ids):
+    raise UserError(f"tokenizer in {tok_dir} lacks SID tokens; delete it and rerun")
+  return model, tok, np.asarray(ids, np.int64)
+
+
+def _encode(tok, docs):
+  eos = tok.eos_id
+  return [np.asarray(tok.encode(d) + [eos], np.int32) for d in docs]
+
+
+def _examples(c, pools, seed, total_tokens):
+  shares = tasks_lib.parse_mix(dict(c.task_mix))
+  ex, task_ids = tasks_lib.mix_examples(pools, shares, total_tokens, seed)
+  longest = max(len(e) for e in ex)
+  if longest > c.seq_len:
+    raise UserError(f"a mid-training document has {longest} tokens but seq_len is {c.seq_len}; "
+                    "raise --config.midtrain.seq_len or lower max_history_items")
+  return [(e, np.ones(len(e), np.float32)) for e in ex], task_ids
+
+
+def _train_phase(ctx, name, model, ocfg, steps, rows, mesh, trainable_rows=None,
+                 eval_rows=None):
+  c = ctx.section
+  tcfg = trainer_lib.TrainerConfig(
+      num_steps=steps, micro_batches=c.micro_batches, log_every=c.log_every,
+      eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
+      task_names=tasks_lib.TASKS)
+  tr = trainer_lib.Trainer(model, ocfg, tcfg, mesh=mesh, workdir=ctx.path(name),
+                           trainable_rows=trainable_rows, name=f"midtrain/{name}")
+  ds = trainer_lib.batch_dataset(rows, c.batch_size, c.micro_batches, seed=c.seed)
+  eval_fn = None
+  if eval_rows is not None:
+    eval_fn = lambda p, step: {"heldout_loss": tr.evaluate_loss(p, eval_rows, c.batch_size)}
+  params, summary = tr.fit(ds, eval_fn=eval_fn)
+  return tr.model(params), summary
+
+
+def save_model(out_dir, model, tok):
+  state = nnx.to_pure_dict(nnx.state(model))
+  path = os.path.join(out_dir, "model")
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(path, state, force=True)
+  ckpt.wait_until_finished()
+  with open(os.path.join(out_dir, "model_config.json"), "w") as f:
+    json.dump(dataclasses.asdict(model.cfg), f, indent=2)
+  del tok
+
+
+def load_model(artifact_dir, mesh=None):
+  """(model, tokenizer) of a finished midtrain artifact, the model sharded on `mesh`."""
+  path = os.path.join(artifact_dir, "model_config.json")
+  if not os.path.isfile(path):
+    raise UserError(f"{artifact_dir} holds no mid-trained model; run configs/midtrain.py")
+  with open(path) as f:
+    cfg = qwen3.ModelConfig(**json.load(f))
+  mesh = mesh or mesh_lib.single_device_mesh()
+  graphdef, abstract = mesh_lib.abstract_model(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)))
+  from gr2_jax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  shardings = nnx.to_pure_dict(sharding_lib.state_shardings(abstract, mesh))
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nnx.to_pure_dict(abstract), shardings)
+  state = ocp.StandardCheckpointer().restore(os.path.join(artifact_dir, "model"), target)
+  tok = tokenizers.load_tokenizer(os.path.join(artifact_dir, "tokenizer"))
+  if tok.vocab_size > cfg.vocab_size:
+    raise UserError(f"tokenizer of {artifact_dir} has {tok.vocab_size} tokens but the model "
+                    f"{cfg.vocab_size} rows; the artifact is inconsistent, rerun midtrain")
+  return nnx.merge(graphdef, state), tok
+
+
+# --- evaluation -------------------------------------------------------------------------
+
+def _sid_index(table, tok):
+  seqs, index = [], {}
+  for row in table["items"]:
+    ids = tuple(tok.encode(row["sid"]))
+    seqs.append(ids)
+    index[ids] = row["id"]
+  return seqs, index
+
+
+def _retrieval_ranks(model, tok, prompts, excluded, targets, trie, index, c, sid_len):
+  """0-based rank of the target in the beam's top 10 after dropping excluded items (10 = miss)."""
+  ranks, valid_free = [], []
+  for s in range(0, len(prompts), c.eval_batch):
+    batch = [tok.encode(p) for p in prompts[s:s + c.eval_batch]]
+    toks, scores = beam.beam_search(model, batch, beam_width=c.beam_width, num_steps=sid_len,
+                                    constraint=trie, pad_id=tok.pad_id, prompt_multiple=16)
+    toks, scores = np.asarray(toks), np.asarray(scores)
+    free = sampler.sample(model, batch, key=jax.random.key(0), max_new_tokens=sid_len,
+                          greedy=True, pad_id=tok.pad_id, prompt_multiple=16)
+    for j in range(len(batch)):
+      e = s + j
+      ex = set(int(x) for x in excluded[e] if x >= 0)
+      ranked = []
+      for w in range(toks.shape[1]):
+        item = index.get(tuple(toks[j, w].tolist()))
+        if np.isfinite(scores[j, w]) and item is not None and item not in ex:
+          ranked.append(item)
+      ranked = ranked[:TOP_K]
+      ranks.append(ranked.index(targets[e]) if targets[e] in ranked else TOP_K)
+      valid_free.append(float(tuple(np.asarray(free.tokens[j]).tolist()) in index))
+  return np.asarray(ranks), np.asarray(valid_free)
+
+
+def _caption_accuracy(model, tok, items, table, item_ids, c):
+  max_new = max(len(tok.encode(items[i]["title"])) for i in item_ids) + 2
+  hits = []
+  for s in range(0, len(item_ids), c.eval_batch):
+    ids = item_ids[s:s + c.eval_batch]
+    batch = [tok.encode(tasks_lib.caption_prompt(table["items"][i]["sid"])) for i in ids]
+    out = sampler.sample(model, batch, key=jax.random.key(0), max_new_tokens=max_new,
+                         greedy=True, stop_tokens=(tok.eos_id,), pad_id=tok.pad_id,
+                         prompt_multiple=8)
+    for j, i in enumerate(ids):
+      text = tok.decode(np.asarray(out.tokens[j, :int(out.lengths[j])]).tolist())
+      hits.append(float(text.split("\n")[0].strip() == items[i]["title"]))
+  return np.asarray(hits)
+
+
+def _legacy_ranks(ctx, examples, inter, rows, num_items):
+  lc = ctx.config.legacy
+  legacy_dir = ctx.inputs["legacy"]
+  cfg = sasrec.SASRecConfig(num_items=num_items, max_len=lc.max_len, dim=lc.dim,
+                            num_blocks=lc.num_blocks, num_heads=lc.num_heads,
+                            dropout=lc.dropout)
+  abstract = nnx.eval_shape(lambda: sasrec.SASRec(cfg, rngs=nnx.Rngs(0)))
+  state = ocp.StandardCheckpointer().restore(os.path.join(legacy_dir, "sasrec"),
+                                             nnx.state(abstract, nnx.Param))
+  model = sasrec.SASRec(cfg, rngs=nnx.Rngs(0))
+  nnx.update(model, state)
+  pop = np.load(os.path.join(legacy_dir, "popularity.npy"))
+  excluded = slates_lib.exclusion_lists({k: v[rows] for k, v in examples.items()}, inter)
+  _, _, r_sas, r_pop = sasrec.rank_and_top_k(model, examples["history"][rows], excluded,
+                                             examples["target"][rows], pop, TOP_K,
+                                             batch_size=256)
+  return r_sas, r_pop, excluded
+
+
+def _table(per_ranker, c):
+  out = {}
+  for name, ranks in per_ranker.items():
+    out[name] = {}
+    for k in (5, 10):
+      out[name][f"R@{k}"] = metrics.bootstrap_ci(metrics.recall_at_k(ranks, k), c.n_boot, seed=c.seed)
+      out[name][f"N@{k}"] = metrics.bootstrap_ci(metrics.ndcg_at_k(ranks, k), c.n_boot, seed=c.seed)
+  return out
+
+
+def _markdown(report):
+  lines = ["| split | ranker | R@5 | R@10 | N@5 | N@10 |", "|---|---|---|---|---|---|"]
+  for split, table in report["retrieval"].items():
+    for name, m in table.items():
+      cells = [f"{m[k]['mean']:.4f} [{m[k]['lo']:.4f}, {m[k]['hi']:.4f}]"
+               for k in ("R@5", "R@10", "N@5", "N@10")]
+      lines.append(f"| {split} | {name} | " + " | ".join(cells) + " |")
+  lines.append("")
+  cap = report["caption_accuracy"]
+  lines.append(f"SID -> exact title accuracy (items seen in training): {cap['mean']:.4f} "
+               f"[{cap['lo']:.4f}, {cap['hi']:.4f}] (n={cap['n']})")
+  for split, v in report["valid_sid_rate_unconstrained"].items():
+    lines.append(f"valid-SID rate of unconstrained greedy generation ({split}): {v:.4f}")
+  return "\n".join(lines)
+
+
+def evaluate(ctx, model, tok, table, items, examples, inter):
+  c = ctx.section
+  seqs, index = _sid_index(table, tok)
+  sid_len = len(seqs[0])
+  trie = constraints.trie_constraint(seqs, model.cfg.vocab_size)
+  rng = np.random.default_rng(c.seed)
+  report = {"retrieval": {}, "valid_sid_rate_unconstrained": {}, "ratio_r10_vs_sasrec": {}}
+  for period, split in ((2, "validation"), (3, "test")):
+    rows = np.flatnonzero(examples["period"] == period)
+    rows = np.sort(rng.choice(rows, min(c.eval_examples, len(rows)), replace=False))
+    r_sas, r_pop, excluded = _legacy_ranks(ctx, examples, inter, rows, len(items))
+    prompts = []
+    for r in rows:
+      hist = examples["history"][r]
+      hist = hist[hist >= 0][-c.max_history_items:]
+      prompts.append(tasks_lib.sequential_prompt([table["items"][i]["sid"] for i in hist]))
+    t0 = time.time()
+    r_llm, valid = _retrieval_ranks(model, tok, prompts, excluded, examples["target"][rows],
+                                    trie, index, c, sid_len)
+    logging.info("[midtrain] %s: beam search over %d examples in %.1fs", split, len(rows),
+                 time.time() - t0)
+    report["retrieval"][split] = _table(
+        {"popularity": r_pop, "sasrec (legacy)": r_sas, "llm (constrained beam)": r_llm}, c)
+    report["valid_sid_rate_unconstrained"][split] = float(valid.mean())
+    sas10 = report["retrieval"][split]["sasrec (legacy)"]["R@10"]["mean"]
+    llm10 = report["retrieval"][split]["llm (constrained beam)"]["R@10"]["mean"]
+    report["ratio_r10_vs_sasrec"][split] = llm10 / sas10 if sas10 > 0 else None
+  seen = np.unique(inter["item"][artifacts.training_mask(inter)])
+  cap_ids = np.sort(rng.choice(seen, min(c.caption_items, len(seen)), replace=False)).tolist()
+  report["caption_accuracy"] = metrics.bootstrap_ci(
+      _caption_accuracy(model, tok, items, table, cap_ids, c), c.n_boot, seed=c.seed)
+  return report
+
+
+def run(ctx):
+  c = ctx.section
+  t_start = time.time()
+  data_dir = runner.artifact_dir(ctx.workdir, ctx.config, "data")  # an input of sids
+  items = artifacts.load_items(data_dir)
+  users = artifacts.load_users(data_dir)
+  inter = artifacts.load_interactions(data_dir)
+  examples = preprocess.load_examples(os.path.join(data_dir, "examples.npz"))
+  table = sid_lib.load_sid_table(ctx.input_path("sids"))
+  if len(table["items"]) != len(items):
+    raise UserError(f"the SID table has {len(table['items'])} items but the data artifact "
+                    f"{len(items)}; rerun the sids stage on this data")
+  sids = [row["sid"] for row in table["items"]]
+  sid_token_strs = sid_lib.all_sid_tokens(table["num_levels"], table["codebook_size"])
+  mask = artifacts.training_mask(inter)
+  seen = np.unique(inter["item"][mask])
+  docs = [tasks_lib.sequential_docs(examples, sids, c.max_history_items),
+          tasks_lib.caption_docs(items, sids, seen.tolist()),
+          tasks_lib.persona_docs(users, items, inter, mask, sids, c.max_history_items),
+          tasks_lib.text_docs([items[i] for i in seen])]
+  corpus = docs[3] + docs[1][1::2] + [d.split("\n")[0] for d in docs[2]]
+  mesh = _mesh(c)
+  model, tok, sid_ids = _model_and_tokenizer(ctx, mesh, sid_token_strs, corpus)
+  logging.info("[midtrain] model %s: %d parameters (vocab %d, %d SID tokens)",
+               c.hf_checkpoint or c.model_preset, qwen3.param_counts(model)[0],
+               model.cfg.vocab_size, len(sid_ids))
+  pools = [_encode(tok, d) for d in docs]
+  for name, pool in zip(tasks_lib.TASKS, pools):
+    logging.info("[midtrain] task %-10s %7d documents, %9d tokens", name, len(pool),
+                 sum(len(p) for p in pool))
+  per_step = c.batch_size * c.micro_batches * c.seq_len
+  # ~85% of a packed row holds tokens; a little extra keeps the last steps on fresh data.
+  total = int((c.warmup_steps + c.steps) * per_step * 0.9)
+  ex, task_ids = _examples(c, pools, c.seed, total)
+  rows = packing.pack(ex, c.seq_len, tok.pad_id, task_ids)
+  held = min(len(rows["tokens"]) // 10, 4 * c.batch_size)
+  eval_rows = {k: v[:held] for k, v in rows.items()}
+  rows = {k: v[held:] for k, v in rows.items()}
+  logging.info("[midtrain] %d packed rows of %d tokens (fill %.2f), %d held out",
+               len(rows["tokens"]), c.seq_len, (rows["segment_ids"] > 0).mean(), held)
+
+  ocfg = optim.OptimConfig(learning_rate=c.warmup_lr, warmup_steps=0,
+                           total_steps=max(c.warmup_steps, 1), end_lr_ratio=1.0,
+                           clip_norm=c.clip_norm)
+  summary = {}
+  if c.warmup_steps:
+    model, summary["warmup"] = _train_phase(ctx, "warmup", model, ocfg, c.warmup_steps, rows,
+                                            mesh, trainable_rows=sid_ids)
+  ocfg = optim.OptimConfig(learning_rate=c.learning_rate, warmup_steps=c.lr_warmup_steps,
+                           total_steps=c.steps, end_lr_ratio=c.end_lr_ratio,
+                           weight_decay=c.weight_decay, clip_norm=c.clip_norm)
+  model, summary["train"] = _train_phase(ctx, "train", model, ocfg, c.steps, rows, mesh,
+                                         eval_rows=eval_rows)
+  save_model(ctx.out_dir, model, tok)
+  t_eval = time.time()
+  report = evaluate(ctx, model, tok, table, items, examples, inter)
+  report["eval_seconds"] = round(time.time() - t_eval, 1)
+  report["training"] = {
+      phase: {k: s[k] for k in ("steps", "tokens_per_sec", "mfu", "task_tokens",
+                                "loss_history", "wall_seconds", "resumed_from")}
+      for phase, s in summary.items()}
+  report["wall_seconds"] = round(time.time() - t_start, 1)
+  with open(ctx.path("eval.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  text = _markdown(report)
+  with open(ctx.path("eval.md"), "w") as f:
+    f.write(text + "\n")
+  logging.info("[midtrain] evaluation:\n%s", text)
+  train = summary["train"]
+  hist = train["loss_history"]
+  return {
+      "first_loss": hist[0]["loss"] if hist else None,
+      "final_loss": hist[-1]["loss"] if hist else None,
+      "task_tokens": train["task_tokens"],
+      "tokens_per_sec": train["tokens_per_sec"], "mfu": train["mfu"],
+      "caption_accuracy": report["caption_accuracy"]["mean"],
+      "valid_sid_rate_unconstrained": report["valid_sid_rate_unconstrained"],
+      "ratio_r10_vs_sasrec": report["ratio_r10_vs_sasrec"],
+      "r10": {s: {n: m["R@10"]["mean"] for n, m in t.items()}
+              for s, t in report["retrieval"].items()},
+      "wall_seconds": report["wall_seconds"],
+  }

@@ -1,0 +1,89 @@
+"""Tiny mid-training end to end: warm-up, training, artifact, evaluation table, bad input."""
+
+import json
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from gr2_jax import config_lib
+from gr2_jax import runner
+from gr2_jax.errors import UserError
+from gr2_jax.parallel import mesh as mesh_lib
+from gr2_jax.sids import tokens as sid_lib
+from gr2_jax.stages import midtrain
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+
+
+def _config(**overrides):
+  config = config_lib.load_config_module(os.path.join(CONFIGS, "midtrain.py")).get_config("tiny")
+  config.sids.embedding = "collaborative"  # the text encoder is not what this test is about
+  for k, v in overrides.items():
+    config.midtrain[k] = v
+  return config
+
+
+def _restore(path):
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def test_tiny_midtrain_end_to_end(tiny_workdir):
+  config = _config()
+  out, summary = runner.run_stage(config, tiny_workdir, "midtrain")
+  c = config.midtrain
+  tok_dir = os.path.join(out, "tokenizer")
+  model, tok = midtrain.load_model(out)
+  table = sid_lib.load_sid_table(runner.artifact_dir(tiny_workdir, config, "sids"))
+  sid_ids = [tok.token_to_id(t) for t in sid_lib.all_sid_tokens(table["num_levels"],
+                                                                 table["codebook_size"])]
+  assert os.path.isdir(tok_dir) and None not in sid_ids
+
+  # The warm-up moved the SID rows of the embedding and nothing else.
+  fresh = mesh_lib.create_sharded_model(model.cfg, mesh_lib.single_device_mesh(), seed=c.seed)
+  init = nnx.to_pure_dict(nnx.state(fresh))
+  warm = _restore(os.path.join(out, "warmup", "ckpt", str(c.warmup_steps), "state"))["params"]
+  emb0 = np.asarray(init["embed_tokens"]["embedding"])
+  emb1 = np.asarray(warm["embed_tokens"]["embedding"])
+  others = np.setdiff1d(np.arange(emb0.shape[0]), sid_ids)
+  np.testing.assert_array_equal(emb1[others], emb0[others])
+  assert (np.abs(emb1[sid_ids] - emb0[sid_ids]).max(axis=1) > 0).mean() > 0.5
+  np.testing.assert_array_equal(warm["layers"]["0"]["mlp"]["up_proj"]["kernel"],
+                                init["layers"][0]["mlp"]["up_proj"]["kernel"])
+
+  # The saved model is the last training checkpoint.
+  last = _restore(os.path.join(out, "train", "ckpt", str(c.steps), "state"))["params"]
+  np.testing.assert_array_equal(nnx.to_pure_dict(nnx.state(model))["norm"]["weight"],
+                                last["norm"]["weight"])
+
+  with open(os.path.join(out, "eval.json")) as f:
+    report = json.load(f)
+  for split in ("validation", "test"):
+    rows = report["retrieval"][split]
+    assert set(rows) == {"popularity", "sasrec (legacy)", "llm (constrained beam)"}
+    for m in rows.values():
+      assert m["R@10"]["n"] == c.eval_examples
+      assert m["R@5"]["mean"] <= m["R@10"]["mean"] and m["N@5"]["mean"] <= m["N@10"]["mean"]
+  assert report["caption_accuracy"]["n"] == c.caption_items
+  # Tokens per task: every task with a share was trained, in about its share.
+  tt = summary["task_tokens"]
+  total = sum(tt.values())
+  assert total > 0.5 * c.steps * c.batch_size * c.micro_batches * c.seq_len
+  assert tt["sequential"] > tt["persona"] > 0 and tt["caption"] > 0 and tt["text"] > 0
+  assert os.path.isfile(os.path.join(out, "train", "tb", "metrics.jsonl"))
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(
+      os.path.join(out, "train", "tb")))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"task_mix": {"sequential": 0.0, "caption": 0.0, "persona": 0.0, "text": 0.0}},
+     "sums to zero"),
+    ({"seq_len": 16}, "but seq_len is 16"),
+])
+def test_bad_input_is_one_clear_error(tiny_workdir, overrides, message):
+  config = _config(**overrides)
+  with pytest.raises(UserError, match=message):
+    runner.run_stage(config, tiny_workdir, "midtrain")
