@@ -40,7 +40,7 @@ def sequential_prompt(history_sids):
 
 
 def caption_prompt(sid):
-  return f"{sid} title: "
+  return f"{sid} title:"  # the title's leading space is part of its first token
 
 
 def sequential_docs(examples, sids, max_items):
