@@ -11,6 +11,8 @@ REQUIRES = {
     "sids": ("data",),
     "eval": ("legacy",),
     "midtrain": ("sids", "legacy"),
+    "traces": ("data", "legacy", "sids"),
+    "sft": ("traces", "midtrain"),
 }
 
 # Bumped when a stage's code changes what its artifact holds, so the fingerprint changes and old

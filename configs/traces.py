@@ -1,0 +1,57 @@
+"""Trace generation: a teacher writes explained re-rankings of training slates, by targeted
+sampling (the teacher sees the target) and by rejection sampling (target hidden, up to
+`max_tries` attempts, kept when the acceptance rule holds).
+
+  python -m gr2_jax.main --config=configs/traces.py --workdir=W
+  python -m gr2_jax.main --config=configs/traces.py:tiny --workdir=W
+"""
+
+import ml_collections
+
+from gr2_jax import config_lib
+from gr2_jax.teachers import cf
+
+PRESETS = ("default", "tiny")
+
+
+def prompt_section(preset="default"):
+  """Prompt fields (`gr2_jax.text.prompts.PromptConfig`), shared by SFT and evaluation."""
+  p = ml_collections.ConfigDict()
+  p.max_history = 10
+  p.item_fields = ("sid", "title", "year", "genres")
+  p.part_order = "system_user_candidates"  # or "system_candidates_user" (shared prefix)
+  p.reasoning = True
+  p.include_user = True
+  if preset == "tiny":
+    p.max_history = 5
+  return p
+
+
+def section(preset):
+  c = ml_collections.ConfigDict()
+  c.split = "train"  # slates the traces explain (validation / test are never trained on)
+  c.max_examples = 800  # a seeded subset of the split's slates (0 = all)
+  c.modes = ("targeted", "rejection")
+  c.max_tries = 8  # rejection sampling attempts per example
+  # "top1": the teacher's first item is the target; "positives_first": every positive label of
+  # the slate precedes every negative (multi-positive slates).
+  c.acceptance = "top1"
+  c.teacher = "cf"  # collaborative-filtering teacher (no LLM)
+  c.cf = cf.default_config()
+  c.cf.trace_candidates = 2  # keeps traces short for the small models trained on them
+  c.cf_window = 5  # co-occurrence window of the teacher's statistics
+  c.prompt = prompt_section(preset)
+  c.teacher_eval_examples = 4000  # validation slates for teacher vs legacy (0 = all)
+  c.tokenizer = ""  # optional tokenizer folder (e.g. a midtrain artifact's tokenizer/) for lengths
+  c.n_boot = 1000
+  c.seed = 0
+  if preset == "tiny":
+    c.max_examples = 40
+    c.max_tries = 4
+    c.teacher_eval_examples = 200
+    c.n_boot = 100
+  return c
+
+
+def get_config(arg=None):
+  return config_lib.compose(__file__, arg, PRESETS, section)
