@@ -1,0 +1,1 @@
+"""Re-ranking of slates by a model checkpoint and its evaluation rows."""

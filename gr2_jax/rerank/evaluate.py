@@ -1,0 +1,215 @@
+"""Re-ranking of slates by a model checkpoint: greedy answers, Omega, legacy fallback.
+
+Each slate's prompt is the chat of `gr2_jax.text.prompts` with an open assistant turn; the
+model answers by greedy decoding with the sampler. The unconstrained answer is parsed with
+Omega; an invalid one counts as the legacy order (and is counted). The constrained answer
+restricts only the ranking: decoding is free up to the answer's `"recommendations"` key (the
+explanation may cite any item), and from there every SID must be one of the slate's items not
+listed yet (`constraints.slate_constraint` triggered by `<|sid_begin|>`). Greedy decoding is
+deterministic, so the free part is the unconstrained answer's prefix and is not decoded again.
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+
+from gr2_jax.errors import UserError
+from gr2_jax.rl import diagnostics as diag_lib
+from gr2_jax.sampling import constraints
+from gr2_jax.sampling import sampler
+from gr2_jax.sids import tokens as sid_lib
+from gr2_jax.teachers import base
+from gr2_jax.text import chat
+from gr2_jax.text import parser
+from gr2_jax.text import prompts
+
+RANKING_KEY = '"recommendations"'
+FORCED_PREFIX = '{"recommendations": ['
+PROMPT_FILE = "prompt.json"
+SID_TABLE_FILE = "sid_table.json"
+
+
+@dataclasses.dataclass
+class RerankResult:
+  """Per slate: the answer text, Omega, the order used (legacy where invalid), reason code."""
+  texts: list
+  omega: np.ndarray  # bool [N]
+  order: np.ndarray  # int32 [N, K]
+  reasons: list
+  lengths: np.ndarray  # int32 [N], generated tokens
+  forced: int = 0  # constrained answers that lacked the ranking key and got it forced
+
+
+def prompt_ids(examples, items, sids, prompt_cfg, tok):
+  """Chat ids (with the assistant turn opened) of TeacherExamples."""
+  out = []
+  for ex in examples:
+    msgs = prompts.build_messages(prompts.with_sids(ex.history, items, sids),
+                                  prompts.with_sids(ex.slate, items, sids), prompt_cfg,
+                                  user=ex.user)
+    out.append(chat.encode_chat(msgs, tok, add_generation_prompt=True))
+  return out
+
+
+def _greedy(model, tok, prompts_ids, *, max_new_tokens, batch_size, make_constraint=None,
+            prompt_multiple=64):
+  """Generated ids (stop token dropped) per prompt, in fixed-size batches (the last one padded
+  with copies) so that every batch shares one compilation."""
+  stops = chat.chat_stop_ids(tok)
+  outs = []
+  for s in range(0, len(prompts_ids), batch_size):
+    batch = list(prompts_ids[s:s + batch_size])
+    real = len(batch)
+    batch += [batch[-1]] * (batch_size - real)
+    cons = make_constraint(s, real) if make_constraint is not None else None
+    res = sampler.sample(model, batch, key=jax.random.key(0), max_new_tokens=max_new_tokens,
+                         greedy=True, stop_tokens=stops, pad_id=tok.pad_id, constraint=cons,
+                         prompt_multiple=prompt_multiple)
+    toks, lens = np.asarray(res.tokens), np.asarray(res.lengths)
+    for j in range(real):
+      ids = toks[j, :lens[j]].tolist()
+      outs.append(ids[:-1] if ids and ids[-1] in stops else ids)
+  return outs
+
+
+def _ranking_cut(tok, ids):
+  """Smallest j such that decode(ids[:j]) contains the ranking key, or None."""
+  if RANKING_KEY not in tok.decode(ids):
+    return None
+  lo, hi = 1, len(ids)
+  while lo < hi:  # containment is monotone in j
+    mid = (lo + hi) // 2
+    if RANKING_KEY in tok.decode(ids[:mid]):
+      hi = mid
+    else:
+      lo = mid + 1
+  return lo
+
+
+def _sid_suffixes(tok, slate_sids):
+  """Token ids of each slate SID after its `<|sid_begin|>` token."""
+  begin = tok.token_to_id(sid_lib.SID_BEGIN)
+  out = []
+  for sid in slate_sids:
+    ids = tok.encode(sid)
+    if not ids or ids[0] != begin or len(ids) < 2:
+      raise UserError(f"the tokenizer does not keep {sid_lib.SID_BEGIN} a single token in "
+                      f"{sid!r}; use the tokenizer saved with the checkpoint")
+    out.append(ids[1:])
+  return out
+
+
+def rerank(model, tok, examples, items, sids, prompt_cfg, *, max_new_tokens=320, batch_size=16,
+           constrained=(False, True)):
+  """{False: RerankResult unconstrained, True: constrained} for the requested modes."""
+  if not examples:
+    raise UserError("no slates to re-rank")
+  slates_sids = [[sids[int(x)] for x in ex.slate] for ex in examples]
+  p_ids = prompt_ids(examples, items, sids, prompt_cfg, tok)
+  free = _greedy(model, tok, p_ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
+  results = {}
+  if False in constrained:
+    results[False] = _parse([tok.decode(g) for g in free], free, slates_sids)
+  if True in constrained:
+    heads, forced = [], 0
+    for g in free:
+      cut = _ranking_cut(tok, g)
+      if cut is None:
+        forced += 1
+        heads.append(tok.encode(FORCED_PREFIX))
+      else:
+        heads.append(g[:cut])
+    suffixes = [_sid_suffixes(tok, s) for s in slates_sids]
+    begin = tok.token_to_id(sid_lib.SID_BEGIN)
+    k = max(len(s) for s in slates_sids)
+    tail_budget = sum(len(x) for x in suffixes[0]) + 4 * k + 8  # SIDs, quotes, commas, close
+
+    def make_constraint(s, real):
+      rows = suffixes[s:s + real]
+      rows += [rows[-1]] * (batch_size - real)
+      return constraints.slate_constraint(rows, model.cfg.vocab_size, trigger=begin)
+
+    tails = _greedy(model, tok, [p + h for p, h in zip(p_ids, heads)],
+                    max_new_tokens=tail_budget, batch_size=batch_size,
+                    make_constraint=make_constraint)
+    gen = [h + t for h, t in zip(heads, tails)]
+    res = _parse([tok.decode(g) for g in gen], gen, slates_sids)
+    res.forced = forced
+    results[True] = res
+  return results
+
+
+def _parse(texts, gen, slates_sids):
+  omega, order, reasons = parser.parse_batch(texts, slates_sids)
+  return RerankResult(texts=texts, omega=omega, order=order, reasons=reasons,
+                      lengths=np.asarray([len(g) for g in gen], np.int32))
+
+
+def diagnostics(result: RerankResult):
+  """Valid rate, reason counts, identity rate, Kendall tau and the top item's input position."""
+  d = diag_lib.rerank_diagnostics(result.omega, result.order, lengths=result.lengths)
+  d["top_input_position_hist"] = [int(x) for x in d["top_input_position_hist"]]
+  d["reasons"] = {r: result.reasons.count(r) for r in parser.REASONS if r in result.reasons}
+  d["invalid_as_legacy"] = int((~result.omega).sum())
+  d["forced_ranking_key"] = int(result.forced)
+  return d
+
+
+def row_name(name, constrained):
+  return f"{name} (constrained)" if constrained else name
+
+
+def save_rerank_info(out_dir, prompt_fields, sid_table):
+  """Writes what `load_rerank_info` needs next to a model checkpoint."""
+  with open(os.path.join(out_dir, PROMPT_FILE), "w") as f:
+    json.dump(prompt_fields, f, indent=2)
+  with open(os.path.join(out_dir, SID_TABLE_FILE), "w") as f:
+    json.dump(sid_table, f)
+
+
+def load_rerank_info(checkpoint_dir):
+  """(PromptConfig, SIDs in item-id order) saved with a re-ranking checkpoint."""
+  path = os.path.join(checkpoint_dir, PROMPT_FILE)
+  if not os.path.isfile(path):
+    raise UserError(f"{checkpoint_dir} holds no {PROMPT_FILE}; point eval.checkpoints at an "
+                    "sft artifact folder")
+  with open(path) as f:
+    fields = json.load(f)
+  fields["item_fields"] = tuple(fields.get("item_fields", prompts.ITEM_FIELDS))
+  table = sid_lib.load_sid_table(os.path.join(checkpoint_dir, SID_TABLE_FILE))
+  return prompts.PromptConfig(**fields), [row["sid"] for row in table["items"]]
+
+
+def evaluate_checkpoint(model, tok, name, slates, items, sids, prompt_cfg, users=None, *,
+                        max_new_tokens=320, batch_size=16, constrained=(False, True)):
+  """Orders and diagnostics of one model on stacked slate records, per row name.
+
+  Returns ({row name: order [N, K]}, {row name: diagnostics}, {row name: first answers}).
+  """
+  examples = base.examples_from_slates(slates, users)
+  results = rerank(model, tok, examples, items, sids, prompt_cfg, max_new_tokens=max_new_tokens,
+                   batch_size=batch_size, constrained=constrained)
+  orders, diags, samples = {}, {}, {}
+  for cons, res in results.items():
+    row = row_name(name, cons)
+    orders[row] = res.order
+    diags[row] = diagnostics(res)
+    samples[row] = res.texts[:3]
+  return orders, diags, samples
+
+
+def diagnostics_markdown(diags):
+  """One line per row: valid rate, invalid reasons, identity rate, Kendall tau, top position."""
+  lines = ["| ranker | valid-output rate | invalid (as legacy) | identity rate | Kendall tau | "
+           "input position of the top item (0..K-1) | mean answer tokens |",
+           "|---|---|---|---|---|---|---|"]
+  for name, d in diags.items():
+    reasons = ", ".join(f"{r} {n}" for r, n in d["reasons"].items() if r != "ok") or "-"
+    lines.append(f"| {name} | {d['valid_rate']:.4f} | {d['invalid_as_legacy']} ({reasons}) | "
+                 f"{d['identity_rate']:.4f} | {d['kendall_tau']:.4f} | "
+                 f"{' '.join(map(str, d['top_input_position_hist']))} | "
+                 f"{d.get('mean_response_length', float('nan')):.1f} |")
+  return "\n".join(lines)

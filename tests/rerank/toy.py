@@ -1,0 +1,62 @@
+"""A toy re-ranking example and a tiny model that memorised one answer to it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gr2_jax.models import qwen3
+from gr2_jax.parallel import mesh as mesh_lib
+from gr2_jax.sids import tokens as sid_lib
+from gr2_jax.teachers import base
+from gr2_jax.text import chat
+from gr2_jax.text import prompts
+from gr2_jax.text import tokenizers
+from gr2_jax.train import packing
+
+ITEMS = [{"id": i, "title": t, "year": 1990 + i, "genres": ["Drama"]}
+         for i, t in enumerate(("Alpha", "Bravo", "Charlie", "Delta"))]
+SIDS = [sid_lib.sid_tokens((i, 0)) for i in range(4)]
+PROMPT = prompts.PromptConfig(max_history=2, include_user=False)
+EXAMPLE = base.TeacherExample(history=(0,), slate=(1, 2, 3), target=2)
+# Lists slate item 1 twice and omits 3: invalid (duplicate) unless the constraint steps in.
+ANSWER = prompts.render_answer([SIDS[1], SIDS[1], SIDS[2]], f"see {SIDS[1]}")
+
+
+def messages(answer=None):
+  return prompts.build_messages(prompts.with_sids(EXAMPLE.history, ITEMS, SIDS),
+                                prompts.with_sids(EXAMPLE.slate, ITEMS, SIDS), PROMPT,
+                                answer=answer)
+
+
+def memorise(folder):
+  """(model, tokenizer) of a tiny Qwen3 trained to answer EXAMPLE with ANSWER."""
+  corpus = [chat.render_chat(messages(ANSWER))] * 20 + [it["title"] for it in ITEMS]
+  tok = tokenizers.train_sentencepiece(corpus, folder, 400,
+                                       user_defined_symbols=sid_lib.all_sid_tokens(2, 4))
+  cfg = qwen3.get_model_config("tiny", vocab_size=-(-tok.vocab_size // 128) * 128)
+  model = mesh_lib.create_sharded_model(cfg, mesh_lib.single_device_mesh(), seed=0)
+  ids, mask = chat.render_for_training(messages(ANSWER), tok)
+  rows = packing.pack([(ids, mask.astype(np.float32))], len(ids) + 1, tok.pad_id)
+  batch = {k: jnp.asarray(rows[k]) for k in ("tokens", "positions", "segment_ids", "targets",
+                                             "weights")}
+  graphdef, state = nnx.split(model)
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def step(state, opt):
+    def loss(s):
+      logits, _ = qwen3.apply(graphdef, s, batch["tokens"], batch["positions"],
+                              segment_ids=batch["segment_ids"])
+      nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None],
+                                 -1)[..., 0]
+      return (nll * batch["weights"]).sum() / batch["weights"].sum()
+    g = jax.grad(loss)(state)
+    upd, opt = tx.update(g, opt, state)
+    return optax.apply_updates(state, upd), opt
+
+  opt = tx.init(state)
+  for _ in range(80):
+    state, opt = step(state, opt)
+  return nnx.merge(graphdef, state), tok
