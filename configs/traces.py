@@ -36,7 +36,12 @@ def section(preset):
   # "top1": the teacher's first item is the target; "positives_first": every positive label of
   # the slate precedes every negative (multi-positive slates).
   c.acceptance = "top1"
-  c.teacher = "cf"  # collaborative-filtering teacher (no LLM)
+  # "cf": the collaborative-filtering teacher (no LLM); "checkpoint": a gr2_jax model (an sft or
+  # midtrain artifact folder in teacher_checkpoint) sampled on device at teacher_temperature.
+  c.teacher = "cf"
+  c.teacher_checkpoint = ""
+  c.teacher_temperature = 1.0
+  c.teacher_max_new_tokens = 320
   c.cf = cf.default_config()
   c.cf.trace_candidates = 2  # keeps traces short for the small models trained on them
   c.cf_window = 5  # co-occurrence window of the teacher's statistics

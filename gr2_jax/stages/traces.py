@@ -23,7 +23,10 @@ from gr2_jax.data import artifacts
 from gr2_jax.data import slates as slates_lib
 from gr2_jax.errors import UserError
 from gr2_jax.eval import tables
+from gr2_jax.rerank import evaluate as rerank_lib
+from gr2_jax.rerank import teacher as teacher_lib
 from gr2_jax.sids import tokens as sid_lib
+from gr2_jax.stages import midtrain
 from gr2_jax.teachers import base
 from gr2_jax.teachers import cf
 from gr2_jax.teachers import cf_stats
@@ -139,8 +142,16 @@ def _explanation_length(text, tok):
 
 
 def make_teacher(c, data_dir, items, sids, prompt_cfg):
+  if c.teacher == "checkpoint":
+    if not c.teacher_checkpoint or not os.path.isdir(c.teacher_checkpoint):
+      raise UserError(f"traces.teacher_checkpoint {c.teacher_checkpoint!r} is not a folder; "
+                      "point it at an sft or midtrain artifact")
+    model, tok = midtrain.load_model(c.teacher_checkpoint)
+    return teacher_lib.CheckpointTeacher(model, tok, items, sids, prompt_cfg,
+                                         temperature=c.teacher_temperature,
+                                         max_new_tokens=c.teacher_max_new_tokens)
   if c.teacher != "cf":
-    raise UserError(f"unknown teacher {c.teacher!r}; valid: cf")
+    raise UserError(f"unknown teacher {c.teacher!r}; valid: cf, checkpoint")
   stats = cf_stats.compute_stats(artifacts.load_interactions(data_dir), items, window=c.cf_window)
   return cf.CFTeacher(stats, items, sids, config=c.cf, prompt_cfg=prompt_cfg)
 
@@ -185,7 +196,16 @@ def run(ctx):
                               seed=c.seed)
   if not len(val.get("slate", ())):
     raise UserError(f"no validation slates in {legacy_dir}; use more data")
-  rows, table_md = cf.evaluate_teacher(teacher, val, n_boot=c.n_boot, seed=c.seed)
+  if c.teacher == "cf":
+    rows, table_md = cf.evaluate_teacher(teacher, val, n_boot=c.n_boot, seed=c.seed)
+  else:
+    orders, _, _ = rerank_lib.evaluate_checkpoint(
+        teacher.model, teacher.tok, "teacher", val, items, sids, prompt_cfg, users,
+        max_new_tokens=c.teacher_max_new_tokens, constrained=(False,))
+    n, k = val["slate"].shape
+    rows = tables.evaluate(dict({"legacy": np.tile(np.arange(k), (n, 1))}, **orders), val,
+                           n_boot=c.n_boot, seed=c.seed)
+    table_md = tables.format_table(rows)
   report = {"teacher": c.teacher, "length_unit": "tokens" if tok is not None else "words",
             "teacher_eval": {"slates": int(len(val["slate"])), "rows": rows, "table": table_md},
             "modes": {}}
@@ -229,7 +249,7 @@ def run(ctx):
     f.write(text + "\n")
   print(text)
   return {
-      "teacher_R@1": rows["cf_teacher"]["R@1"]["mean"],
+      "teacher_R@1": rows["cf_teacher" if c.teacher == "cf" else "teacher"]["R@1"]["mean"],
       "legacy_R@1": rows["legacy"]["R@1"]["mean"],
       "modes": {mode: {k: m[k] for k in ("examples", "accepted", "acceptance_rate",
                                          "attempts_hist")}
