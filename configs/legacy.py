@@ -21,7 +21,7 @@ def section(preset):
   c.steps = 800
   c.batch_size = 128
   c.learning_rate = 2e-3
-  c.num_negatives = 128  # sampled-softmax negatives per step; 0 = full softmax
+  c.num_negatives = 512  # sampled-softmax negatives per step; 0 = full softmax
   c.positive_rating = 4.0  # positives rated at least this get grade 2, others grade 1
   c.score_batch = 1024
   # Examples scored per split (train, validation, test); 0 = all. A seeded random subset keeps

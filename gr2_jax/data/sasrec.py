@@ -125,6 +125,15 @@ def _rank_and_top_k(model, seq, excluded, targets, popularity, k):
   return top, top_scores, rank(scores), rank(pop)
 
 
+def shuffle_ties(interactions, seed):
+  """Interactions re-sorted by (user, timestamp, random key): items rated in the same second have
+  no true order, and training on a fixed tie-break (item id, i.e. title order) teaches the model
+  an order that evaluation histories, which stop before the target's timestamp, never show."""
+  key = np.random.default_rng(seed).random(len(interactions["user"]))
+  perm = np.lexsort((key, interactions["timestamp"], interactions["user"]))
+  return {k: v[perm] for k, v in interactions.items()}
+
+
 def _user_sequences(user, item, mask):
   """Per-user item-token arrays (item + 1) of the masked interactions, chronological."""
   user, item = user[mask], item[mask] + 1
@@ -148,7 +157,8 @@ def sample_batch(seqs, batch_size, max_len, rng):
 def train(cfg, interactions, mask, *, steps, batch_size, learning_rate, num_negatives, seed,
           log_every=100):
   """Trains SASRec on the masked (legacy-period) interactions; returns the model."""
-  seqs = _user_sequences(interactions["user"], interactions["item"], mask)
+  shuffled = shuffle_ties({**interactions, "mask": mask}, seed)
+  seqs = _user_sequences(shuffled["user"], shuffled["item"], shuffled["mask"])
   model = SASRec(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(100, steps // 10),
                                                 steps, learning_rate * 0.1)
