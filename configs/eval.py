@@ -1,6 +1,8 @@
-"""Eval stage: the re-ranking table (random, popularity and legacy order; later, models).
+"""Eval stage: the re-ranking table (random, popularity and legacy order, and model rows).
 
   python -m gr2_jax.main --config=configs/eval.py:baselines --workdir=W
+  python -m gr2_jax.main --config=configs/eval.py --workdir=W \
+      --config.eval.checkpoints='("sft-rejection=W/sft/<fp>", "sft-targeted=W/sft/<fp2>")'
 """
 
 import ml_collections
@@ -17,8 +19,19 @@ def section(preset):
   c.max_examples = 0  # 0 = every slate of the split
   c.n_boot = 1000
   c.seed = 0
+  # Model rows: "name=folder" of artifacts holding a re-ranking checkpoint (an sft artifact).
+  # They re-rank a seeded subset of `model_examples` slates by greedy decoding, without and
+  # with the slate constraint in the answer; the baselines are scored again on that subset.
+  c.checkpoints = ()
+  c.model_examples = 300
+  c.max_new_tokens = 320
+  c.batch_size = 16
+  c.constrained = (False, True)
   if preset == "tiny":
     c.n_boot = 200
+    c.model_examples = 4
+    c.max_new_tokens = 24
+    c.batch_size = 4
   return c
 
 

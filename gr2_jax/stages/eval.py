@@ -1,14 +1,25 @@
-"""Eval stage: the re-ranking table on the test (or validation) slates."""
+"""Eval stage: the re-ranking table on the test (or validation) slates.
+
+With `checkpoints`, a second table compares models re-ranking a seeded subset of the slates
+(greedy decoding, with and without the slate constraint; an invalid answer counts as the
+legacy order) with the baselines on the same subset, plus each model's diagnostics.
+"""
 
 import json
 import os
+import time
 
 import numpy as np
 from absl import logging
 
+from gr2_jax.data import artifacts
 from gr2_jax.data import slates as slates_lib
+from gr2_jax import runner
 from gr2_jax.errors import UserError
 from gr2_jax.eval import tables
+from gr2_jax.parallel import mesh as mesh_lib
+from gr2_jax.rerank import evaluate as rerank_lib
+from gr2_jax.stages import midtrain
 
 
 def baseline_orders(slates, popularity, seed):
@@ -18,6 +29,54 @@ def baseline_orders(slates, popularity, seed):
       "popularity": tables.order_by_scores(popularity[slates["slate"]]),
       "legacy": np.tile(np.arange(k), (n, 1)),
   }
+
+
+def parse_checkpoints(entries):
+  """{name: folder} of "name=folder" entries."""
+  out = {}
+  for e in entries:
+    name, sep, path = str(e).partition("=")
+    if not sep or not name.strip() or not path.strip():
+      raise UserError(f"eval.checkpoints entries must read name=folder, got {e!r}")
+    if name.strip() in out or name.strip() in ("random", "popularity", "legacy"):
+      raise UserError(f"eval.checkpoints names must be unique and not a baseline's: {e!r}")
+    out[name.strip()] = path.strip()
+  return out
+
+
+def model_table(ctx, popularity):
+  """Rows and diagnostics of the checkpoints and the baselines on the model subset."""
+  c = ctx.section
+  legacy_dir = ctx.inputs["legacy"]
+  data_dir = runner.artifact_dir(ctx.workdir, ctx.config, "data")  # an input of legacy
+  items, users = artifacts.load_items(data_dir), artifacts.load_users(data_dir)
+  slates = slates_lib.load_split(legacy_dir, c.split, max_examples=c.model_examples,
+                                 seed=c.seed)
+  orders = {name: o for name, o in baseline_orders(slates, popularity, c.seed).items()
+            if name in c.rankers or name == "legacy"}
+  diags, samples, seconds = {}, {}, {}
+  for name, path in parse_checkpoints(c.checkpoints).items():
+    if not os.path.isdir(path):
+      raise UserError(f"eval.checkpoints: {path} does not exist")
+    prompt_cfg, sids = rerank_lib.load_rerank_info(path)
+    if len(sids) != len(items):
+      raise UserError(f"{path} was trained on a SID table of {len(sids)} items but the data "
+                      f"has {len(items)}; evaluate it in its own workdir")
+    model, tok = midtrain.load_model(path, mesh_lib.single_device_mesh())
+    t0 = time.time()
+    o, d, smp = rerank_lib.evaluate_checkpoint(
+        model, tok, name, slates, items, sids, prompt_cfg, users,
+        max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
+        constrained=tuple(bool(x) for x in c.constrained))
+    seconds[name] = round(time.time() - t0, 1)
+    logging.info("[eval] %s re-ranked %d slates in %.1fs", name, len(slates["slate"]),
+                 seconds[name])
+    orders.update(o)
+    diags.update(d)
+    samples.update(smp)
+  rows = tables.evaluate(orders, slates, n_boot=c.n_boot, seed=c.seed)
+  return {"slates": int(len(slates["slate"])), "rows": rows, "diagnostics": diags,
+          "samples": samples, "seconds": seconds}
 
 
 def run(ctx):
@@ -37,12 +96,26 @@ def run(ctx):
             if name in c.rankers}
   rows = tables.evaluate(orders, slates, n_boot=c.n_boot, seed=c.seed)
   table = tables.format_table(rows)
+  result = {"split": c.split, "rows": rows}
+  if c.checkpoints:
+    result["models"] = model_table(ctx, popularity)
+    table += (f"\n\nModels on {result['models']['slates']} seeded {c.split} slates (baselines "
+              "scored again on them):\n\n"
+              + tables.format_table(result["models"]["rows"]) + "\n\n"
+              + rerank_lib.diagnostics_markdown(result["models"]["diagnostics"]))
   with open(ctx.path("table.json"), "w") as f:
-    json.dump({"split": c.split, "rows": rows}, f, indent=2)
+    json.dump(result, f, indent=2)
   with open(ctx.path("table.md"), "w") as f:
     f.write(table + "\n")
   logging.info("[eval] table of %d %s slates written to %s", len(slates["slate"]), c.split,
                ctx.path("table.md"))
   print(table)
-  return {"split": c.split, "slates": int(len(slates["slate"])),
-          "R@1": {name: row["R@1"]["mean"] for name, row in rows.items()}}
+  summary = {"split": c.split, "slates": int(len(slates["slate"])),
+             "R@1": {name: row["R@1"]["mean"] for name, row in rows.items()}}
+  if c.checkpoints:
+    models = result["models"]
+    summary["models"] = {name: {"R@1": row["R@1"]["mean"],
+                                "valid_rate": models["diagnostics"].get(name, {}).get(
+                                    "valid_rate")}
+                         for name, row in models["rows"].items()}
+  return summary

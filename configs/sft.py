@@ -1,0 +1,58 @@
+"""SFT: the mid-trained model learns the accepted teacher traces of one sampling mode, loss on
+the assistant turn only, reasoning tokens weighted lambda_r and ranking tokens lambda_o.
+
+  python -m gr2_jax.main --config=configs/sft.py --workdir=W                      # rejection
+  python -m gr2_jax.main --config=configs/sft.py --workdir=W --config.sft.mode=targeted
+  python -m gr2_jax.main --config=configs/sft.py:tiny --workdir=W
+"""
+
+import ml_collections
+
+from gr2_jax import config_lib
+
+PRESETS = ("default", "tiny")
+
+
+def section(preset):
+  c = ml_collections.ConfigDict()
+  c.mode = "rejection"  # which traces: "rejection" or "targeted"
+  c.lambda_r = 0.3  # loss weight of reasoning (explanation) tokens
+  c.lambda_o = 1.0  # loss weight of ranking tokens (the recommendations and the turn's end)
+  c.num_devices = 0  # 0 = all; the mesh is (data = devices, 1, 1)
+  c.seq_len = 2048  # packed row length; longer conversations are dropped and counted
+  c.batch_size = 4
+  c.micro_batches = 1
+  c.epochs = 2.0  # passes over the packed rows (sets the steps unless `steps` > 0)
+  c.steps = 0
+  c.learning_rate = 5e-4
+  c.lr_warmup_steps = 10
+  c.end_lr_ratio = 0.1
+  c.weight_decay = 0.01
+  c.clip_norm = 1.0
+  c.log_every = 10
+  c.checkpoint_every = 100
+  c.seed = 0
+  # Evaluation of the trained model on a seeded subset of test slates (0 = skip).
+  c.eval_split = "test"
+  c.eval_examples = 200
+  c.max_new_tokens = 320
+  c.eval_batch = 16
+  c.n_boot = 1000
+  if preset == "tiny":
+    c.num_devices = 1
+    c.seq_len = 1536
+    c.batch_size = 2
+    c.epochs = 0.0
+    c.steps = 4
+    c.lr_warmup_steps = 1
+    c.log_every = 2
+    c.checkpoint_every = 2
+    c.eval_examples = 4
+    c.max_new_tokens = 24
+    c.eval_batch = 4
+    c.n_boot = 50
+  return c
+
+
+def get_config(arg=None):
+  return config_lib.compose(__file__, arg, PRESETS, section)

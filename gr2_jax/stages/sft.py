@@ -1,0 +1,220 @@
+"""SFT stage: the mid-trained model learns the accepted traces of one sampling mode.
+
+The loss covers the assistant turn only (`chat.render_for_training`); within it, tokens of the
+reasoning (up to the `"recommendations"` key) weigh `lambda_r` and the ranking tokens (the key,
+the SIDs, the closing brace and `<|im_end|>`) weigh `lambda_o`. A trace that cannot be used is
+counted by reason and skipped: malformed line or conversation, SID tokens the tokenizer lacks
+(traces of another tokenizer), SIDs that are not its slate's items under the mid-trained
+model's SID table, or longer than `seq_len`.
+
+Artifact: `model/`, `model_config.json`, `tokenizer/` (as the midtrain artifact, so
+`midtrain.load_model` reads it), `prompt.json` and `sid_table.json` (what re-ranking needs),
+`train/` (checkpoints and metrics), `report.json`, `eval.json` / `eval.md` (test re-ranking).
+"""
+
+import json
+import math
+import os
+import re
+import time
+
+from absl import logging
+import jax
+import numpy as np
+
+from gr2_jax.data import artifacts
+from gr2_jax.data import slates as slates_lib
+from gr2_jax import runner
+from gr2_jax.errors import UserError
+from gr2_jax.eval import tables
+from gr2_jax.parallel import mesh as mesh_lib
+from gr2_jax.rerank import evaluate as rerank_lib
+from gr2_jax.sids import tokens as sid_lib
+from gr2_jax.stages import midtrain
+from gr2_jax.text import chat
+from gr2_jax.text import parser
+from gr2_jax.train import optim
+from gr2_jax.train import packing
+from gr2_jax.train import trainer as trainer_lib
+
+SKIP_REASONS = ("malformed", "unknown_sid_tokens", "sid_mismatch", "too_long")
+_SID_TOKEN_RE = re.compile(r"<\|sid_begin\|>|<\|sid_end\|>|<s_[a-z]_\d+>")
+
+
+def _mesh(c):
+  devices = jax.devices()
+  if c.num_devices:
+    devices = devices[:c.num_devices]
+  return mesh_lib.make_mesh((len(devices), 1, 1), devices=devices)
+
+
+def _first_token_at(tok, ids, char_index):
+  """Smallest j such that decode(ids[:j]) is longer than char_index (len(ids) if none)."""
+  lo, hi = 0, len(ids)
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if len(tok.decode(ids[:mid + 1])) > char_index:
+      hi = mid
+    else:
+      lo = mid + 1
+  return lo
+
+
+def weighted_example(messages, tok, lambda_r, lambda_o):
+  """(ids int32 [T], weights float32 [T]) of a conversation whose last turn is the answer.
+
+  Weights are 0 outside the assistant turn, lambda_r on the reasoning and lambda_o from the
+  token that completes the ranking key to the turn's end.
+  """
+  ids, mask = chat.render_for_training(messages, tok)
+  weights = mask.astype(np.float32) * lambda_o
+  body = np.flatnonzero(mask)
+  content = messages[-1]["content"]
+  key = content.find(rerank_lib.RANKING_KEY)
+  if key > 0 and len(body):
+    # The assistant content's own tokens, as encoded in `ids` (the im_end follows them).
+    content_ids = ids[body[0]:body[-1]].tolist()
+    # The token holding the key's last character starts the ranking part.
+    j = _first_token_at(tok, content_ids, key + len(rerank_lib.RANKING_KEY) - 1)
+    weights[body[0]:body[0] + j] = lambda_r
+  return ids, weights
+
+
+def check_trace(rec, tok, sids):
+  """A skip reason (SKIP_REASONS) or None for a usable trace record."""
+  try:
+    messages = rec["messages"]
+    answer = messages[-1]["content"]
+    slate = [int(x) for x in rec["slate"]]
+    if messages[-1]["role"] != "assistant" or not isinstance(answer, str):
+      return "malformed"
+  except (KeyError, TypeError, IndexError, ValueError):
+    return "malformed"
+  text = "".join(m.get("content", "") for m in messages if isinstance(m, dict)
+                 and isinstance(m.get("content"), str))
+  if any(tok.token_to_id(t) is None for t in set(_SID_TOKEN_RE.findall(text))):
+    return "unknown_sid_tokens"
+  if any(not 0 <= x < len(sids) for x in slate):
+    return "sid_mismatch"
+  if not parser.parse_ranking(answer, [sids[x] for x in slate]).omega:
+    return "sid_mismatch"
+  return None
+
+
+def load_examples(path, tok, sids, c):
+  """Weighted examples of the usable traces in a jsonl file, and skip counts by reason."""
+  examples, skipped = [], {r: 0 for r in SKIP_REASONS}
+  lengths = []
+  with open(path) as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        skipped["malformed"] += 1
+        continue
+      reason = check_trace(rec, tok, sids) if isinstance(rec, dict) else "malformed"
+      if reason is None:
+        try:
+          ids, w = weighted_example(rec["messages"], tok, c.lambda_r, c.lambda_o)
+        except UserError:
+          reason = "malformed"
+      if reason is None and len(ids) > c.seq_len:
+        reason = "too_long"
+      if reason is not None:
+        skipped[reason] += 1
+        continue
+      examples.append((ids, w))
+      lengths.append(int((w > 0).sum()))
+  return examples, skipped, lengths
+
+
+def evaluate(model, tok, name, slates, items, users, sids, prompt_cfg, c):
+  """Table rows of legacy vs the model (free and constrained) and their diagnostics."""
+  orders, diags, samples = rerank_lib.evaluate_checkpoint(
+      model, tok, name, slates, items, sids, prompt_cfg, users,
+      max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch)
+  n, k = slates["slate"].shape
+  orders = dict({"legacy": np.tile(np.arange(k), (n, 1))}, **orders)
+  rows = tables.evaluate(orders, slates, n_boot=c.n_boot, seed=c.seed)
+  return rows, diags, samples
+
+
+def run(ctx):
+  c = ctx.section
+  t_start = time.time()
+  if not 0 <= c.lambda_r <= c.lambda_o or c.lambda_o <= 0:
+    raise UserError(f"sft needs 0 <= lambda_r <= lambda_o and lambda_o > 0, got lambda_r "
+                    f"{c.lambda_r}, lambda_o {c.lambda_o}")
+  traces_dir, mt_dir = ctx.inputs["traces"], ctx.inputs["midtrain"]
+  path = os.path.join(traces_dir, f"traces_{c.mode}.jsonl")
+  if not os.path.isfile(path):
+    raise UserError(f"{path} does not exist; sft.mode must be one of the traces stage's modes "
+                    f"({', '.join(ctx.config.traces.modes)})")
+  mesh = _mesh(c)
+  model, tok = midtrain.load_model(mt_dir, mesh)
+  table = sid_lib.load_sid_table(runner.artifact_dir(ctx.workdir, ctx.config, "sids"))
+  sids = [row["sid"] for row in table["items"]]
+  examples, skipped, lengths = load_examples(path, tok, sids, c)
+  logging.info("[sft] %d usable %s traces; skipped %s", len(examples), c.mode, skipped)
+  if not examples:
+    raise UserError(f"no usable traces in {path} (skipped: {skipped}); too_long: raise "
+                    "--config.sft.seq_len; unknown_sid_tokens / sid_mismatch: rerun the traces "
+                    "stage with this workdir's sids and midtrain artifacts")
+  rows = packing.pack(examples, c.seq_len, tok.pad_id)
+  per_step = c.batch_size * c.micro_batches
+  steps = c.steps or max(1, math.ceil(c.epochs * len(rows["tokens"]) / per_step))
+  logging.info("[sft] %d packed rows of %d tokens (fill %.2f), %d steps",
+               len(rows["tokens"]), c.seq_len, (rows["segment_ids"] > 0).mean(), steps)
+  ocfg = optim.OptimConfig(learning_rate=c.learning_rate,
+                           warmup_steps=min(c.lr_warmup_steps, steps - 1),
+                           total_steps=steps, end_lr_ratio=c.end_lr_ratio,
+                           weight_decay=c.weight_decay, clip_norm=c.clip_norm)
+  tcfg = trainer_lib.TrainerConfig(num_steps=steps, micro_batches=c.micro_batches,
+                                   log_every=c.log_every, checkpoint_every=c.checkpoint_every)
+  tr = trainer_lib.Trainer(model, ocfg, tcfg, mesh=mesh, workdir=ctx.path("train"), name="sft")
+  ds = trainer_lib.batch_dataset(rows, c.batch_size, c.micro_batches, seed=c.seed)
+  params, summary = tr.fit(ds)
+  model = tr.model(params)
+  midtrain.save_model(ctx.out_dir, model, tok)
+  tok.save(ctx.path("tokenizer"))
+  with open(os.path.join(traces_dir, "prompt.json")) as f:
+    prompt_fields = json.load(f)
+  rerank_lib.save_rerank_info(ctx.out_dir, prompt_fields, table)
+  hist = summary["loss_history"]
+  report = {
+      "mode": c.mode, "traces": len(examples), "skipped": skipped,
+      "assistant_tokens": {"mean": float(np.mean(lengths)), "max": int(np.max(lengths))},
+      "steps": steps, "tokens_per_sec": summary["tokens_per_sec"], "mfu": summary["mfu"],
+      "first_loss": hist[0]["loss"] if hist else None,
+      "final_loss": hist[-1]["loss"] if hist else None,
+      "train_seconds": summary["wall_seconds"],
+  }
+  if c.eval_examples:
+    t0 = time.time()
+    legacy_dir = runner.artifact_dir(ctx.workdir, ctx.config, "legacy")
+    data_dir = runner.artifact_dir(ctx.workdir, ctx.config, "data")
+    slates = slates_lib.load_split(legacy_dir, c.eval_split, max_examples=c.eval_examples,
+                                   seed=c.seed)
+    if not len(slates.get("slate", ())):
+      raise UserError(f"no {c.eval_split} slates in {legacy_dir}; use more data")
+    prompt_cfg, _ = rerank_lib.load_rerank_info(ctx.out_dir)
+    rows_eval, diags, samples = evaluate(
+        model, tok, f"sft-{c.mode}", slates, artifacts.load_items(data_dir),
+        artifacts.load_users(data_dir), sids, prompt_cfg, c)
+    md = (tables.format_table(rows_eval) + "\n\n" + rerank_lib.diagnostics_markdown(diags))
+    with open(ctx.path("eval.json"), "w") as f:
+      json.dump({"split": c.eval_split, "rows": rows_eval, "diagnostics": diags,
+                 "samples": samples}, f, indent=2)
+    with open(ctx.path("eval.md"), "w") as f:
+      f.write(md + "\n")
+    logging.info("[sft] %s re-ranking:\n%s", c.eval_split, md)
+    report["eval_seconds"] = round(time.time() - t0, 1)
+    report["eval"] = {name: {"R@1": r["R@1"]["mean"], "N@5": r["N@5"]["mean"]}
+                      for name, r in rows_eval.items()}
+    report["valid_rate"] = {name: d["valid_rate"] for name, d in diags.items()}
+  report["wall_seconds"] = round(time.time() - t_start, 1)
+  with open(ctx.path("report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  return report

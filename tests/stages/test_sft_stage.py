@@ -1,0 +1,141 @@
+"""SFT on traces: loss weights of the assistant turn, unusable traces counted, the tiny stage
+end to end, and its checkpoint's rows in the eval table."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from gr2_jax import config_lib
+from gr2_jax import runner
+from gr2_jax.data import slates as slates_lib
+from gr2_jax.errors import UserError
+from gr2_jax.eval import tables
+from gr2_jax.rerank import evaluate as rerank_lib
+from gr2_jax.stages import midtrain
+from gr2_jax.stages import sft
+from gr2_jax.text import chat
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+
+
+def _config(stage="sft", **overrides):
+  config = config_lib.load_config_module(os.path.join(CONFIGS, f"{stage}.py")).get_config("tiny")
+  if "sids" in config:
+    config.sids.embedding = "collaborative"  # the text encoder is not what this test is about
+  for k, v in overrides.items():
+    config[stage][k] = v
+  return config
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_workdir):
+  config = _config()
+  out, summary = runner.run_stage(config, tiny_workdir, "sft")
+  return config, out, summary
+
+
+def _traces(tiny_workdir, config):
+  path = os.path.join(runner.artifact_dir(tiny_workdir, config, "traces"),
+                      "traces_rejection.jsonl")
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_weights_cover_the_answer_only_reasoning_below_ranking(tiny_workdir, sft_run):
+  config, out, _ = sft_run
+  _, tok = midtrain.load_model(out)
+  msgs = _traces(tiny_workdir, config)[0]["messages"]
+  ids, w = sft.weighted_example(msgs, tok, 0.25, 1.0)
+  answer = msgs[-1]["content"]
+  reasoning = np.flatnonzero(w == 0.25)
+  ranking = np.flatnonzero(w == 1.0)
+  assert set(np.unique(w)) == {0.0, 0.25, 1.0}
+  # Reasoning then ranking, contiguous, ending with <|im_end|>.
+  assert reasoning.max() + 1 == ranking.min()
+  assert np.all(np.diff(ranking) == 1) and ids[ranking[-1]] == tok.im_end_id
+  text_r = tok.decode(ids[reasoning].tolist())
+  assert answer.startswith(text_r) and rerank_lib.RANKING_KEY not in text_r
+  assert rerank_lib.RANKING_KEY in tok.decode(ids[reasoning.min():ranking.min() + 1].tolist())
+  assert tok.decode(ids[reasoning.min():ranking[-1]].tolist()) == answer
+  # Exactly the assistant turn is trained (the prompt and headers weigh 0).
+  _, mask = chat.render_for_training(msgs, tok)
+  np.testing.assert_array_equal(w > 0, mask > 0)
+
+
+def test_unusable_traces_are_counted(tiny_workdir, sft_run, tmp_path):
+  config, out, _ = sft_run
+  _, tok = midtrain.load_model(out)
+  recs = _traces(tiny_workdir, config)[:2]
+  sids = [row["sid"] for row in json.load(open(os.path.join(out, "sid_table.json")))["items"]]
+  foreign = json.loads(json.dumps(recs[0]))
+  foreign["messages"][-1]["content"] = foreign["messages"][-1]["content"].replace(
+      "<s_a_", "<s_z_")
+  shifted = dict(recs[0], slate=[(x + 1) % len(sids) for x in recs[0]["slate"]])
+  lines = [json.dumps(r) for r in (recs[0], recs[1], foreign, shifted)]
+  lines += ["{not json", json.dumps({"messages": "x"})]
+  path = tmp_path / "t.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  c = dict(config.sft)
+  ex, skipped, _ = sft.load_examples(str(path), tok, sids, _Section(c))
+  assert len(ex) == 2
+  assert skipped == {"malformed": 2, "unknown_sid_tokens": 1, "sid_mismatch": 1, "too_long": 0}
+  ex, skipped, _ = sft.load_examples(str(path), tok, sids, _Section(dict(c, seq_len=16)))
+  assert not ex and skipped["too_long"] == 2
+
+
+class _Section(dict):
+  __getattr__ = dict.__getitem__
+
+
+def test_tiny_sft_end_to_end(tiny_workdir, sft_run):
+  config, out, summary = sft_run
+  for f in ("model_config.json", "prompt.json", "sid_table.json", "eval.json", "eval.md"):
+    assert os.path.isfile(os.path.join(out, f)), f
+  n_traces = len(_traces(tiny_workdir, config))
+  assert summary["traces"] == n_traces and summary["steps"] == config.sft.steps
+  with open(os.path.join(out, "eval.json")) as f:
+    ev = json.load(f)
+  rows, diags = ev["rows"], ev["diagnostics"]
+  assert set(rows) == {"legacy", "sft-rejection", "sft-rejection (constrained)"}
+  for name, d in diags.items():
+    assert d["num_rollouts"] == config.sft.eval_examples
+    assert d["invalid_as_legacy"] == d["num_rollouts"] - d["num_valid"]
+    assert sum(d["reasons"].values()) == d["num_rollouts"]
+    assert rows[name]["R@1"]["n"] == config.sft.eval_examples
+
+
+def test_eval_stage_joins_model_rows(tiny_workdir, sft_run):
+  _, out, _ = sft_run
+  config = _config("eval", checkpoints=(f"sft={out}",))
+  ev_dir, summary = runner.run_stage(config, tiny_workdir, "eval")
+  with open(os.path.join(ev_dir, "table.json")) as f:
+    table = json.load(f)
+  legacy_dir = runner.artifact_dir(tiny_workdir, config, "legacy")
+  full = slates_lib.load_split(legacy_dir, "test")
+  assert table["rows"]["legacy"]["R@1"]["n"] == len(full["slate"])  # baselines unchanged
+  models = table["models"]
+  n = config.eval.model_examples
+  assert models["slates"] == n
+  assert set(models["rows"]) == {"random", "popularity", "legacy", "sft", "sft (constrained)"}
+  sub = slates_lib.load_split(legacy_dir, "test", max_examples=n, seed=config.eval.seed)
+  legacy = tables.per_example(np.tile(np.arange(10), (n, 1)), sub)
+  assert models["rows"]["legacy"]["R@1"]["mean"] == pytest.approx(legacy["R@1"].mean())
+  d = models["diagnostics"]["sft"]
+  if d["num_valid"] == 0:  # every answer invalid: the row is exactly the legacy order
+    assert models["rows"]["sft"]["R@1"]["mean"] == models["rows"]["legacy"]["R@1"]["mean"]
+  assert summary["models"]["sft"]["valid_rate"] == d["valid_rate"]
+  with open(os.path.join(ev_dir, "table.md")) as f:
+    assert "sft (constrained)" in f.read()
+
+
+@pytest.mark.parametrize("stage,overrides,message", [
+    ("sft", {"lambda_r": 2.0}, "lambda_r <= lambda_o"),
+    ("sft", {"mode": "beam"}, "traces_beam.jsonl does not exist"),
+    ("eval", {"checkpoints": ("no-equals-sign",)}, "name=folder"),
+])
+def test_bad_config_is_one_clear_error(tiny_workdir, stage, overrides, message):
+  with pytest.raises(UserError, match=message):
+    runner.run_stage(_config(stage, **overrides), tiny_workdir, stage)
