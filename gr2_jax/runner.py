@@ -80,8 +80,8 @@ class QuietLibraries(logging.Filter):
   def filter(self, record):
     if record.levelno > logging.INFO:
       return True
-    module = os.path.normpath(record.pathname).split(os.sep)
-    return not any(part.startswith(self.PREFIXES) for part in module[-4:-1])
+    parts = os.path.normpath(record.pathname).split(os.sep)
+    return not any(part.startswith(self.PREFIXES) for part in parts[:-1])
 
 
 class _StageLog:
