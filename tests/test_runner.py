@@ -57,3 +57,16 @@ def test_unfinished_artifact_is_rerun(tmp_path):
   os.remove(os.path.join(out, "done.json"))  # as if the run had crashed before finishing
   out2, _ = runner.run_stage(config, workdir, "data")
   assert out2 == out and runner.is_done(out)
+
+
+def test_library_info_logs_are_filtered_but_warnings_kept():
+  import logging
+  quiet = runner.QuietLibraries()
+
+  def record(level, path):
+    return logging.LogRecord("absl", level, path, 1, "msg", None, None)
+
+  orbax = "/usr/lib/python3.11/site-packages/orbax/checkpoint/_src/checkpointers/async.py"
+  assert not quiet.filter(record(logging.INFO, orbax))
+  assert quiet.filter(record(logging.WARNING, orbax))
+  assert quiet.filter(record(logging.INFO, "/work/main/gr2_jax/stages/legacy.py"))
