@@ -134,10 +134,9 @@ def summarize(n, records, stats, max_tries, trace_tokens):
   }
 
 
-def _explanation_length(text, tok):
+def _explanation_length(text, slate_sids, tok):
   """Length of the answer's explanation in tokens of `tok`, or in words without one."""
-  parsed = json.loads(text)
-  explanation = parsed.get("explanation", "") if isinstance(parsed, dict) else ""
+  explanation = parser.parse_ranking(text, slate_sids).explanation or ""
   return len(tok.encode(explanation)) if tok is not None else len(explanation.split())
 
 
@@ -223,7 +222,7 @@ def run(ctx):
     with open(ctx.path(f"traces_{mode}.jsonl"), "w") as f:
       for i, out, attempt, seed in records:
         ex = examples[i]
-        lengths.append(_explanation_length(out.text, tok))
+        lengths.append(_explanation_length(out.text, [sids[x] for x in ex.slate], tok))
         f.write(json.dumps({
             "example_id": int(slates["example_id"][i]), "user": int(slates["user"][i]),
             "slate": list(ex.slate), "target_index": int(slates["target_index"][i]),
