@@ -22,7 +22,7 @@ def section(preset):
   c.max_users = 0  # 0 = all users; else a random subset (seeded)
   c.min_user_interactions = 5
   # Shares of interactions (by time) for: legacy ranker, LLM training, validation, test.
-  c.period_fractions = (0.55, 0.25, 0.1, 0.1)
+  c.period_fractions = (0.55, 0.24, 0.1, 0.11)
   c.max_history = 50  # history cap (most recent interactions)
   c.min_history = 5  # examples need at least this many earlier interactions
   c.label_window_items = 5  # further positives: the next N interactions of the same period...
