@@ -41,7 +41,7 @@ def section(preset):
   c.teacher = "cf"
   c.teacher_checkpoint = ""
   c.teacher_temperature = 1.0
-  c.teacher_max_new_tokens = 320
+  c.teacher_max_new_tokens = 448
   c.cf = cf.default_config()
   c.cf.trace_candidates = 2  # keeps traces short for the small models trained on them
   c.cf_window = 5  # co-occurrence window of the teacher's statistics

@@ -102,7 +102,7 @@ def _sid_suffixes(tok, slate_sids):
   return out
 
 
-def rerank(model, tok, examples, items, sids, prompt_cfg, *, max_new_tokens=320, batch_size=16,
+def rerank(model, tok, examples, items, sids, prompt_cfg, *, max_new_tokens=448, batch_size=16,
            constrained=(False, True)):
   """{False: RerankResult unconstrained, True: constrained} for the requested modes."""
   if not examples:
@@ -184,7 +184,7 @@ def load_rerank_info(checkpoint_dir):
 
 
 def evaluate_checkpoint(model, tok, name, slates, items, sids, prompt_cfg, users=None, *,
-                        max_new_tokens=320, batch_size=16, constrained=(False, True)):
+                        max_new_tokens=448, batch_size=16, constrained=(False, True)):
   """Orders and diagnostics of one model on stacked slate records, per row name.
 
   Returns ({row name: order [N, K]}, {row name: diagnostics}, {row name: first answers}).

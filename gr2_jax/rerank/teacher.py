@@ -19,7 +19,7 @@ class CheckpointTeacher(base.Teacher):
   """Samples re-ranking answers from a Qwen3 checkpoint."""
 
   def __init__(self, model, tok, items, sids, prompt_cfg, *, temperature=1.0, top_p=1.0,
-               max_new_tokens=320):
+               max_new_tokens=448):
     self.model = model
     self.tok = tok
     self.items = items
