@@ -21,6 +21,7 @@ setup(
         "numpy>=1.26",
         "absl-py>=2.1",
         "ml-collections>=1.0",
+        "pandas>=2.0",
         "pyarrow>=15",
         "safetensors>=0.4",
         "tokenizers>=0.19",
