@@ -13,6 +13,7 @@ on file systems without atomic renames, a step folder without orbax's commit met
 ignored and removed when the manager opens, so resuming picks the last complete step.
 """
 
+import json
 import os
 import shutil
 from typing import Any, Optional
@@ -77,7 +78,9 @@ class CheckpointManager:
   def save(self, step: int, state: Any, metadata: Optional[dict] = None, *,
            force: bool = False) -> bool:
     """Starts saving `state` and `metadata` (+ "step") at `step`; False if the interval skips it."""
-    meta = {"step": int(step), **(metadata or {})}
+    # A JSON round trip copies the metadata now: async saves serialise it later, and callers keep
+    # mutating their dicts (token counters, loss history) while the save is in flight.
+    meta = json.loads(json.dumps({"step": int(step), **(metadata or {})}))
     return self._manager.save(
         int(step), args=ocp.args.Composite(**{
             _STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}),

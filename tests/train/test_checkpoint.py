@@ -124,3 +124,15 @@ def test_model_state_round_trip_onto_other_sharding(tmp_path):
   assert abstract.kernel[...].sharding.spec == P("data", "model")
   x = jnp.ones((2, 4))
   np.testing.assert_allclose(np.asarray(abstract(x)), np.asarray(model(x)), rtol=1e-6)
+
+
+def test_metadata_is_copied_when_the_save_starts(tmp_path):
+  counts = {"a": 1.0}
+  history = [0.5]
+  with ckpt.CheckpointManager(str(tmp_path)) as mgr:
+    mgr.save(1, {"w": jnp.ones(3)}, {"counts": counts, "history": history})
+    counts["a"] = 99.0  # the caller keeps mutating while the async save is in flight
+    history.append(0.25)
+    mgr.wait_until_finished()
+    _, meta = mgr.restore({"w": jnp.zeros(3)})
+  assert meta == {"step": 1, "counts": {"a": 1.0}, "history": [0.5]}
