@@ -57,6 +57,18 @@ def _rank_delta(valid, order, target_index, reward):
   return valid, target, rank_out, has_signal, delta
 
 
+def _components(valid, has_signal, rank, fmt, invalid_penalty):
+  """The parts every reward returns: ranking credit, format bonus, and their total (the penalty
+  for invalid outputs)."""
+  return {
+      "rank": rank,
+      "format": fmt,
+      "valid": valid.astype(jnp.float32),
+      "has_signal": has_signal,
+      "total": jnp.where(valid, rank + fmt, invalid_penalty).astype(jnp.float32),
+  }
+
+
 @REWARDS.register("rank_promotion")
 def rank_promotion(valid, order, target_index=None, grades=None, *, alpha=0.2,
                    invalid_penalty=-1.0):
@@ -72,13 +84,7 @@ def rank_promotion(valid, order, target_index=None, grades=None, *, alpha=0.2,
   bonus = credit & ((delta > 0) | ((target == 0) & (rank_out == 0)))
   rank = jnp.where(credit, delta, 0.0)
   fmt = alpha * bonus.astype(jnp.float32)
-  return {
-      "rank": rank,
-      "format": fmt,
-      "valid": valid.astype(jnp.float32),
-      "has_signal": has_signal,
-      "total": jnp.where(valid, rank + fmt, invalid_penalty).astype(jnp.float32),
-  }
+  return _components(valid, has_signal, rank, fmt, invalid_penalty)
 
 
 @REWARDS.register("naive")
@@ -88,13 +94,7 @@ def naive(valid, order, target_index=None, grades=None, *, alpha=0.2, invalid_pe
   valid, _, _, has_signal, delta = _rank_delta(valid, order, target_index, "naive")
   rank = jnp.where(valid & has_signal, delta, 0.0)
   fmt = alpha * valid.astype(jnp.float32)
-  return {
-      "rank": rank,
-      "format": fmt,
-      "valid": valid.astype(jnp.float32),
-      "has_signal": has_signal,
-      "total": jnp.where(valid, rank + fmt, invalid_penalty).astype(jnp.float32),
-  }
+  return _components(valid, has_signal, rank, fmt, invalid_penalty)
 
 
 def auc_of(ordered_grades):
@@ -136,11 +136,7 @@ def _conditional_metric_reward(metric_fn, key, valid, order, grades, alpha, inva
       key: jnp.where(valid & has_signal, out_metric, 0.0),
       "input_" + key: jnp.where(has_signal, in_metric, 0.0),
       "lazy_identity": valid & has_signal & lazy,
-      "rank": rank,
-      "format": fmt,
-      "valid": valid.astype(jnp.float32),
-      "has_signal": has_signal,
-      "total": jnp.where(valid, rank + fmt, invalid_penalty).astype(jnp.float32),
+      **_components(valid, has_signal, rank, fmt, invalid_penalty),
   }
 
 
