@@ -67,7 +67,7 @@ def _greedy(model, tok, prompts_ids, *, max_new_tokens, batch_size, make_constra
     cons = make_constraint(s, real) if make_constraint is not None else None
     res = sampler.sample(model, batch, key=jax.random.key(0), max_new_tokens=max_new_tokens,
                          greedy=True, stop_tokens=stops, pad_id=tok.pad_id, constraint=cons,
-                         prompt_multiple=prompt_multiple)
+                         prompt_multiple=prompt_multiple, vocab_limit=tok.vocab_size)
     toks, lens = np.asarray(res.tokens), np.asarray(res.lengths)
     for j in range(real):
       ids = toks[j, :lens[j]].tolist()

@@ -46,6 +46,7 @@ class SamplingParams:
   greedy: bool = False
   stop_tokens: tuple = ()
   pad_id: int = 0
+  vocab_limit: int = 0  # > 0: only ids below it are sampled (the tokenizer's ids)
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -166,6 +167,9 @@ def decode(graphdef, state, logits, cache, lengths, key, constraint, *, params):
     else:
       empty = jnp.zeros((b,), bool)
       allowed = jnp.ones((b, v), bool)
+    if params.vocab_limit:
+      # Embedding rows past the tokenizer (padding of the vocabulary) are never emitted.
+      allowed = allowed & (jnp.arange(v) < params.vocab_limit)[None, :]
     token = _choose(logits, allowed, jax.random.fold_in(key, step), params)
     token = jnp.where(active, token, params.pad_id)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=1)
@@ -197,7 +201,7 @@ def sample(model: nnx.Module, prompts, *, lengths=None, key: jax.Array,
            top_p: float = 1.0, greedy: bool = False, stop_tokens: Sequence[int] = (),
            pad_id: int = 0, constraint: Optional[Constraint] = None,
            cache_len: Optional[int] = None, cache_dtype=jnp.float32,
-           prompt_multiple: int = 1) -> SampleOutput:
+           prompt_multiple: int = 1, vocab_limit: int = 0) -> SampleOutput:
   """Samples up to `max_new_tokens` per prompt from a Qwen3 model.
 
   Args:
@@ -211,10 +215,13 @@ def sample(model: nnx.Module, prompts, *, lengths=None, key: jax.Array,
     cache_len: KV cache slots per row; default: padded prompt width + max_new_tokens. A row
       whose cache fills stops early.
     prompt_multiple: rounds the padded prompt width up, to share compilations.
+    vocab_limit: when > 0, only token ids below it are emitted (pass the tokenizer's size when
+      the model has padded vocabulary rows, so that every output decodes).
   """
   params = SamplingParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                           top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy),
-                          stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id))
+                          stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id),
+                          vocab_limit=int(vocab_limit))
   tokens, lengths = pad_prompts(prompts, lengths, pad_id, prompt_multiple)
   if cache_len is None:
     cache_len = tokens.shape[1] + params.max_new_tokens

@@ -13,6 +13,7 @@ REQUIRES = {
     "midtrain": ("sids", "legacy"),
     "traces": ("data", "legacy", "sids"),
     "sft": ("traces", "midtrain"),
+    "rl": ("sft",),
 }
 
 # Bumped when a stage's code changes what its artifact holds, so the fingerprint changes and old

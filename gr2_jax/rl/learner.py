@@ -1,0 +1,123 @@
+"""The RL policy update: rollouts as training rows, and one pure jitted optimiser step.
+
+A rollout row is the prompt followed by the sampled response, right-padded to a fixed width.
+Position t predicts token t + 1; `mask[t]` is True where token t + 1 is a response token (the
+stop token included), so the loss sees exactly the tokens the policy chose. `logp_old[t]` is
+the rollout policy's log-probability of that token.
+
+The step maps (state, batch) -> (state, metrics) with the state donated, like the trainer's.
+It is skipped (state returned unchanged, `skipped` = 1 in the metrics) when the loss or a
+gradient is not finite or when no token carries an advantage (every rollout invalid, every
+group without reward variance): a bad batch never turns into a silent NaN update.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gr2_jax.models import qwen3
+from gr2_jax.rl import losses
+from gr2_jax.rl.registry import POLICY_LOSSES
+
+ROW_FIELDS = ("tokens", "positions", "segment_ids", "targets", "mask", "logp_old",
+              "advantages")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Static settings of the policy loss (a change recompiles the step)."""
+  policy_loss: str = "ppo_clip"
+  eps_low: float = 0.2
+  eps_high: float = 0.28
+  aggregation: str = "token_mean"
+  kl_beta: float = 0.0
+  kl_estimator: str = "k3"
+  max_len: int = 0  # response budget, for the seq_mean_token_sum_norm aggregation
+
+
+def build_rows(prompts, responses, response_logps, width, pad_id):
+  """Training rows of (prompt, response) pairs.
+
+  Args:
+    prompts: list of prompt id lists.
+    responses: list of response id lists (the stop token included when emitted).
+    response_logps: list of per-token rollout log-probs, aligned with `responses`.
+    width: row length; must hold the longest prompt + response.
+  Returns {tokens, positions, segment_ids, targets, mask, logp_old} as numpy [N, width].
+  """
+  n = len(prompts)
+  out = {
+      "tokens": np.full((n, width), pad_id, np.int32),
+      "positions": np.tile(np.arange(width, dtype=np.int32), (n, 1)),
+      "segment_ids": np.zeros((n, width), np.int32),
+      "targets": np.full((n, width), pad_id, np.int32),
+      "mask": np.zeros((n, width), bool),
+      "logp_old": np.zeros((n, width), np.float32),
+  }
+  for i, (p, r, lp) in enumerate(zip(prompts, responses, response_logps)):
+    seq = list(p) + list(r)
+    if len(seq) > width:
+      raise ValueError(f"row {i} has {len(seq)} tokens but the width is {width}")
+    out["tokens"][i, :len(seq)] = seq
+    out["segment_ids"][i, :len(seq)] = 1
+    out["targets"][i, :len(seq) - 1] = seq[1:]
+    start = len(p) - 1
+    out["mask"][i, start:start + len(r)] = True
+    out["logp_old"][i, start:start + len(r)] = np.asarray(lp, np.float32)[:len(r)]
+  return out
+
+
+def token_logps(graphdef, params, batch):
+  """float32 [B, T]: log pi(targets[t] | tokens[:t + 1]) under `params`."""
+  logits, _ = qwen3.apply(graphdef, params, batch["tokens"], batch["positions"],
+                          segment_ids=batch["segment_ids"])
+  logits = logits.astype(jnp.float32)
+  target = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+  return target - jax.nn.logsumexp(logits, axis=-1)
+
+
+def policy_loss(graphdef, params, batch, cfg: LossConfig):
+  """(loss, metrics) of the configured policy loss on one batch of rows."""
+  logp = token_logps(graphdef, params, batch)
+  fn = POLICY_LOSSES.get(cfg.policy_loss)
+  return fn(logp, batch["logp_old"], batch["advantages"], batch["mask"],
+            logp_ref=batch.get("logp_ref"), eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+            kl_beta=cfg.kl_beta, kl_estimator=cfg.kl_estimator, aggregation=cfg.aggregation,
+            max_len=cfg.max_len or None)
+
+
+def make_rl_step(graphdef, tx, schedule, cfg: LossConfig):
+  """The pure step (state, batch) -> (state, metrics); see the module docstring."""
+
+  def step_fn(state, batch):
+    params = state["params"]
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda p: policy_loss(graphdef, p, batch, cfg), has_aux=True)(params)
+    signal = jnp.sum(jnp.asarray(batch["mask"], bool)
+                     & (jnp.abs(batch["advantages"]) > 0)[:, None])
+    ok = losses.finite_or_skip(loss, grads, num_valid=signal)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+           "step": state["step"] + 1}
+    new = losses.select_if(ok, new, state)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   lr=schedule(state["step"]), skipped=1.0 - ok.astype(jnp.float32),
+                   signal_tokens=signal.astype(jnp.float32))
+    return new, metrics
+
+  return step_fn
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logps_jit(graphdef, params, batch):
+  return token_logps(graphdef, params, batch)
+
+
+def sequence_logps(graphdef, params, rows):
+  """Per-token log-probs [N, T] of numpy rows under params (e.g. the reference policy)."""
+  batch = {k: jnp.asarray(rows[k]) for k in ("tokens", "positions", "segment_ids", "targets")}
+  return np.asarray(_logps_jit(graphdef, params, batch))

@@ -1,0 +1,426 @@
+"""RL stage: the SFT model re-ranks training slates on device and learns from verifiable rewards.
+
+One iteration: sample `rollout_prompts` training slates (a seeded function of the iteration, so a
+resumed run draws the same ones), roll out `group_size` answers each (slate shuffled per sample
+by default, labels following), parse with Omega, score with the configured reward, compute group
+advantages, keep the groups with reward variance (DAPO dynamic sampling, fixed shapes: the
+`train_groups` kept groups first, filler masked out), then `ppo_epochs` passes of `minibatches`
+optimiser steps with importance ratios against the rollout log-probabilities. A step without
+signal (every rollout invalid, no group with variance) or with a non-finite loss or gradient is
+skipped inside the jitted step, counted and logged.
+
+Every iteration logs the reward and its components, valid-output rate, share of groups kept,
+response length, entropy, identity rate, Kendall tau and the input position of the top item;
+every `eval_every` iterations the greedy policy re-ranks `val_examples` validation slates.
+
+The `ablation` preset trains one policy per variant (reward x slate order) with the same seed
+and budget, and writes the order-copying diagnostics side by side.
+
+Artifact: `model/`, `model_config.json`, `tokenizer/`, `prompt.json`, `sid_table.json` (an RL
+checkpoint is evaluated like an SFT one), `train/` (checkpoints, metrics.jsonl, TensorBoard),
+`table.json` / `table.md` (the final re-ranking table), `ablation.md` for the ablation, and
+`report.json`.
+"""
+
+import json
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gr2_jax import runner
+from gr2_jax.data import artifacts
+from gr2_jax.data import slates as slates_lib
+from gr2_jax.errors import UserError
+from gr2_jax.eval import tables
+from gr2_jax.parallel import mesh as mesh_lib
+from gr2_jax.parallel import sharding as sharding_lib
+from gr2_jax.rerank import evaluate as rerank_lib
+from gr2_jax.rl import advantages as adv_lib
+from gr2_jax.rl import diagnostics as diag_lib
+from gr2_jax.rl import learner
+from gr2_jax.rl import losses
+from gr2_jax.rl import registry
+from gr2_jax.rl import rollout as rollout_lib
+from gr2_jax.stages import eval as eval_stage
+from gr2_jax.stages import midtrain
+from gr2_jax.train import checkpoint as ckpt_lib
+from gr2_jax.train import metrics_log
+from gr2_jax.train import optim
+from gr2_jax.train import trainer as trainer_lib
+
+ALGORITHM_FIELDS = ("advantage", "policy_loss", "eps_low", "eps_high", "aggregation", "kl_beta",
+                    "kl_estimator", "dynamic_sampling", "overlong_buffer")
+
+
+def algorithm_settings(c):
+  """The algorithm's reference settings with the section's non-None overrides."""
+  alg = registry.algorithm(c.algorithm)
+  for f in ALGORITHM_FIELDS:
+    v = c.get(f)
+    if v is not None:
+      alg[f] = v
+  registry.ADVANTAGES.get(alg["advantage"])
+  registry.POLICY_LOSSES.get(alg["policy_loss"])
+  registry.LOSS_AGGREGATIONS.get(alg["aggregation"])
+  registry.KL_ESTIMATORS.get(alg["kl_estimator"])
+  return alg
+
+
+def check_config(c):
+  registry.REWARDS.get(c.reward)
+  algorithm_settings(c)
+  problems = []
+  if c.group_size < 2:
+    problems.append(f"group_size {c.group_size} < 2 (group advantages need two samples)")
+  if c.train_groups < 1 or c.rollout_prompts < c.train_groups:
+    problems.append(f"need 1 <= train_groups ({c.train_groups}) <= rollout_prompts "
+                    f"({c.rollout_prompts})")
+  if (c.train_groups * c.group_size) % c.minibatches:
+    problems.append(f"minibatches {c.minibatches} must divide train_groups x group_size "
+                    f"({c.train_groups * c.group_size})")
+  if c.iterations < 1 or c.ppo_epochs < 1 or c.minibatches < 1:
+    problems.append("iterations, ppo_epochs and minibatches must be >= 1")
+  if c.temperature <= 0 or c.max_new_tokens < 1:
+    problems.append("temperature must be > 0 and max_new_tokens >= 1")
+  if problems:
+    raise UserError("rl config: " + "; ".join(problems))
+
+
+def _mesh(c):
+  devices = jax.devices()
+  if c.num_devices:
+    devices = devices[:c.num_devices]
+  return mesh_lib.make_mesh((len(devices), 1, 1), devices=devices)
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+def _skip_reason(ro, keep):
+  if not ro.omega.any():
+    return "all_invalid"
+  if not keep.any():
+    return "no_reward_variance"
+  return "non_finite"
+
+
+class Policy:
+  """The train state of the policy with its jitted RL step and checkpoints."""
+
+  def __init__(self, model, c, alg, mesh, workdir, name, total_updates):
+    ocfg = optim.OptimConfig(learning_rate=c.learning_rate,
+                             warmup_steps=min(c.lr_warmup_steps, total_updates - 1),
+                             total_steps=total_updates, end_lr_ratio=c.end_lr_ratio,
+                             weight_decay=c.weight_decay, clip_norm=c.clip_norm)
+    # The trainer supplies the optimiser, shardings and initial state; the step is RL's own.
+    self.tr = trainer_lib.Trainer(model, ocfg, trainer_lib.TrainerConfig(num_steps=total_updates),
+                                  mesh=mesh, workdir=workdir, name=name)
+    self.mesh = mesh
+    self.loss_cfg = learner.LossConfig(
+        policy_loss=alg["policy_loss"], eps_low=float(alg["eps_low"]),
+        eps_high=float(alg["eps_high"]), aggregation=alg["aggregation"],
+        kl_beta=float(alg["kl_beta"]), kl_estimator=alg["kl_estimator"],
+        max_len=int(c.max_new_tokens))
+    fn = learner.make_rl_step(self.tr.graphdef, self.tr.tx, self.tr.schedule, self.loss_cfg)
+    shardings = self.tr.state_shardings
+    self.step = jax.jit(fn, in_shardings=(shardings, None), out_shardings=(shardings, None),
+                        donate_argnums=0)
+    self.manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "ckpt"), max_to_keep=2)
+
+  def put(self, rows):
+    out = {}
+    for k, v in rows.items():
+      axes = ("batch", "length")[:np.ndim(v)]
+      spec = sharding_lib.logical_to_spec(axes, None, self.mesh, np.shape(v))
+      out[k] = jax.device_put(jnp.asarray(v), jax.sharding.NamedSharding(self.mesh, spec))
+    return out
+
+  def restore_or_init(self):
+    """(state, metadata or None)."""
+    if self.manager.latest_step() is None:
+      return self.tr.init_state(), None
+    tr = self.tr
+    shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": tr.tx.init(p),
+                                       "step": jnp.int32(0)}, tr._init_params)  # pylint: disable=protected-access
+    return self.manager.restore(ckpt_lib.abstract_like(shapes, tr.state_shardings))
+
+
+def _validation_eval(model, tok, slates, items, users, sids, prompt_cfg, c):
+  """R@1 of the greedy policy and of the legacy order, valid rate and identity rate."""
+  orders, diags, _ = rerank_lib.evaluate_checkpoint(
+      model, tok, "policy", slates, items, sids, prompt_cfg, users,
+      max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch, constrained=(False,))
+  t = slates["target_index"]
+  order = orders["policy"]
+  d = diags["policy"]
+  return {"R@1": float(np.mean(order[:, 0] == t)), "legacy_R@1": float(np.mean(t == 0)),
+          "valid_rate": d["valid_rate"], "identity_rate": d["identity_rate"],
+          "kendall_tau": d["kendall_tau"]}
+
+
+def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
+  """Runs the RL iterations of one variant; returns (model, report)."""
+  alg = algorithm_settings(c)
+  g, p_roll, p_train = c.group_size, c.rollout_prompts, c.train_groups
+  total_updates = c.iterations * c.ppo_epochs * c.minibatches
+  # DAPO's overlong buffer, at most a quarter of the response budget.
+  buffer = min(int(alg["overlong_buffer"] or 0), c.max_new_tokens // 4)
+  workdir = ctx.path(name)
+  pol = Policy(model, c, alg, mesh, workdir, name, total_updates)
+  state, meta = pol.restore_or_init()
+  start = 0 if meta is None else int(meta["step"])
+  history = [] if meta is None else meta["history"]
+  skipped = {"all_invalid": 0, "no_reward_variance": 0, "non_finite": 0}
+  if meta is not None:
+    skipped.update(meta.get("skipped", {}))
+    logging.info("[%s] resumed at iteration %d", name, start)
+  ref_params = None
+  if alg["kl_beta"]:
+    ref_params = jax.tree.map(jnp.copy, state["params"])
+  train = data["train"]
+  n_train = len(train["slate"])
+  if n_train < p_roll:
+    raise UserError(f"{n_train} training slates cannot fill {p_roll} rollout prompts")
+  logger = metrics_log.MetricsLogger(os.path.join(workdir, "tb"), c.iterations, f"[{name}] ")
+  t_stage = time.time()
+  try:
+    for it in range(start, c.iterations):
+      t0 = time.time()
+      rng = np.random.default_rng([c.seed, it])
+      idx = np.sort(rng.choice(n_train, size=p_roll, replace=False))
+      batch = {k: v[idx] for k, v in train.items()}
+      policy_model = pol.tr.model(state["params"])
+      ro = rollout_lib.rollout(
+          policy_model, tok, batch, data["items"], sids, prompt_cfg, data["users"],
+          group_size=g, shuffle=c.shuffle, key=jax.random.fold_in(jax.random.key(c.seed), it),
+          rng=rng, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+          batch_size=c.rollout_batch)
+      t_roll = time.time() - t0
+      comps = rollout_lib.score(ro, c.reward, alpha=c.alpha, invalid_penalty=c.invalid_penalty)
+      total = comps["total"]
+      if buffer:
+        total = total + np.asarray(losses.overlong_penalty(ro.lengths, c.max_new_tokens, buffer))
+      rewards = total.reshape(p_roll, g)
+      adv = np.asarray(registry.ADVANTAGES.get(alg["advantage"])(rewards))
+      if alg["dynamic_sampling"]:
+        keep = np.asarray(adv_lib.group_keep_mask(rewards))
+      else:
+        keep = np.ones(p_roll, bool)
+      sel, valid = adv_lib.select_groups({"idx": np.arange(p_roll)}, keep, p_train)
+      sel, valid = np.asarray(sel["idx"]), np.asarray(valid)
+      rows_idx = (sel[:, None] * g + np.arange(g)).ravel()
+      valid_rows = np.repeat(valid, g)
+      width = _round_up(max(len(x) for x in ro.prompts), 64) + c.max_new_tokens
+      rows = learner.build_rows([ro.prompts[i] for i in rows_idx],
+                                [ro.responses[i] for i in rows_idx],
+                                [ro.logps[i] for i in rows_idx], width, tok.pad_id)
+      rows["mask"] &= valid_rows[:, None]
+      rows["advantages"] = np.where(valid_rows, adv.ravel()[rows_idx], 0.0).astype(np.float32)
+      if ref_params is not None:
+        rows["logp_ref"] = learner.sequence_logps(pol.tr.graphdef, ref_params, rows)
+      step_metrics = []
+      n_rows = len(rows_idx)
+      mb = n_rows // c.minibatches
+      for _ in range(c.ppo_epochs):
+        perm = rng.permutation(n_rows)
+        for s in range(0, n_rows, mb):
+          part = {k: v[perm[s:s + mb]] for k, v in rows.items()}
+          state, m = pol.step(state, pol.put(part))
+          step_metrics.append(m)
+      step_metrics = jax.device_get(step_metrics)
+      n_skipped = int(sum(m["skipped"] for m in step_metrics))
+      if n_skipped:
+        reason = _skip_reason(ro, keep & (np.ptp(rewards, axis=-1) > 0))
+        skipped[reason] += n_skipped
+        logging.warning("[%s] iteration %d: %d of %d updates skipped (%s)", name, it + 1,
+                        n_skipped, len(step_metrics), reason)
+      t_iter = time.time() - t0
+      d = diag_lib.rerank_diagnostics(
+          ro.omega, ro.order, lengths=ro.lengths,
+          token_logps=np.concatenate(ro.logps) if ro.logps else np.zeros(0))
+      gen_tokens = int(ro.lengths.sum())
+      m = {
+          "reward": float(total.mean()),
+          **{f"reward/{k}": float(np.mean(v)) for k, v in comps.items() if k != "total"},
+          "valid_rate": d["valid_rate"], "groups_kept": float(keep.mean()),
+          "response_length": d["mean_response_length"], "entropy": d["entropy"],
+          "identity_rate": d["identity_rate"], "kendall_tau": d["kendall_tau"],
+          "truncated_rate": float((~ro.finished).mean()),
+          "loss": float(np.mean([x["loss"] for x in step_metrics])),
+          "grad_norm": float(np.mean([x["grad_norm"] for x in step_metrics])),
+          "clip_frac_high": float(np.mean([x["clip_frac_high"] for x in step_metrics])),
+          "clip_frac_low": float(np.mean([x["clip_frac_low"] for x in step_metrics])),
+          "approx_kl": float(np.mean([x["approx_kl"] for x in step_metrics])),
+          "lr": float(step_metrics[-1]["lr"]), "skipped_updates": n_skipped,
+          "rollout_tokens_per_sec": gen_tokens / max(t_roll, 1e-9),
+          "rollout_seconds": t_roll, "iteration_seconds": t_iter,
+      }
+      hist = [int(x) for x in d["top_input_position_hist"]]
+      logger.write(it + 1, m)
+      logging.info(
+          "[%s] iter %d/%d reward %.3f (rank %.3f format %.3f) valid %.2f kept %.2f len %.0f "
+          "ent %.2f identity %.2f tau %.2f top-pos %s | rollout %.0f tok/s %.1fs, iter %.1fs",
+          name, it + 1, c.iterations, m["reward"], m.get("reward/rank", 0.0),
+          m.get("reward/format", 0.0), m["valid_rate"], m["groups_kept"],
+          m["response_length"], m["entropy"], m["identity_rate"], m["kendall_tau"], hist,
+          m["rollout_tokens_per_sec"], t_roll, t_iter)
+      entry = {"iteration": it + 1, **{k: m[k] for k in (
+          "reward", "valid_rate", "groups_kept", "identity_rate", "kendall_tau",
+          "response_length", "entropy", "rollout_tokens_per_sec", "iteration_seconds",
+          "rollout_seconds")}, "top_input_position_hist": hist}
+      done = it + 1
+      if c.eval_every and (done % c.eval_every == 0 or done == c.iterations):
+        ev = _validation_eval(pol.tr.model(state["params"]), tok, data["validation"],
+                              data["items"], data["users"], sids, prompt_cfg, c)
+        logger.write(done, ev, kind="eval")
+        logging.info("[%s] validation at iteration %d: %s", name, done,
+                     " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        entry["validation"] = ev
+      history.append(entry)
+      if done % c.checkpoint_every == 0 or done == c.iterations:
+        pol.manager.save(done, state, {"history": history, "skipped": skipped}, force=True)
+  finally:
+    logger.close()
+    pol.manager.close()
+  trained = history[start:] if start < len(history) else []
+  report = {
+      "iterations": c.iterations, "resumed_from": start, "skipped_updates": skipped,
+      "algorithm": alg, "reward": c.reward, "shuffle": bool(c.shuffle),
+      "wall_seconds": round(time.time() - t_stage, 1),
+      "rollout_tokens_per_sec": (float(np.mean([h["rollout_tokens_per_sec"] for h in trained]))
+                                 if trained else None),
+      "iteration_seconds": (float(np.mean([h["iteration_seconds"] for h in trained]))
+                            if trained else None),
+      "history": history,
+  }
+  return pol.tr.model(state["params"]), report
+
+
+def _load_data(ctx, c):
+  data_dir = runner.artifact_dir(ctx.workdir, ctx.config, "data")
+  legacy_dir = runner.artifact_dir(ctx.workdir, ctx.config, "legacy")
+  train = slates_lib.load_split(legacy_dir, "train")
+  if not len(train.get("slate", ())):
+    raise UserError(f"no train slates in {legacy_dir}; use more data")
+  val = slates_lib.load_split(legacy_dir, "validation", max_examples=c.val_examples, seed=c.seed)
+  return {"train": train, "validation": val, "items": artifacts.load_items(data_dir),
+          "users": artifacts.load_users(data_dir), "legacy_dir": legacy_dir}
+
+
+def final_table(ctx, c, models, tok, data, sids, prompt_cfg):
+  """Baselines and each model on the same seeded test slates, with diagnostics."""
+  legacy_dir = data["legacy_dir"]
+  slates = slates_lib.load_split(legacy_dir, c.eval_split, max_examples=c.eval_examples,
+                                 seed=c.seed)
+  if not len(slates.get("slate", ())):
+    raise UserError(f"no {c.eval_split} slates in {legacy_dir}; use more data")
+  popularity = np.load(os.path.join(legacy_dir, "popularity.npy"))
+  orders = eval_stage.baseline_orders(slates, popularity, c.seed)
+  diags, seconds = {}, {}
+  for name, model in models.items():
+    t0 = time.time()
+    o, d, _ = rerank_lib.evaluate_checkpoint(
+        model, tok, name, slates, data["items"], sids, prompt_cfg, data["users"],
+        max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch,
+        constrained=tuple(bool(x) for x in c.eval_constrained))
+    seconds[name] = round(time.time() - t0, 1)
+    orders.update(o)
+    diags.update(d)
+  rows = tables.evaluate(orders, slates, n_boot=c.n_boot, seed=c.seed)
+  md = (f"Re-ranking on {len(slates['slate'])} seeded {c.eval_split} slates:\n\n"
+        + tables.format_table(rows) + "\n\n" + rerank_lib.diagnostics_markdown(diags))
+  return {"split": c.eval_split, "slates": int(len(slates["slate"])), "rows": rows,
+          "diagnostics": diags, "seconds": seconds}, md
+
+
+def ablation_markdown(reports):
+  """Per variant: first and last iteration's order-copying diagnostics and reward."""
+  lines = ["| variant | reward | slate order | identity rate (first -> last 3 iters) | "
+           "Kendall tau (first -> last 3) | valid rate (last 3) | mean reward (last 3) | "
+           "validation R@1 (end) | validation identity (end) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for name, r in reports.items():
+    h = r["history"]
+    first, last = h[0], h[-3:]
+    mean = lambda key: float(np.nanmean([x[key] for x in last]))  # pylint: disable=cell-var-from-loop
+    val = next((x["validation"] for x in reversed(h) if "validation" in x), {})
+    lines.append(
+        f"| {name} | {r['reward']} | {'shuffled' if r['shuffle'] else 'fixed'} | "
+        f"{first['identity_rate']:.3f} -> {mean('identity_rate'):.3f} | "
+        f"{first['kendall_tau']:.3f} -> {mean('kendall_tau'):.3f} | {mean('valid_rate'):.3f} | "
+        f"{mean('reward'):.3f} | {val.get('R@1', float('nan')):.4f} | "
+        f"{val.get('identity_rate', float('nan')):.3f} |")
+  return "\n".join(lines)
+
+
+def run(ctx):
+  c = ctx.section
+  check_config(c)
+  t_start = time.time()
+  sft_dir = ctx.inputs["sft"]
+  mesh = _mesh(c)
+  prompt_cfg, sids = rerank_lib.load_rerank_info(sft_dir)
+  data = _load_data(ctx, c)
+  if len(sids) != len(data["items"]):
+    raise UserError(f"{sft_dir} was trained on a SID table of {len(sids)} items but the data has "
+                    f"{len(data['items'])}")
+  report = {"sft": sft_dir}
+  if c.variants:
+    reports = {}
+    for v in c.variants:
+      name, reward, order = (str(x) for x in v)
+      if order not in ("shuffled", "fixed"):
+        raise UserError(f"rl.variants slate order must be shuffled or fixed, got {order!r}")
+      cv = c.copy_and_resolve_references()
+      cv.reward = reward
+      cv.shuffle = order == "shuffled"
+      check_config(cv)
+      model, tok = midtrain.load_model(sft_dir, mesh)
+      _, reports[name] = train_policy(ctx, cv, name, model, tok, data, sids, prompt_cfg, mesh)
+    md = ablation_markdown(reports)
+    with open(ctx.path("ablation.md"), "w") as f:
+      f.write(md + "\n")
+    with open(ctx.path("ablation.json"), "w") as f:
+      json.dump(reports, f, indent=2)
+    logging.info("[rl] ablation:\n%s", md)
+    print(md)
+    report["ablation"] = {k: {x: r[x] for x in ("reward", "shuffle", "wall_seconds")}
+                          for k, r in reports.items()}
+  else:
+    sft_model, tok = midtrain.load_model(sft_dir, mesh)
+    model, tok = midtrain.load_model(sft_dir, mesh)
+    model, train_report = train_policy(ctx, c, "train", model, tok, data, sids, prompt_cfg, mesh)
+    midtrain.save_model(ctx.out_dir, model, tok)
+    tok.save(ctx.path("tokenizer"))
+    with open(os.path.join(sft_dir, rerank_lib.PROMPT_FILE)) as f:
+      prompt_fields = json.load(f)
+    with open(os.path.join(sft_dir, rerank_lib.SID_TABLE_FILE)) as f:
+      table = json.load(f)
+    rerank_lib.save_rerank_info(ctx.out_dir, prompt_fields, table)
+    report.update({k: train_report[k] for k in (
+        "iterations", "resumed_from", "skipped_updates", "algorithm", "reward", "shuffle",
+        "rollout_tokens_per_sec", "iteration_seconds", "wall_seconds")})
+    if c.eval_examples:
+      t0 = time.time()
+      result, md = final_table(ctx, c, {"sft": sft_model, "rl": model}, tok, data, sids,
+                               prompt_cfg)
+      with open(ctx.path("table.json"), "w") as f:
+        json.dump(result, f, indent=2)
+      with open(ctx.path("table.md"), "w") as f:
+        f.write(md + "\n")
+      logging.info("[rl] final table:\n%s", md)
+      print(md)
+      report["eval_seconds"] = round(time.time() - t0, 1)
+      report["table"] = {n: {"R@1": r["R@1"]["mean"],
+                             "R@1_lift": r.get("lift", {}).get("R@1")}
+                         for n, r in result["rows"].items()}
+      report["valid_rate"] = {n: d["valid_rate"] for n, d in result["diagnostics"].items()}
+  report["wall_seconds"] = round(time.time() - t_start, 1)
+  with open(ctx.path("report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  return report

@@ -1,0 +1,91 @@
+"""The tiny RL stage end to end on the tiny SFT artifact: iterations logged with diagnostics,
+the final table with SFT and RL rows, resume after the last checkpoint, and config errors."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from gr2_jax import config_lib
+from gr2_jax import runner
+from gr2_jax.errors import UserError
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+
+
+def _config(preset="tiny", **overrides):
+  config = config_lib.load_config_module(os.path.join(CONFIGS, "rl.py")).get_config(preset)
+  config.sids.embedding = "collaborative"  # as the sft stage test, so its artifacts are shared
+  for k, v in overrides.items():
+    config.rl[k] = v
+  return config
+
+
+@pytest.fixture(scope="module")
+def rl_run(tiny_workdir):
+  config = _config()
+  out, summary = runner.run_stage(config, tiny_workdir, "rl")
+  return config, out, summary
+
+
+def test_tiny_rl_end_to_end(rl_run):
+  config, out, summary = rl_run
+  c = config.rl
+  for f in ("model_config.json", "prompt.json", "sid_table.json", "table.json", "table.md",
+            "report.json"):
+    assert os.path.isfile(os.path.join(out, f)), f
+  with open(os.path.join(out, "train", "tb", "metrics.jsonl")) as f:
+    lines = [json.loads(l) for l in f]
+  train = [l for l in lines if l["kind"] == "train"]
+  assert [l["step"] for l in train] == list(range(1, c.iterations + 1))
+  for key in ("reward", "reward/rank", "reward/format", "valid_rate", "groups_kept",
+              "response_length", "entropy", "identity_rate", "kendall_tau", "skipped_updates",
+              "rollout_tokens_per_sec"):
+    assert key in train[0], key
+  assert any(l["kind"] == "eval" for l in lines)
+  with open(os.path.join(out, "table.json")) as f:
+    table = json.load(f)
+  assert set(table["rows"]) == {"random", "popularity", "legacy", "sft", "rl"}
+  assert table["slates"] == c.eval_examples
+  for name in ("sft", "rl"):
+    d = table["diagnostics"][name]
+    assert d["num_rollouts"] == c.eval_examples
+    assert d["invalid_as_legacy"] == d["num_rollouts"] - d["num_valid"]
+    assert "lift" in table["rows"][name]
+  updates = c.iterations * c.ppo_epochs * c.minibatches
+  assert sum(summary["skipped_updates"].values()) <= updates
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tiny_workdir, rl_run):
+  config, out, _ = rl_run
+  n = config.rl.iterations
+  ckpt = os.path.join(out, "train", "ckpt")
+  steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
+  assert steps[-1] == n
+  # As if the run died after the previous checkpoint: the last one never got written.
+  shutil.rmtree(os.path.join(ckpt, str(n)))
+  _, summary = runner.run_stage(config, tiny_workdir, "rl", rerun=True)
+  assert summary["resumed_from"] == steps[-2]
+  with open(os.path.join(out, "train", "tb", "metrics.jsonl")) as f:
+    train = [json.loads(l) for l in f if '"train"' in l]
+  # The redone iterations drew the same prompts and samples from the same restored policy.
+  redone = train[n:]
+  assert [l["step"] for l in redone] == list(range(steps[-2] + 1, n + 1))
+  for again in redone:
+    first = train[again["step"] - 1]
+    for key in ("reward", "valid_rate", "response_length", "entropy"):
+      assert again[key] == pytest.approx(first[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"group_size": 1}, "group_size 1 < 2"),
+    ({"reward": "ndcg"}, "unknown reward 'ndcg'"),
+    ({"algorithm": "ppo"}, "unknown RL algorithm 'ppo'"),
+    ({"train_groups": 5}, "train_groups"),
+    ({"variants": (("x", "naive", "sorted"),)}, "shuffled or fixed"),
+])
+def test_bad_config_is_one_clear_error(tiny_workdir, overrides, message):
+  with pytest.raises(UserError, match=message):
+    runner.run_stage(_config(**overrides), tiny_workdir, "rl")
