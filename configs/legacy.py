@@ -24,9 +24,10 @@ def section(preset):
   c.num_negatives = 512  # sampled-softmax negatives per step; 0 = full softmax
   c.positive_rating = 4.0  # positives rated at least this get grade 2, others grade 1
   c.score_batch = 1024
-  # Examples scored per split (train, validation, test); 0 = all. A seeded random subset keeps
-  # the validation split (used for model selection only) cheap.
-  c.max_examples = (0, 40000, 0)
+  # Examples scored per split (train, validation, test); 0 = all. Seeded random subsets keep
+  # the train split (traces and RL use a few thousand slates) and the validation split (model
+  # selection only) cheap; the test split is scored in full.
+  c.max_examples = (60000, 40000, 0)
   c.seed = 0
   if preset == "tiny":
     c.dim = 32

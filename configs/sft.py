@@ -19,24 +19,24 @@ def section(preset):
   c.lambda_r = 0.3  # loss weight of reasoning (explanation) tokens
   c.lambda_o = 1.0  # loss weight of ranking tokens (the recommendations and the turn's end)
   c.num_devices = 0  # 0 = all; the mesh is (data = devices, 1, 1)
-  c.seq_len = 2048  # packed row length; longer conversations are dropped and counted
+  c.seq_len = 704  # packed row length; longer conversations are dropped and counted
   c.batch_size = 4
   c.micro_batches = 1
-  c.epochs = 2.0  # passes over the packed rows (sets the steps unless `steps` > 0)
+  c.epochs = 1.25  # passes over the packed rows (sets the steps unless `steps` > 0)
   c.steps = 0
-  c.learning_rate = 5e-4
+  c.learning_rate = 1e-3
   c.lr_warmup_steps = 10
   c.end_lr_ratio = 0.1
   c.weight_decay = 0.01
   c.clip_norm = 1.0
   c.log_every = 10
-  c.checkpoint_every = 100
+  c.checkpoint_every = 50
   c.seed = 0
   # Evaluation of the trained model on a seeded subset of test slates (0 = skip).
   c.eval_split = "test"
-  c.eval_examples = 200
-  c.max_new_tokens = 448  # CF-teacher answers are ~350 tokens with the demo tokenizer
-  c.eval_batch = 16
+  c.eval_examples = 48
+  c.max_new_tokens = 240  # CF-teacher answers are ~220 tokens with the demo tokenizer
+  c.eval_batch = 48
   c.n_boot = 1000
   if preset == "tiny":
     c.num_devices = 1

@@ -17,8 +17,10 @@ PRESETS = ("default", "tiny")
 def prompt_section(preset="default"):
   """Prompt fields (`gr2_jax.text.prompts.PromptConfig`), shared by SFT and evaluation."""
   p = ml_collections.ConfigDict()
-  p.max_history = 10
-  p.item_fields = ("sid", "title", "year", "genres")
+  p.max_history = 8
+  # SIDs and genres: the titles are what mid-training's captioning task ties to the SIDs, and
+  # leaving them out halves the prompt for the small CPU models (add "title", "year" for LLMs).
+  p.item_fields = ("sid", "genres")
   p.part_order = "system_user_candidates"  # or "system_candidates_user" (shared prefix)
   p.reasoning = True
   p.include_user = True
@@ -41,9 +43,9 @@ def section(preset):
   c.teacher = "cf"
   c.teacher_checkpoint = ""
   c.teacher_temperature = 1.0
-  c.teacher_max_new_tokens = 448
+  c.teacher_max_new_tokens = 256
   c.cf = cf.default_config()
-  c.cf.trace_candidates = 2  # keeps traces short for the small models trained on them
+  c.cf.trace_candidates = 1  # keeps traces short for the small models trained on them
   c.cf_window = 5  # co-occurrence window of the teacher's statistics
   c.prompt = prompt_section(preset)
   c.teacher_eval_examples = 4000  # validation slates for teacher vs legacy (0 = all)

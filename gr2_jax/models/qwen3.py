@@ -219,7 +219,7 @@ class Attention(nnx.Module):
     self.k_norm = RMSNorm(d, cfg.rms_eps, cfg.weight_dtype)
 
   def __call__(self, x, cos, sin, mask, kv=None, slots=None):
-    """x [B,T,E]; kv: this layer's cache (k, v) [B,S,KVH,D] and slots [B,T] to write to."""
+    """x [B,T,E]; kv: the cache (k, v) [L,B,S,KVH,D] and this layer's index; slots [B,T]."""
     q = apply_rope(self.q_norm(self.q_proj(x)), cos, sin)  # [B, T, H, D]
     k = apply_rope(self.k_norm(self.k_proj(x)), cos, sin)  # [B, T, KVH, D]
     v = self.v_proj(x)
@@ -227,12 +227,14 @@ class Attention(nnx.Module):
     k = shard(k, ("batch", "length", "act_kv_heads", "head_dim"))
     v = shard(v, ("batch", "length", "act_kv_heads", "head_dim"))
     if kv is not None:
+      k_all, v_all, layer = kv
       rows = jnp.arange(x.shape[0])[:, None]
-      # Slots past the cache's end are dropped by the scatter; callers size the cache.
-      k_cache = kv[0].at[rows, slots].set(k.astype(kv[0].dtype))
-      v_cache = kv[1].at[rows, slots].set(v.astype(kv[1].dtype))
-      kv = (k_cache, v_cache)
-      k, v = k_cache, v_cache
+      # The scatter writes straight into the all-layer cache (in place inside the decode
+      # loop); slots past the cache's end are dropped, callers size the cache.
+      k_all = k_all.at[layer, rows, slots].set(k.astype(k_all.dtype))
+      v_all = v_all.at[layer, rows, slots].set(v.astype(v_all.dtype))
+      kv = (k_all, v_all, layer)
+      k, v = k_all[layer], v_all[layer]
     out = attend(q, k, v, mask)
     out = shard(out, ("batch", "length", "act_heads", "head_dim"))
     return self.o_proj(out), kv
@@ -316,11 +318,10 @@ class Qwen3(nnx.Module):
       k_all, v_all = cache["k"], cache["v"]
     run = _run_layer_remat if cfg.remat else _run_layer
     for i, layer in enumerate(self.layers):
-      kv = None if cache is None else (k_all[i], v_all[i])
+      kv = None if cache is None else (k_all, v_all, i)
       x, kv = run(layer, x, cos, sin, mask, kv, slots)
       if cache is not None:
-        k_all = k_all.at[i].set(kv[0])
-        v_all = v_all.at[i].set(kv[1])
+        k_all, v_all = kv[0], kv[1]
     x = self.norm(x)
     if cfg.tie_embeddings:
       logits = self.embed_tokens.attend(x)

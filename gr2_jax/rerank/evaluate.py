@@ -55,7 +55,7 @@ def prompt_ids(examples, items, sids, prompt_cfg, tok):
 
 
 def _greedy(model, tok, prompts_ids, *, max_new_tokens, batch_size, make_constraint=None,
-            prompt_multiple=64):
+            prompt_multiple=128):
   """Generated ids (stop token dropped) per prompt, in fixed-size batches (the last one padded
   with copies) so that every batch shares one compilation."""
   stops = chat.chat_stop_ids(tok)
@@ -75,7 +75,7 @@ def _greedy(model, tok, prompts_ids, *, max_new_tokens, batch_size, make_constra
   return outs
 
 
-def _ranking_cut(tok, ids):
+def ranking_cut(tok, ids):
   """Smallest j such that decode(ids[:j]) contains the ranking key, or None."""
   if RANKING_KEY not in tok.decode(ids):
     return None
@@ -89,7 +89,7 @@ def _ranking_cut(tok, ids):
   return lo
 
 
-def _sid_suffixes(tok, slate_sids):
+def sid_suffixes(tok, slate_sids):
   """Token ids of each slate SID after its `<|sid_begin|>` token."""
   begin = tok.token_to_id(sid_lib.SID_BEGIN)
   out = []
@@ -116,13 +116,13 @@ def rerank(model, tok, examples, items, sids, prompt_cfg, *, max_new_tokens=448,
   if True in constrained:
     heads, forced = [], 0
     for g in free:
-      cut = _ranking_cut(tok, g)
+      cut = ranking_cut(tok, g)
       if cut is None:
         forced += 1
         heads.append(tok.encode(FORCED_PREFIX))
       else:
         heads.append(g[:cut])
-    suffixes = [_sid_suffixes(tok, s) for s in slates_sids]
+    suffixes = [sid_suffixes(tok, s) for s in slates_sids]
     begin = tok.token_to_id(sid_lib.SID_BEGIN)
     k = max(len(s) for s in slates_sids)
     tail_budget = sum(len(x) for x in suffixes[0]) + 4 * k + 8  # SIDs, quotes, commas, close

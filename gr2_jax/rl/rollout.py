@@ -5,6 +5,14 @@ Each of the G samples of a prompt may see its own shuffle of the slate (`shuffle
 default against position bias); the labels follow the items, so the target's input rank and the
 grades are those of the order the sample was shown, and the output order is read in shown
 positions. With `shuffle=False` every sample sees the legacy order.
+
+With `constrain_ranking=True` an answer is sampled in two passes, as the constrained evaluation
+decodes: the free sample up to its `"recommendations"` key is kept, and from there each SID must
+be one of the shown slate's items not listed yet (`constraints.slate_constraint`); punctuation
+and the closing stay free, so Omega can still fail (a short list, broken JSON). A sample without
+the key keeps its free text (invalid). Log-probabilities stay the raw policy's (see
+`gr2_jax.sampling.sampler`), so the update raises or lowers the policy's own probability of the
+SIDs it was steered to.
 """
 
 import dataclasses
@@ -14,7 +22,9 @@ import numpy as np
 
 from gr2_jax.rerank import evaluate as rerank_lib
 from gr2_jax.rl.registry import REWARDS
+from gr2_jax.sampling import constraints
 from gr2_jax.sampling import sampler
+from gr2_jax.sids import tokens as sid_lib
 from gr2_jax.teachers import base
 from gr2_jax.text import chat
 from gr2_jax.text import parser
@@ -45,8 +55,73 @@ def slate_permutations(num_prompts, group_size, k, shuffle, rng):
   return np.argsort(rng.random((num_prompts, group_size, k)), axis=-1)
 
 
+# Prompt widths are padded to a multiple of this, so that the sampler (and the update, whose
+# rows are prompt width + response budget) compile for a handful of shapes, not every batch.
+PROMPT_MULTIPLE = 128
+
+
+def _sample(model, tok, prompt_ids, *, key, batch_size, max_new_tokens, temperature,
+            make_constraint=None):
+  """(responses, logps, finished) of one sampled answer per prompt, in fixed-size batches."""
+  stops = chat.chat_stop_ids(tok)
+  responses, logps, finished = [], [], []
+  for s in range(0, len(prompt_ids), batch_size):
+    batch = list(prompt_ids[s:s + batch_size])
+    real = len(batch)
+    batch += [batch[-1]] * (batch_size - real)  # one compilation for every batch
+    cons = make_constraint(s, real) if make_constraint is not None else None
+    out = sampler.sample(model, batch, key=jax.random.fold_in(key, s),
+                         max_new_tokens=max_new_tokens, temperature=temperature,
+                         stop_tokens=stops, pad_id=tok.pad_id, constraint=cons,
+                         prompt_multiple=PROMPT_MULTIPLE, vocab_limit=tok.vocab_size)
+    toks, lps = np.asarray(out.tokens), np.asarray(out.logprobs)
+    lens, done = np.asarray(out.lengths), np.asarray(out.done)
+    for j in range(real):
+      responses.append(toks[j, :lens[j]].tolist())
+      logps.append(lps[j, :lens[j]])
+      finished.append(bool(done[j]))
+  return responses, logps, finished
+
+
+def _constrained_tails(model, tok, prompt_ids, responses, logps, finished, shown_sids, *, key,
+                       batch_size, max_new_tokens, temperature):
+  """Resamples each answer's ranking under the slate constraint (see the module docstring)."""
+  heads, rows = [], []
+  for i, r in enumerate(responses):
+    cut = rerank_lib.ranking_cut(tok, r[:-1] if finished[i] else r)
+    if cut is not None and cut < max_new_tokens:
+      heads.append(r[:cut])
+      rows.append(i)
+  if not rows:
+    return responses, logps, finished
+  suffixes = [rerank_lib.sid_suffixes(tok, shown_sids[i]) for i in rows]
+  begin = tok.token_to_id(sid_lib.SID_BEGIN)
+
+  def make_constraint(s, real):
+    part = suffixes[s:s + real]
+    part += [part[-1]] * (batch_size - real)
+    return constraints.slate_constraint(part, model.cfg.vocab_size, trigger=begin)
+
+  # A fixed budget (the SIDs with their quotes and separators, and the closing) keeps one
+  # compiled decode loop; the answer's overall budget is enforced below.
+  k = len(shown_sids[0])
+  budget = min(max_new_tokens, sum(len(x) + 3 for x in suffixes[0]) + k + 8)
+  tails, tail_lps, tail_done = _sample(
+      model, tok, [prompt_ids[i] + h for i, h in zip(rows, heads)], key=key,
+      batch_size=batch_size, max_new_tokens=budget, temperature=temperature,
+      make_constraint=make_constraint)
+  responses, logps, finished = list(responses), list(logps), list(finished)
+  for j, i in enumerate(rows):
+    room = max_new_tokens - len(heads[j])  # the answer keeps its overall token budget
+    tail = tails[j][:room]
+    responses[i] = heads[j] + tail
+    logps[i] = np.concatenate([logps[i][:len(heads[j])], tail_lps[j][:room]])
+    finished[i] = tail_done[j] and len(tails[j]) <= room
+  return responses, logps, finished
+
+
 def rollout(model, tok, slates, items, sids, prompt_cfg, users=None, *, group_size, shuffle,
-            key, rng, max_new_tokens, temperature=1.0, batch_size=64):
+            key, rng, max_new_tokens, temperature=1.0, batch_size=64, constrain_ranking=False):
   """Samples `group_size` answers for each slate of the stacked records `slates`."""
   examples = base.examples_from_slates(slates, users)
   p, k = slates["slate"].shape
@@ -58,26 +133,18 @@ def rollout(model, tok, slates, items, sids, prompt_cfg, users=None, *, group_si
       shown.append(dataclasses.replace(ex, slate=tuple(ex.slate[j] for j in perm)))
       perm_rows.append(perm)
   prompt_ids = rerank_lib.prompt_ids(shown, items, sids, prompt_cfg, tok)
-  stops = chat.chat_stop_ids(tok)
-  responses, logps, finished = [], [], []
   n = len(prompt_ids)
-  for s in range(0, n, batch_size):
-    batch = list(prompt_ids[s:s + batch_size])
-    real = len(batch)
-    batch += [batch[-1]] * (batch_size - real)  # one compilation for every batch
-    out = sampler.sample(model, batch, key=jax.random.fold_in(key, s), max_new_tokens=max_new_tokens,
-                         temperature=temperature, stop_tokens=stops, pad_id=tok.pad_id,
-                         prompt_multiple=64, vocab_limit=tok.vocab_size)
-    toks, lps = np.asarray(out.tokens), np.asarray(out.logprobs)
-    lens, done = np.asarray(out.lengths), np.asarray(out.done)
-    for j in range(real):
-      responses.append(toks[j, :lens[j]].tolist())
-      logps.append(lps[j, :lens[j]])
-      finished.append(bool(done[j]))
-  texts = [tok.decode(r[:-1] if f and r else r) for r, f in zip(responses, finished)]
   perm = np.stack(perm_rows)
   slate_rows = np.repeat(slates["slate"], group_size, axis=0)
   shown_sids = [[sids[int(slate_rows[i, j])] for j in perm[i]] for i in range(n)]
+  responses, logps, finished = _sample(model, tok, prompt_ids, key=key, batch_size=batch_size,
+                                       max_new_tokens=max_new_tokens, temperature=temperature)
+  if constrain_ranking:
+    responses, logps, finished = _constrained_tails(
+        model, tok, prompt_ids, responses, logps, finished, shown_sids,
+        key=jax.random.fold_in(key, 1 << 20), batch_size=batch_size,
+        max_new_tokens=max_new_tokens, temperature=temperature)
+  texts = [tok.decode(r[:-1] if f and r else r) for r, f in zip(responses, finished)]
   omega, order, reasons = parser.parse_batch(texts, shown_sids)
   target = np.repeat(slates["target_index"], group_size)
   inv = np.argsort(perm, axis=-1)  # legacy position -> shown position

@@ -168,6 +168,20 @@ def _build_tables(sequences, vocab_size):
               leaf_hi=leaf_hi, leaf_id=leaf_id), leaf_seqs
 
 
+def _pad_tables(tables, nodes, fanout):
+  """Tables grown to `nodes` rows and `fanout` children with unreachable entries."""
+  n, f = tables["child_tokens"].shape
+  nodes, fanout = max(nodes, n), max(fanout, f)
+  out = {}
+  for k in ("child_tokens", "child_nodes"):
+    out[k] = np.full((nodes, fanout), -1, np.int32)
+    out[k][:n, :f] = tables[k]
+  for k, fill in (("leaf_lo", 0), ("leaf_hi", 0), ("leaf_id", -1)):
+    out[k] = np.full(nodes, fill, np.int32)
+    out[k][:n] = tables[k]
+  return out
+
+
 def trie_constraint(sequences: Sequence[Sequence[int]], vocab_size: int, *,
                     trigger: Optional[int] = None,
                     root_tokens: Sequence[int] = ()) -> TrieConstraint:
@@ -184,11 +198,18 @@ def trie_constraint(sequences: Sequence[Sequence[int]], vocab_size: int, *,
 def slate_constraint(slates: Sequence[Sequence[Sequence[int]]], vocab_size: int, *,
                      trigger: Optional[int] = None,
                      root_tokens: Sequence[int] = ()) -> TrieConstraint:
-  """Row b may emit each sequence of `slates[b]` once, and nothing else inside the trie."""
+  """Row b may emit each sequence of `slates[b]` once, and nothing else inside the trie.
+
+  The tables are padded to sizes that depend only on the slates' shapes (rows, items, tokens
+  per item), not on which items they hold, so one compiled sampler serves every batch.
+  """
   union = sorted({tuple(int(t) for t in s) for slate in slates for s in slate})
   tables, leaves = _build_tables(union, vocab_size)
+  items = sum(len(slate) for slate in slates)
+  tables = _pad_tables(tables, nodes=2 + sum(len(s) for slate in slates for s in slate),
+                       fanout=max(items, 1))
   index = {s: i for i, s in enumerate(leaves)}
-  remaining = np.zeros((len(slates), len(leaves)), bool)
+  remaining = np.zeros((len(slates), max(items, len(leaves))), bool)  # padded leaves: never
   for b, slate in enumerate(slates):
     for s in slate:
       remaining[b, index[tuple(int(t) for t in s)]] = True

@@ -34,6 +34,8 @@ from gr2_jax.sampling import beam
 from gr2_jax.sampling import constraints
 from gr2_jax.sampling import sampler
 from gr2_jax.sids import tokens as sid_lib
+from gr2_jax.teachers import cf as cf_teacher
+from gr2_jax.text import prompts
 from gr2_jax.text import tokenizers
 from gr2_jax.train import optim
 from gr2_jax.train import packing
@@ -80,6 +82,21 @@ def _model_and_tokenizer(ctx, mesh, sid_token_strs, corpus):
   if any(i is None for i in ids):
     raise UserError(f"tokenizer in {tok_dir} lacks SID tokens; delete it and rerun")
   return model, tok, np.asarray(ids, np.int64)
+
+
+_RERANK_TEXT_REPEATS = 50
+
+
+def rerank_texts():
+  """System turns of every prompt variant, the answer's JSON and the CF teacher's wording."""
+  texts = []
+  for reasoning in (True, False):
+    for fields in (prompts.ITEM_FIELDS, ("sid", "genres")):
+      cfg = prompts.PromptConfig(reasoning=reasoning, item_fields=fields)
+      texts.append(prompts.system_text(cfg))
+  texts += ['{"explanation": "', '", "recommendations": ["', '", "', '"]}',
+            "History (oldest first):", "Candidates (10):", "User: age , gender , occupation "]
+  return texts + cf_teacher.template_texts()
 
 
 def _encode(tok, docs):
@@ -296,6 +313,9 @@ def run(ctx):
           tasks_lib.persona_docs(users, items, inter, mask, sids, c.max_history_items),
           tasks_lib.text_docs([items[i] for i in seen])]
   corpus = docs[3] + docs[1][1::2] + [d.split("\n")[0] for d in docs[2]]
+  # The re-ranking turns later stages write (system turns, JSON keys, trace wording) weigh like
+  # frequent text, so their words become whole pieces rather than letters.
+  corpus += _RERANK_TEXT_REPEATS * rerank_texts()
   mesh = _mesh(c)
   model, tok, sid_ids = _model_and_tokenizer(ctx, mesh, sid_token_strs, corpus)
   logging.info("[midtrain] model %s: %d parameters (vocab %d, %d SID tokens)",

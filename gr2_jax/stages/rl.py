@@ -22,6 +22,7 @@ checkpoint is evaluated like an SFT one), `train/` (checkpoints, metrics.jsonl, 
 `report.json`.
 """
 
+import collections
 import json
 import os
 import time
@@ -151,16 +152,19 @@ class Policy:
 
 
 def _validation_eval(model, tok, slates, items, users, sids, prompt_cfg, c):
-  """R@1 of the greedy policy and of the legacy order, valid rate and identity rate."""
+  """The greedy policy against the legacy order: (scalars for the logs, markdown table)."""
   orders, diags, _ = rerank_lib.evaluate_checkpoint(
       model, tok, "policy", slates, items, sids, prompt_cfg, users,
       max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch, constrained=(False,))
-  t = slates["target_index"]
-  order = orders["policy"]
+  k = slates["slate"].shape[1]
+  orders["legacy"] = np.tile(np.arange(k), (len(slates["slate"]), 1))
+  rows = tables.evaluate({"legacy": orders["legacy"], "policy": orders["policy"]}, slates,
+                         n_boot=min(c.n_boot, 200), seed=c.seed)
   d = diags["policy"]
-  return {"R@1": float(np.mean(order[:, 0] == t)), "legacy_R@1": float(np.mean(t == 0)),
-          "valid_rate": d["valid_rate"], "identity_rate": d["identity_rate"],
-          "kendall_tau": d["kendall_tau"]}
+  scalars = {"R@1": rows["policy"]["R@1"]["mean"], "legacy_R@1": rows["legacy"]["R@1"]["mean"],
+             "N@5": rows["policy"]["N@5"]["mean"], "valid_rate": d["valid_rate"],
+             "identity_rate": d["identity_rate"], "kendall_tau": d["kendall_tau"]}
+  return scalars, tables.format_table(rows) + "\n\n" + rerank_lib.diagnostics_markdown(diags)
 
 
 def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
@@ -199,7 +203,7 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
           policy_model, tok, batch, data["items"], sids, prompt_cfg, data["users"],
           group_size=g, shuffle=c.shuffle, key=jax.random.fold_in(jax.random.key(c.seed), it),
           rng=rng, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-          batch_size=c.rollout_batch)
+          batch_size=c.rollout_batch, constrain_ranking=c.constrain_ranking)
       t_roll = time.time() - t0
       comps = rollout_lib.score(ro, c.reward, alpha=c.alpha, invalid_penalty=c.invalid_penalty)
       total = comps["total"]
@@ -215,7 +219,8 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
       sel, valid = np.asarray(sel["idx"]), np.asarray(valid)
       rows_idx = (sel[:, None] * g + np.arange(g)).ravel()
       valid_rows = np.repeat(valid, g)
-      width = _round_up(max(len(x) for x in ro.prompts), 64) + c.max_new_tokens
+      width = (_round_up(max(len(x) for x in ro.prompts), rollout_lib.PROMPT_MULTIPLE)
+               + c.max_new_tokens)
       rows = learner.build_rows([ro.prompts[i] for i in rows_idx],
                                 [ro.responses[i] for i in rows_idx],
                                 [ro.logps[i] for i in rows_idx], width, tok.pad_id)
@@ -268,6 +273,7 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
           name, it + 1, c.iterations, m["reward"], m.get("reward/rank", 0.0),
           m.get("reward/format", 0.0), m["valid_rate"], m["groups_kept"],
           m["response_length"], m["entropy"], m["identity_rate"], m["kendall_tau"], hist,
+          dict(collections.Counter(r for r in ro.reasons if r != "ok")),
           m["rollout_tokens_per_sec"], t_roll, t_iter)
       entry = {"iteration": it + 1, **{k: m[k] for k in (
           "reward", "valid_rate", "groups_kept", "identity_rate", "kendall_tau",
@@ -275,11 +281,10 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
           "rollout_seconds")}, "top_input_position_hist": hist}
       done = it + 1
       if c.eval_every and (done % c.eval_every == 0 or done == c.iterations):
-        ev = _validation_eval(pol.tr.model(state["params"]), tok, data["validation"],
-                              data["items"], data["users"], sids, prompt_cfg, c)
+        ev, md = _validation_eval(pol.tr.model(state["params"]), tok, data["validation"],
+                                  data["items"], data["users"], sids, prompt_cfg, c)
         logger.write(done, ev, kind="eval")
-        logging.info("[%s] validation at iteration %d: %s", name, done,
-                     " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+        logging.info("[%s] validation at iteration %d:\n%s", name, done, md)
         entry["validation"] = ev
       history.append(entry)
       if done % c.checkpoint_every == 0 or done == c.iterations:

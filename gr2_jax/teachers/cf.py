@@ -14,6 +14,7 @@ of the weights on the same split with --tune).
 import copy
 import itertools
 import os
+import re
 import sys
 
 from absl import app
@@ -148,6 +149,13 @@ _WHY = {
 }
 
 
+def template_texts():
+  """The fixed wording of the traces (placeholders dropped), e.g. for tokenizer training."""
+  parts = list(_STEP1) + list(_STEP2) + list(_STEP3) + list(_WHY.values())
+  parts += [t for ts in _CLAUSES.values() for t in ts]
+  return [re.sub(r"\{\w+\}", "", t) for t in parts]
+
+
 class CFTeacher(base.Teacher):
   """Ranks with `scores` and explains with the strongest evidence of each discussed item."""
 
@@ -174,6 +182,9 @@ class CFTeacher(base.Teacher):
     return tables.order_by_scores(self.score_slates(slates["history"], slates["slate"]))
 
   def _ref(self, item):
+    """An item as the trace cites it: its SID, with the title when the prompt shows titles."""
+    if "title" not in self.prompt_cfg.item_fields:
+      return self.sids[item]
     return f"{self.sids[item]} ({self.items[item]['title']})"
 
   def _evidence(self, hist, slate, profile, contrib):

@@ -45,23 +45,28 @@ class PromptConfig:
       raise UserError(f"prompt max_history must be >= 1, got {self.max_history}")
 
 
+def item_legend(cfg: PromptConfig) -> str:
+  """How an item line reads under cfg's fields, e.g. `SID title (year) | genres`."""
+  fields = cfg.item_fields
+  head = "SID" + (" title" if "title" in fields else "") + (" (year)" if "year" in fields else "")
+  return " | ".join([head] + [f for f in fields if f not in ("sid", "title", "year")])
+
+
 def system_text(cfg: PromptConfig) -> str:
-  """Analyst persona, the objective and the answer schema, in a few lines."""
+  """Analyst persona, the objective and the answer schema, in a few short lines."""
   lines = [
-      f"You are a recommendation analyst. Re-rank the candidate {cfg.item_noun} by how likely "
-      f"the user is to watch each one next, most likely first.",
-      "Items are written as SID title (year) | genres.",
+      f"You are a recommendation analyst. Rank the candidate {cfg.item_noun} by how likely the "
+      "user watches each next, most likely first.",
+      f"Items: {item_legend(cfg)}.",
   ]
   if cfg.reasoning:
     lines += [
-        "In the explanation, reason in three steps citing items by SID: patterns in the history, "
-        "candidates that match them, final choice.",
-        'Answer with JSON only: {"explanation": "...", "recommendations": [SID, ...]} '
-        "listing every candidate SID exactly once.",
+        "Explain in three steps citing SIDs: history patterns, matching candidates, choice.",
+        'Answer JSON only: {"explanation": "...", "recommendations": [SID, ...]}, every '
+        "candidate once.",
     ]
   else:
-    lines.append('Answer with JSON only: {"recommendations": [SID, ...]} listing every '
-                 "candidate SID exactly once.")
+    lines.append('Answer JSON only: {"recommendations": [SID, ...]}, every candidate once.')
   return "\n".join(lines)
 
 

@@ -48,7 +48,7 @@ def test_constraint_acts_only_inside_the_ranking(memorised):
 def test_ranking_cut_finds_the_key(memorised):
   _, tok = memorised
   ids = tok.encode(ANSWER)
-  j = evaluate._ranking_cut(tok, ids)
+  j = evaluate.ranking_cut(tok, ids)
   assert evaluate.RANKING_KEY in tok.decode(ids[:j])
   assert evaluate.RANKING_KEY not in tok.decode(ids[:j - 1])
-  assert evaluate._ranking_cut(tok, tok.encode('{"explanation": "x"}')) is None
+  assert evaluate.ranking_cut(tok, tok.encode('{"explanation": "x"}')) is None

@@ -22,19 +22,17 @@ SLATE = [
 USER = {"age": 25, "gender": "F", "occupation": -1}
 
 SYSTEM_REASONING = (
-    "You are a recommendation analyst. Re-rank the candidate movies by how likely the user is "
-    "to watch each one next, most likely first.\n"
-    "Items are written as SID title (year) | genres.\n"
-    "In the explanation, reason in three steps citing items by SID: patterns in the history, "
-    "candidates that match them, final choice.\n"
-    'Answer with JSON only: {"explanation": "...", "recommendations": [SID, ...]} listing every '
-    "candidate SID exactly once.")
-SYSTEM_PLAIN = (
-    "You are a recommendation analyst. Re-rank the candidate movies by how likely the user is "
-    "to watch each one next, most likely first.\n"
-    "Items are written as SID title (year) | genres.\n"
-    'Answer with JSON only: {"recommendations": [SID, ...]} listing every candidate SID exactly '
+    "You are a recommendation analyst. Rank the candidate movies by how likely the user "
+    "watches each next, most likely first.\n"
+    "Items: SID title (year) | genres.\n"
+    "Explain in three steps citing SIDs: history patterns, matching candidates, choice.\n"
+    'Answer JSON only: {"explanation": "...", "recommendations": [SID, ...]}, every candidate '
     "once.")
+SYSTEM_PLAIN = (
+    "You are a recommendation analyst. Rank the candidate movies by how likely the user "
+    "watches each next, most likely first.\n"
+    "Items: SID title (year) | genres.\n"
+    'Answer JSON only: {"recommendations": [SID, ...]}, every candidate once.')
 CONTEXT = ("User: age 25, gender F\n"
            "History (oldest first):\n"
            "<|sid_begin|><s_a_0><s_b_1><|sid_end|> Toy Story (1995) | Animation, Comedy\n"
@@ -102,3 +100,13 @@ def test_with_sids():
 def test_bad_config_is_user_error(kwargs):
   with pytest.raises(UserError):
     prompts.PromptConfig(**kwargs)
+
+
+@pytest.mark.parametrize("fields,legend", [(("sid",), "SID"), (("sid", "genres"), "SID | genres"),
+                                           (("sid", "year", "genres"), "SID (year) | genres"),
+                                           (("sid", "title"), "SID title")])
+def test_system_turn_describes_the_item_fields(fields, legend):
+  cfg = prompts.PromptConfig(item_fields=fields)
+  assert f"Items: {legend}.\n" in prompts.system_text(cfg)
+  line = prompts.item_line(dict(SLATE[0]), cfg)
+  assert line.startswith(S[2]) and ("Fargo" in line) == ("title" in fields)
