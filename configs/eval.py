@@ -23,9 +23,9 @@ def section(preset):
   # They re-rank a seeded subset of `model_examples` slates by greedy decoding, without and
   # with the slate constraint in the answer; the baselines are scored again on that subset.
   c.checkpoints = ()
-  c.model_examples = 300
-  c.max_new_tokens = 448  # CF-teacher answers are ~350 tokens with the demo tokenizer
-  c.batch_size = 16
+  c.model_examples = 192
+  c.max_new_tokens = 240  # CF-teacher answers are ~220 tokens with the demo tokenizer
+  c.batch_size = 48
   c.constrained = (False, True)
   if preset == "tiny":
     c.n_boot = 200

@@ -269,7 +269,8 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
       logger.write(it + 1, m)
       logging.info(
           "[%s] iter %d/%d reward %.3f (rank %.3f format %.3f) valid %.2f kept %.2f len %.0f "
-          "ent %.2f identity %.2f tau %.2f top-pos %s | rollout %.0f tok/s %.1fs, iter %.1fs",
+          "ent %.2f identity %.2f tau %.2f top-pos %s invalid %s | rollout %.0f tok/s %.1fs, "
+          "iter %.1fs",
           name, it + 1, c.iterations, m["reward"], m.get("reward/rank", 0.0),
           m.get("reward/format", 0.0), m["valid_rate"], m["groups_kept"],
           m["response_length"], m["entropy"], m["identity_rate"], m["kendall_tau"], hist,

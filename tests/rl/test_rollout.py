@@ -71,3 +71,23 @@ def test_score_reads_orders_in_shown_positions():
   np.testing.assert_allclose(r["total"], [2 / 3 + 0.2, 0.2, -1.0], rtol=1e-6)
   r = rollout_lib.score(ro, "naive", alpha=0.2, invalid_penalty=-1.0)
   np.testing.assert_allclose(r["total"], [2 / 3 + 0.2, 0.2, -1.0], rtol=1e-6)
+
+
+def test_constrained_ranking_lists_each_shown_item_once(memorised):
+  model, tok = memorised
+  ro = rollout_lib.rollout(model, tok, _slates(), toy.ITEMS, toy.SIDS, toy.PROMPT,
+                           group_size=4, shuffle=True, key=jax.random.key(1),
+                           rng=np.random.default_rng(1), max_new_tokens=64, temperature=1.0,
+                           batch_size=4, constrain_ranking=True)
+  for i in range(4):
+    assert len(ro.logps[i]) == len(ro.responses[i])
+    text = ro.texts[i]
+    if '"recommendations"' not in text:
+      continue
+    ranking = text[text.index('"recommendations"'):]
+    cited = [s for s in toy.SIDS if s in ranking]
+    shown = {toy.SIDS[int(x)] for x in np.array([1, 2, 3])[ro.perm[i]]}
+    # The memorised answer repeats one item; under the constraint no SID repeats or strays.
+    assert set(cited) <= shown
+    assert all(ranking.count(s) <= 1 for s in toy.SIDS)
+    assert ro.reasons[i] not in ("duplicate", "foreign")

@@ -88,3 +88,13 @@ def test_batch_mismatch():
   c = constraints.slate_constraint([[[3, 4]], [[5, 6]]], V)
   with pytest.raises(UserError, match="built for 2 rows"):
     c.init(3)
+
+
+def test_slate_constraint_shapes_do_not_depend_on_the_items():
+  # Padded tables: one compiled sampler serves every batch of the same slate shape.
+  a = constraints.slate_constraint([[[5, 6, 9], [5, 7, 9]], [[8, 6, 9], [8, 7, 9]]], 20,
+                                   trigger=3)
+  b = constraints.slate_constraint([[[5, 6, 9], [5, 6, 9]], [[5, 6, 9], [5, 7, 9]]], 20,
+                                   trigger=3)
+  shapes = lambda c: jax.tree.map(lambda x: x.shape, c)
+  assert shapes(a) == shapes(b)
