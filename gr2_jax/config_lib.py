@@ -4,8 +4,9 @@ A config file `configs/<stage>.py` defines `PRESETS`, `section(preset)` (the sta
 and `get_config(arg)`, which calls `compose` here. The composed config holds one section per
 stage of the pipeline up to the requested one (`config.data`, `config.legacy`, ...), so a single
 command line can override any upstream field (`--config.data.max_history=20`). Each upstream
-section comes from its own config file, with the same preset when that file knows it, else its
-default.
+section comes from its own config file: with the same preset for the pipeline-wide presets
+(`PIPELINE_PRESETS`), else its default; a stage's own presets (`sids.py:ablation`,
+`rl.py:ablation`, `eval.py:baselines`) change only that stage.
 """
 
 import importlib.util
@@ -15,6 +16,10 @@ import ml_collections
 
 from gr2_jax import stages as stages_lib
 from gr2_jax.errors import UserError
+
+
+# Presets that apply to every stage of a composed pipeline.
+PIPELINE_PRESETS = ("default", "tiny")
 
 
 class ConfigError(UserError):
@@ -51,7 +56,8 @@ def compose(config_file, arg, presets, section_fn):
   config_dir = os.path.dirname(os.path.abspath(config_file))
   for dep in stages_lib.transitive_requires(stage):
     module = load_config_module(os.path.join(config_dir, dep + ".py"))
-    dep_preset = preset if preset in module.PRESETS else "default"
+    dep_preset = (preset if preset in PIPELINE_PRESETS and preset in module.PRESETS
+                  else "default")
     cfg[dep] = module.section(dep_preset)
   cfg[stage] = section_fn(preset)
   return cfg

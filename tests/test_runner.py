@@ -70,3 +70,15 @@ def test_library_info_logs_are_filtered_but_warnings_kept():
   assert not quiet.filter(record(logging.INFO, orbax))
   assert quiet.filter(record(logging.WARNING, orbax))
   assert quiet.filter(record(logging.INFO, "/work/main/gr2_jax/stages/legacy.py"))
+
+
+def test_stage_presets_stay_with_their_stage():
+  configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  load = lambda name: config_lib.load_config_module(os.path.join(configs, f"{name}.py"))
+  # rl.py:ablation must not pick sids.py:ablation (another pipeline); tiny applies everywhere.
+  ablation = load("rl").get_config("ablation")
+  assert ablation.sids.to_dict() == load("sids").section("default").to_dict()
+  assert ablation.rl.variants
+  tiny = load("rl").get_config("tiny")
+  assert tiny.sids.to_dict() == load("sids").section("tiny").to_dict()
+  assert tiny.midtrain.to_dict() == load("midtrain").section("tiny").to_dict()
