@@ -47,9 +47,10 @@ def test_tiny_rl_end_to_end(rl_run):
   assert any(l["kind"] == "eval" for l in lines)
   with open(os.path.join(out, "table.json")) as f:
     table = json.load(f)
-  assert set(table["rows"]) == {"random", "popularity", "legacy", "sft", "rl"}
+  models = {"sft", "rl", "sft (constrained)", "rl (constrained)"}
+  assert set(table["rows"]) == {"random", "popularity", "legacy"} | models
   assert table["slates"] == c.eval_examples
-  for name in ("sft", "rl"):
+  for name in models:
     d = table["diagnostics"][name]
     assert d["num_rollouts"] == c.eval_examples
     assert d["invalid_as_legacy"] == d["num_rollouts"] - d["num_valid"]
