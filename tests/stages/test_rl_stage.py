@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from gr2_jax import config_lib
@@ -90,3 +91,16 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_workdir, rl_run):
 def test_bad_config_is_one_clear_error(tiny_workdir, overrides, message):
   with pytest.raises(UserError, match=message):
     runner.run_stage(_config(**overrides), tiny_workdir, "rl")
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "gspo"])
+def test_algorithm_variants_run(tiny_workdir, algorithm):
+  # grpo adds the k3 KL to the frozen SFT policy (reference log-probs); gspo clips sequence
+  # ratios. Both run from the same tiny SFT artifact with one config field changed.
+  config = _config(algorithm=algorithm, iterations=2, eval_examples=0, eval_every=0)
+  out, summary = runner.run_stage(config, tiny_workdir, "rl")
+  assert summary["algorithm"]["policy_loss"] == ("gspo" if algorithm == "gspo" else "ppo_clip")
+  assert summary["algorithm"]["kl_beta"] == (0.04 if algorithm == "grpo" else 0.0)
+  with open(os.path.join(out, "train", "tb", "metrics.jsonl")) as f:
+    train = [json.loads(l) for l in f if '"train"' in l]
+  assert len(train) == 2 and all(np.isfinite(l["loss"]) for l in train)
