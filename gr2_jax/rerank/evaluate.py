@@ -54,25 +54,45 @@ def prompt_ids(examples, items, sids, prompt_cfg, tok):
   return out
 
 
-def _greedy(model, tok, prompts_ids, *, max_new_tokens, batch_size, make_constraint=None,
-            prompt_multiple=128):
-  """Generated ids (stop token dropped) per prompt, in fixed-size batches (the last one padded
-  with copies) so that every batch shares one compilation."""
+# Prompt widths are padded to a multiple of this, so that the sampler (and the RL update, whose
+# rows are prompt width + response budget) compile for a handful of shapes, not every batch.
+PROMPT_MULTIPLE = 128
+
+
+def generate(model, tok, prompts_ids, *, max_new_tokens, batch_size, make_constraint=None,
+             greedy=True, temperature=1.0, key=None):
+  """(responses, logps, finished) per prompt, in fixed-size batches (the last one padded with
+  copies) so that every batch shares one compilation.
+
+  A response keeps its stop token when it emitted one (`finished`); `logps` are the sampler's
+  per-token log-probabilities. `make_constraint(start, real)` builds a batch's constraint.
+  """
   stops = chat.chat_stop_ids(tok)
-  outs = []
+  key = jax.random.key(0) if key is None else key
+  responses, logps, finished = [], [], []
   for s in range(0, len(prompts_ids), batch_size):
     batch = list(prompts_ids[s:s + batch_size])
     real = len(batch)
     batch += [batch[-1]] * (batch_size - real)
     cons = make_constraint(s, real) if make_constraint is not None else None
-    res = sampler.sample(model, batch, key=jax.random.key(0), max_new_tokens=max_new_tokens,
-                         greedy=True, stop_tokens=stops, pad_id=tok.pad_id, constraint=cons,
-                         prompt_multiple=prompt_multiple, vocab_limit=tok.vocab_size)
-    toks, lens = np.asarray(res.tokens), np.asarray(res.lengths)
+    res = sampler.sample(model, batch, key=jax.random.fold_in(key, s),
+                         max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
+                         stop_tokens=stops, pad_id=tok.pad_id, constraint=cons,
+                         prompt_multiple=PROMPT_MULTIPLE, vocab_limit=tok.vocab_size)
+    toks, lps = np.asarray(res.tokens), np.asarray(res.logprobs)
+    lens, done = np.asarray(res.lengths), np.asarray(res.done)
     for j in range(real):
-      ids = toks[j, :lens[j]].tolist()
-      outs.append(ids[:-1] if ids and ids[-1] in stops else ids)
-  return outs
+      responses.append(toks[j, :lens[j]].tolist())
+      logps.append(lps[j, :lens[j]])
+      finished.append(bool(done[j]))
+  return responses, logps, finished
+
+
+def _greedy(model, tok, prompts_ids, *, max_new_tokens, batch_size, make_constraint=None):
+  """Greedy generated ids per prompt, the stop token dropped."""
+  out, _, finished = generate(model, tok, prompts_ids, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, make_constraint=make_constraint)
+  return [ids[:-1] if f and ids else ids for ids, f in zip(out, finished)]
 
 
 def ranking_cut(tok, ids):

@@ -23,10 +23,8 @@ import numpy as np
 from gr2_jax.rerank import evaluate as rerank_lib
 from gr2_jax.rl.registry import REWARDS
 from gr2_jax.sampling import constraints
-from gr2_jax.sampling import sampler
 from gr2_jax.sids import tokens as sid_lib
 from gr2_jax.teachers import base
-from gr2_jax.text import chat
 from gr2_jax.text import parser
 
 
@@ -55,32 +53,12 @@ def slate_permutations(num_prompts, group_size, k, shuffle, rng):
   return np.argsort(rng.random((num_prompts, group_size, k)), axis=-1)
 
 
-# Prompt widths are padded to a multiple of this, so that the sampler (and the update, whose
-# rows are prompt width + response budget) compile for a handful of shapes, not every batch.
-PROMPT_MULTIPLE = 128
-
-
 def _sample(model, tok, prompt_ids, *, key, batch_size, max_new_tokens, temperature,
             make_constraint=None):
-  """(responses, logps, finished) of one sampled answer per prompt, in fixed-size batches."""
-  stops = chat.chat_stop_ids(tok)
-  responses, logps, finished = [], [], []
-  for s in range(0, len(prompt_ids), batch_size):
-    batch = list(prompt_ids[s:s + batch_size])
-    real = len(batch)
-    batch += [batch[-1]] * (batch_size - real)  # one compilation for every batch
-    cons = make_constraint(s, real) if make_constraint is not None else None
-    out = sampler.sample(model, batch, key=jax.random.fold_in(key, s),
-                         max_new_tokens=max_new_tokens, temperature=temperature,
-                         stop_tokens=stops, pad_id=tok.pad_id, constraint=cons,
-                         prompt_multiple=PROMPT_MULTIPLE, vocab_limit=tok.vocab_size)
-    toks, lps = np.asarray(out.tokens), np.asarray(out.logprobs)
-    lens, done = np.asarray(out.lengths), np.asarray(out.done)
-    for j in range(real):
-      responses.append(toks[j, :lens[j]].tolist())
-      logps.append(lps[j, :lens[j]])
-      finished.append(bool(done[j]))
-  return responses, logps, finished
+  """(responses, logps, finished) of one sampled answer per prompt."""
+  return rerank_lib.generate(model, tok, prompt_ids, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, make_constraint=make_constraint,
+                             greedy=False, temperature=temperature, key=key)
 
 
 def _constrained_tails(model, tok, prompt_ids, responses, logps, finished, shown_sids, *, key,

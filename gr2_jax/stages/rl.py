@@ -25,6 +25,7 @@ checkpoint is evaluated like an SFT one), `train/` (checkpoints, metrics.jsonl, 
 import collections
 import json
 import os
+import shutil
 import time
 
 from absl import logging
@@ -145,10 +146,7 @@ class Policy:
     """(state, metadata or None)."""
     if self.manager.latest_step() is None:
       return self.tr.init_state(), None
-    tr = self.tr
-    shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": tr.tx.init(p),
-                                       "step": jnp.int32(0)}, tr._init_params)  # pylint: disable=protected-access
-    return self.manager.restore(ckpt_lib.abstract_like(shapes, tr.state_shardings))
+    return self.manager.restore(self.tr.abstract_state())
 
 
 def _validation_eval(model, tok, slates, items, users, sids, prompt_cfg, c):
@@ -219,7 +217,7 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
       sel, valid = np.asarray(sel["idx"]), np.asarray(valid)
       rows_idx = (sel[:, None] * g + np.arange(g)).ravel()
       valid_rows = np.repeat(valid, g)
-      width = (_round_up(max(len(x) for x in ro.prompts), rollout_lib.PROMPT_MULTIPLE)
+      width = (_round_up(max(len(x) for x in ro.prompts), rerank_lib.PROMPT_MULTIPLE)
                + c.max_new_tokens)
       rows = learner.build_rows([ro.prompts[i] for i in rows_idx],
                                 [ro.responses[i] for i in rows_idx],
@@ -240,7 +238,7 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
       step_metrics = jax.device_get(step_metrics)
       n_skipped = int(sum(m["skipped"] for m in step_metrics))
       if n_skipped:
-        reason = _skip_reason(ro, keep & (np.ptp(rewards, axis=-1) > 0))
+        reason = _skip_reason(ro, np.ptp(rewards, axis=-1) > 1e-6)
         skipped[reason] += n_skipped
         logging.warning("[%s] iteration %d: %d of %d updates skipped (%s)", name, it + 1,
                         n_skipped, len(step_metrics), reason)
@@ -403,11 +401,8 @@ def run(ctx):
     model, train_report = train_policy(ctx, c, "train", model, tok, data, sids, prompt_cfg, mesh)
     midtrain.save_model(ctx.out_dir, model, tok)
     tok.save(ctx.path("tokenizer"))
-    with open(os.path.join(sft_dir, rerank_lib.PROMPT_FILE)) as f:
-      prompt_fields = json.load(f)
-    with open(os.path.join(sft_dir, rerank_lib.SID_TABLE_FILE)) as f:
-      table = json.load(f)
-    rerank_lib.save_rerank_info(ctx.out_dir, prompt_fields, table)
+    for name in (rerank_lib.PROMPT_FILE, rerank_lib.SID_TABLE_FILE):  # what re-ranking needs
+      shutil.copy(os.path.join(sft_dir, name), ctx.path(name))
     report.update({k: train_report[k] for k in (
         "iterations", "resumed_from", "skipped_updates", "algorithm", "reward", "shuffle",
         "rollout_tokens_per_sec", "iteration_seconds", "wall_seconds")})

@@ -182,6 +182,12 @@ class Trainer:
     step = jax.device_put(jnp.int32(0), self.state_shardings["step"])
     return {"params": self._init_params, "opt_state": opt_state, "step": step}
 
+  def abstract_state(self):
+    """ShapeDtypeStructs (with shardings) of the train state: the target of a restore."""
+    shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": self.tx.init(p),
+                                       "step": jnp.int32(0)}, self._init_params)
+    return ckpt_lib.abstract_like(shapes, self.state_shardings)
+
   def model(self, params):
     return nnx.merge(self.graphdef, params)
 
@@ -222,10 +228,7 @@ class Trainer:
     if start is None:
       state, start = self.init_state(), 0
     else:
-      shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": self.tx.init(p),
-                                         "step": jnp.int32(0)}, self._init_params)
-      target = ckpt_lib.abstract_like(shapes, self.state_shardings)
-      state, meta = manager.restore(target)
+      state, meta = manager.restore(self.abstract_state())
       it.set_state(meta["data"])
       task_tokens.update(meta.get("task_tokens", {}))
       history = meta.get("history", [])
