@@ -1,5 +1,6 @@
 """Mid-training: SID tokens join the LLM's vocabulary; warm-up of the new rows, then training
-on the four tasks; evaluation by constrained generative next-item retrieval and captioning.
+on the four tasks and slate ranking; evaluation by constrained generative next-item retrieval,
+captioning and greedy slate answers.
 
   python -m gr2_jax.main --config=configs/midtrain.py --workdir=W
   python -m gr2_jax.main --config=configs/midtrain.py:tiny --workdir=W
@@ -25,9 +26,12 @@ def section(preset):
   c.num_devices = 0  # 0 = all; the mesh is (data = devices, 1, 1)
   # Task mix: shares of trained tokens (normalised; the OneRec-Think reproduction used
   # sequential 66%, alignment 24%, caption 5%, general 5%).
+  # `slates`: training-period slates answered in the re-ranking JSON (target first), which
+  # teaches a model trained from scratch to copy candidates' SIDs.
   c.task_mix = ml_collections.ConfigDict(
-      {"sequential": 0.5, "caption": 0.3, "persona": 0.1, "text": 0.1})
-  c.max_history_items = 10  # SIDs of history per sequential / persona document
+      {"sequential": 0.25, "caption": 0.15, "persona": 0.05, "text": 0.05, "slates": 0.5})
+  c.max_history_items = 10  # SIDs of history per sequential / persona / slates document
+  c.slate_examples = 20000  # training-period slates drawn for the slates task (0 = all)
   c.seq_len = 256  # packed row length
   c.batch_size = 8  # rows per micro-batch
   c.micro_batches = 1
@@ -35,7 +39,7 @@ def section(preset):
   c.warmup_steps = 20
   c.warmup_lr = 3e-3
   # Full training.
-  c.steps = 120  # ~0.25M tokens: about 4 minutes at ~1.1k tok/s on 2 idle cores
+  c.steps = 240  # ~0.5M tokens: about 4 minutes at ~2k tok/s on 2 idle cores
   c.learning_rate = 3e-3
   c.lr_warmup_steps = 20
   c.end_lr_ratio = 0.1
@@ -55,8 +59,8 @@ def section(preset):
     c.model_preset = "tiny"
     c.sp_vocab_size = 1200
     c.num_devices = 1
-    c.seq_len = 128
-    c.batch_size = 4
+    c.seq_len = 320  # a slates document is ~270 tokens with the tiny tokenizer
+    c.batch_size = 2
     c.micro_batches = 2
     c.warmup_steps = 4
     c.steps = 12
@@ -68,6 +72,7 @@ def section(preset):
     c.beam_width = 12
     c.eval_batch = 16
     c.caption_items = 8
+    c.slate_examples = 200
     c.n_boot = 100
   return c
 

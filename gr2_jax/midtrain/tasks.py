@@ -8,6 +8,11 @@ all of it. The evaluation prompts are prefixes of these layouts:
   (c) user persona grounding: `User: 25-34, male, programmer. Likes Comedy, Drama.\\n
       Watched: <sid><sid>...`
   (d) plain item text: `Toy Story (1995) is an Animation, Children's, Comedy movie. ...`
+  (e) slate ranking: `History: <sid>...\\nCandidates: <sid>...\\n{"recommendations": [...]}`,
+      a training-period slate shown in a seeded shuffle and answered in the re-ranking JSON
+      with the true next item first and the other candidates in the legacy order. It drills
+      the skill every later stage needs and a model trained from scratch lacks: copying a
+      candidate's SID, token by token, from wherever it stands in the prompt.
 Only interactions of the training periods (0-1) are used.
 """
 
@@ -16,8 +21,9 @@ import collections
 import numpy as np
 
 from gr2_jax.errors import UserError
+from gr2_jax.text import prompts
 
-TASKS = ("sequential", "caption", "persona", "text")
+TASKS = ("sequential", "caption", "persona", "text", "slates")
 
 # MovieLens-1M user codes; other data sets give free text or nothing.
 _AGES = {1: "under 18", 18: "18-24", 25: "25-34", 35: "35-44", 45: "45-49", 50: "50-55",
@@ -106,6 +112,23 @@ def text_docs(items):
     if it.get("description"):
       doc += " " + it["description"]
     docs.append(doc)
+  return docs
+
+
+def slate_prompt(history_sids, shown_sids):
+  return "History: " + "".join(history_sids) + "\nCandidates: " + "".join(shown_sids) + "\n"
+
+
+def slate_docs(slates, sids, max_items, seed):
+  """(e) One document per slate (`slates_lib.load_split` arrays of a training-period split)."""
+  rng = np.random.default_rng(seed)
+  docs = []
+  for hist, slate, target in zip(slates["history"], slates["slate"], slates["target_index"]):
+    hist = hist[hist >= 0][-max_items:]
+    shown = rng.permutation(len(slate))
+    ranked = [int(target)] + [j for j in range(len(slate)) if j != int(target)]
+    docs.append(slate_prompt([sids[i] for i in hist], [sids[slate[j]] for j in shown])
+                + prompts.render_answer([sids[slate[j]] for j in ranked]))
   return docs
 
 

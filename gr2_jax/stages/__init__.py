@@ -21,7 +21,7 @@ REQUIRES = {
 VERSIONS = {
     "data": 2,  # histories stop before the target's timestamp
     "legacy": 2,  # SASRec trains on sequences whose same-second ties are shuffled
-    "midtrain": 2,  # the tokenizer also learns the re-ranking turns' wording
+    "midtrain": 3,  # the slates task
     "traces": 2,  # shorter system turn; traces cite items as the prompt shows them
 }
 

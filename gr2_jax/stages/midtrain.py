@@ -1,5 +1,6 @@
-"""Mid-training stage: SID tokens into the LLM, warm-up of their rows, four-task training, and
-generative next-item retrieval with beam search constrained to valid SIDs.
+"""Mid-training stage: SID tokens into the LLM, warm-up of their rows, training on the four
+tasks and slate ranking, generative next-item retrieval with beam search constrained to valid
+SIDs, and greedy answers in the slates task's layout.
 
 Artifact: `tokenizer/`, `model/` (final parameters, orbax), `model_config.json`, `warmup/` and
 `train/` (checkpoints `ckpt/`, TensorBoard and metrics.jsonl under `tb/`), `eval.json`,
@@ -35,6 +36,7 @@ from gr2_jax.sampling import constraints
 from gr2_jax.sampling import sampler
 from gr2_jax.sids import tokens as sid_lib
 from gr2_jax.teachers import cf as cf_teacher
+from gr2_jax.text import parser
 from gr2_jax.text import prompts
 from gr2_jax.text import tokenizers
 from gr2_jax.train import optim
@@ -213,6 +215,31 @@ def _caption_accuracy(model, tok, items, table, item_ids, c):
   return np.asarray(hits)
 
 
+def _slate_answers(model, tok, slates, sids, c):
+  """Greedy answers of the slates task's layout (candidates in the legacy order) parsed with
+  Omega: the valid rate, reasons, and R@1 with an invalid answer counted as the legacy order."""
+  slates_sids = [[sids[i] for i in slate] for slate in slates["slate"]]
+  batch = []
+  for hist, shown in zip(slates["history"], slates_sids):
+    hist = hist[hist >= 0][-c.max_history_items:]
+    batch.append(tok.encode(tasks_lib.slate_prompt([sids[i] for i in hist], shown)))
+  budget = len(tok.encode(prompts.render_answer(slates_sids[0]))) + 8
+  out = sampler.sample(model, batch, key=jax.random.key(0), max_new_tokens=budget, greedy=True,
+                       stop_tokens=(tok.eos_id,), pad_id=tok.pad_id, prompt_multiple=16)
+  first, reasons = [], {}
+  for j, shown in enumerate(slates_sids):
+    text = tok.decode(np.asarray(out.tokens[j, :int(out.lengths[j])]).tolist())
+    res = parser.parse_ranking(text.split("\n")[0], shown)
+    reasons[res.reason] = reasons.get(res.reason, 0) + 1
+    first.append(res.order[0] if res.omega else 0)
+  hits = (np.asarray(first) == slates["target_index"]).astype(np.float32)
+  legacy = (slates["target_index"] == 0).astype(np.float32)
+  return {"n": len(first), "valid_rate": reasons.get("ok", 0) / max(len(first), 1),
+          "reasons": reasons,
+          "R@1": metrics.bootstrap_ci(hits, c.n_boot, seed=c.seed),
+          "legacy R@1": metrics.bootstrap_ci(legacy, c.n_boot, seed=c.seed)}
+
+
 def _legacy_ranks(ctx, examples, inter, rows, num_items):
   lc = ctx.config.legacy
   legacy_dir = ctx.inputs["legacy"]
@@ -255,6 +282,13 @@ def _markdown(report):
                f"[{cap['lo']:.4f}, {cap['hi']:.4f}] (n={cap['n']})")
   for split, v in report["valid_sid_rate_unconstrained"].items():
     lines.append(f"valid-SID rate of unconstrained greedy generation ({split}): {v:.4f}")
+  sa = report.get("slate_answers")
+  if sa:
+    r1, leg = sa["R@1"], sa["legacy R@1"]
+    lines.append(f"slates task, greedy answers on {sa['n']} validation slates: valid "
+                 f"{sa['valid_rate']:.4f} ({', '.join(f'{k} {v}' for k, v in sorted(sa['reasons'].items()))}); "
+                 f"R@1 {r1['mean']:.4f} [{r1['lo']:.4f}, {r1['hi']:.4f}] (invalid = legacy order) "
+                 f"vs legacy {leg['mean']:.4f}")
   return "\n".join(lines)
 
 
@@ -289,6 +323,11 @@ def evaluate(ctx, model, tok, table, items, examples, inter):
   cap_ids = np.sort(rng.choice(seen, min(c.caption_items, len(seen)), replace=False)).tolist()
   report["caption_accuracy"] = metrics.bootstrap_ci(
       _caption_accuracy(model, tok, items, table, cap_ids, c), c.n_boot, seed=c.seed)
+  val = slates_lib.load_split(ctx.input_path("legacy"), "validation",
+                              max_examples=c.eval_examples, seed=c.seed)
+  if len(val.get("slate", ())):
+    sids = [row["sid"] for row in table["items"]]
+    report["slate_answers"] = _slate_answers(model, tok, val, sids, c)
   return report
 
 
@@ -308,10 +347,18 @@ def run(ctx):
   sid_token_strs = sid_lib.all_sid_tokens(table["num_levels"], table["codebook_size"])
   mask = artifacts.training_mask(inter)
   seen = np.unique(inter["item"][mask])
+  shares = tasks_lib.parse_mix(dict(c.task_mix))
+  slate_docs = []
+  if shares[tasks_lib.TASKS.index("slates")] > 0:
+    train_slates = slates_lib.load_split(ctx.input_path("legacy"), "train",
+                                         max_examples=c.slate_examples, seed=c.seed)
+    if len(train_slates.get("slate", ())):
+      slate_docs = tasks_lib.slate_docs(train_slates, sids, c.max_history_items, c.seed)
   docs = [tasks_lib.sequential_docs(examples, sids, c.max_history_items),
           tasks_lib.caption_docs(items, sids, seen.tolist()),
           tasks_lib.persona_docs(users, items, inter, mask, sids, c.max_history_items),
-          tasks_lib.text_docs([items[i] for i in seen])]
+          tasks_lib.text_docs([items[i] for i in seen]),
+          slate_docs]
   corpus = docs[3] + docs[1][1::2] + [d.split("\n")[0] for d in docs[2]]
   # The re-ranking turns later stages write (system turns, JSON keys, trace wording) weigh like
   # frequent text, so their words become whole pieces rather than letters.
@@ -373,6 +420,7 @@ def run(ctx):
       "caption_accuracy": report["caption_accuracy"]["mean"],
       "valid_sid_rate_unconstrained": report["valid_sid_rate_unconstrained"],
       "ratio_r10_vs_sasrec": report["ratio_r10_vs_sasrec"],
+      "slate_answers_valid_rate": report.get("slate_answers", {}).get("valid_rate"),
       "r10": {s: {n: m["R@10"]["mean"] for n, m in t.items()}
               for s, t in report["retrieval"].items()},
       "wall_seconds": report["wall_seconds"],

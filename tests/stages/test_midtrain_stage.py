@@ -68,18 +68,23 @@ def test_tiny_midtrain_end_to_end(tiny_workdir):
       assert m["R@10"]["n"] == c.eval_examples
       assert m["R@5"]["mean"] <= m["R@10"]["mean"] and m["N@5"]["mean"] <= m["N@10"]["mean"]
   assert report["caption_accuracy"]["n"] == c.caption_items
+  sa = report["slate_answers"]
+  assert 0 < sa["n"] <= c.eval_examples and sum(sa["reasons"].values()) == sa["n"]
+  assert sa["valid_rate"] == sa["reasons"].get("ok", 0) / sa["n"]
   # Tokens per task: every task with a share was trained, in about its share.
   tt = summary["task_tokens"]
   total = sum(tt.values())
   assert total > 0.5 * c.steps * c.batch_size * c.micro_batches * c.seq_len
   assert tt["sequential"] > tt["persona"] > 0 and tt["caption"] > 0 and tt["text"] > 0
+  assert tt["slates"] > tt["sequential"]
   assert os.path.isfile(os.path.join(out, "train", "tb", "metrics.jsonl"))
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(
       os.path.join(out, "train", "tb")))
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"task_mix": {"sequential": 0.0, "caption": 0.0, "persona": 0.0, "text": 0.0}},
+    ({"task_mix": {"sequential": 0.0, "caption": 0.0, "persona": 0.0, "text": 0.0,
+                   "slates": 0.0}},
      "sums to zero"),
     ({"seq_len": 16}, "but seq_len is 16"),
 ])
