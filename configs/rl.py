@@ -32,7 +32,11 @@ def section(preset):
   c.kl_beta = config_dict.placeholder(float)
   c.kl_estimator = config_dict.placeholder(str)
   c.dynamic_sampling = config_dict.placeholder(bool)
-  c.overlong_buffer = config_dict.placeholder(int)
+  # DAPO's soft overlong penalty ramps over the last `overlong_buffer` tokens of the budget. The
+  # CF-teacher answers the SFT model imitates are ~220 of the 240 tokens, so any buffer would
+  # penalise nearly every answer and the reward would mostly rank lengths: 0 keeps only the hard
+  # -1 beyond the budget (a truncated answer is also invalid). Raise it with max_new_tokens.
+  c.overlong_buffer = 0
   c.reward = "rank_promotion"
   c.alpha = 0.2  # format bonus (paid under the reward's condition)
   c.invalid_penalty = -1.0
