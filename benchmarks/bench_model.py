@@ -17,10 +17,8 @@ FLOP accounting (what the code really computes, causal masking not credited):
   same run; the fraction achieved/peak is reported as "of peak".
 """
 
-import datetime
 import functools
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +33,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import common  # pylint: disable=g-import-not-at-top
 from gr2_jax.models import qwen3  # pylint: disable=g-import-not-at-top
 from gr2_jax.sampling import sampler  # pylint: disable=g-import-not-at-top
 
@@ -50,30 +49,8 @@ flags.DEFINE_integer("train_batch", 8, "Training step: sequences per batch.")
 flags.DEFINE_integer("train_seq", 128, "Training step: tokens per sequence.")
 flags.DEFINE_integer("train_steps", 3, "Training step: timed steps.")
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul that measures peak FLOP/s.")
-flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "BENCHMARKS.md"), "Markdown file the results are appended to.")
+flags.DEFINE_string("out", common.BENCHMARKS_MD, "Markdown file the results are appended to.")
 flags.DEFINE_bool("write", True, "Append the results to --out.")
-
-
-def machine_description():
-  dev = jax.devices()[0]
-  if dev.platform == "cpu":
-    model = platform.processor() or "unknown CPU"
-    try:
-      with open("/proc/cpuinfo") as f:
-        for line in f:
-          if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    except OSError:
-      pass
-    desc = f"CPU: {model}, {os.cpu_count()} cores"
-    if hasattr(os, "getloadavg"):
-      # Other processes on the same cores slow every number here; say how busy they were.
-      desc += f", load average {os.getloadavg()[0]:.1f} at start"
-  else:
-    desc = f"{len(jax.devices())} x {dev.device_kind}"
-  return f"{desc}; jax {jax.__version__}; {datetime.date.today().isoformat()}"
 
 
 def timed(fn, reps, setup=None):
@@ -201,7 +178,7 @@ def main(argv):
   dtype = FLAGS.dtype if FLAGS.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
   cfg = qwen3.get_model_config(FLAGS.preset, dtype=dtype)
   model = qwen3.Qwen3(cfg, rngs=nnx.Rngs(0))
-  machine = machine_description()
+  machine = common.machine_description()
   print(f"# {machine}; preset {FLAGS.preset}, compute {dtype}", flush=True)
 
   peak = matmul_peak(FLAGS.matmul_size, jnp.dtype(dtype))
@@ -247,14 +224,7 @@ def main(argv):
   table = "\n".join(lines)
   print("\n" + table)
   if FLAGS.write:
-    new = not os.path.exists(FLAGS.out)
-    with open(FLAGS.out, "a") as f:
-      if new:
-        f.write("# Benchmarks\n\nMeasured by the scripts under `benchmarks/`; each run appends "
-                "a section with the machine it ran on. Compare numbers only within one "
-                "section (same machine, same run).\n\n")
-      f.write(table + "\n")
-
+    common.append_section(table, FLAGS.out)
 
 if __name__ == "__main__":
   app.run(main)

@@ -11,14 +11,13 @@ compiling call. Appends a section to BENCHMARKS.md.
 """
 
 import argparse
-import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import common
 from gr2_jax.models import qwen3
 from gr2_jax.parallel import mesh as mesh_lib
 from gr2_jax.rl import learner
@@ -79,15 +78,11 @@ def main():
   t_step = (time.perf_counter() - start) / args.repeats
   width = args.prompt_len + args.new_tokens
   total, _ = qwen3.param_counts(model)
-  load = os.getloadavg()[0]
-  dev = jax.devices()[0]
   lines = [
       f"\n### bench_rl: preset `demo` ({total / 1e6:.2f}M params, vocab {args.vocab}), "
       f"{args.dtype}",
       "",
-      f"Machine: {getattr(dev, 'device_kind', dev.platform)} ({platform.machine()}, "
-      f"{os.cpu_count()} cores, load average {load:.1f} at start); jax {jax.__version__}; "
-      f"{time.strftime('%Y-%m-%d')}. Command: `python benchmarks/bench_rl.py --rows "
+      f"Machine: {common.machine_description()}. Command: `python benchmarks/bench_rl.py --rows "
       f"{args.rows} --prompt_len {args.prompt_len} --new_tokens {args.new_tokens} "
       f"--update_rows {args.update_rows} --dtype {args.dtype}`.",
       "",
@@ -99,10 +94,7 @@ def main():
   ]
   text = "\n".join(lines) + "\n"
   print(text)
-  with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "BENCHMARKS.md"), "a") as f:
-    f.write(text)
-
+  common.append_section(text)
 
 if __name__ == "__main__":
   main()

@@ -8,13 +8,12 @@ matmul peak of this machine. Appends a section to BENCHMARKS.md.
 """
 
 import argparse
-import os
-import platform
 import time
 
 import jax
 import numpy as np
 
+import common
 from gr2_jax.models import qwen3
 from gr2_jax.parallel import mesh as mesh_lib
 from gr2_jax.train import metrics_log
@@ -57,13 +56,11 @@ def main():
   flops = metrics_log.model_flops_per_token(cfg, args.seq_len) * computed
   peak = metrics_log.measure_peak_flops()
   total, non_emb = qwen3.param_counts(model)
-  load = os.getloadavg()[0]
   lines = [
       f"\n### bench_train: preset `demo` ({total / 1e6:.2f}M params, {non_emb / 1e6:.2f}M "
       f"non-embedding, vocab {args.vocab}), float32",
       "",
-      f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
-      f"average {load:.1f} at start; jax {jax.__version__}; {time.strftime('%Y-%m-%d')}. "
+      f"Machine: {common.machine_description()}. "
       f"Command: `python benchmarks/bench_train.py --seq_len {args.seq_len} --batch "
       f"{args.batch} --micro {args.micro}`.",
       "",
@@ -74,10 +71,7 @@ def main():
   ]
   text = "\n".join(lines) + "\n"
   print(text)
-  with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "BENCHMARKS.md"), "a") as f:
-    f.write(text)
-
+  common.append_section(text)
 
 if __name__ == "__main__":
   main()

@@ -106,8 +106,7 @@ def _encode(tok, docs):
   return [np.asarray(tok.encode(d) + [eos], np.int32) for d in docs]
 
 
-def _examples(c, pools, seed, total_tokens):
-  shares = tasks_lib.parse_mix(dict(c.task_mix))
+def _examples(c, pools, shares, seed, total_tokens):
   ex, task_ids = tasks_lib.mix_examples(pools, shares, total_tokens, seed)
   longest = max(len(e) for e in ex)
   if longest > c.seq_len:
@@ -224,11 +223,15 @@ def _slate_answers(model, tok, slates, sids, c):
     hist = hist[hist >= 0][-c.max_history_items:]
     batch.append(tok.encode(tasks_lib.slate_prompt([sids[i] for i in hist], shown)))
   budget = len(tok.encode(prompts.render_answer(slates_sids[0]))) + 8
-  out = sampler.sample(model, batch, key=jax.random.key(0), max_new_tokens=budget, greedy=True,
-                       stop_tokens=(tok.eos_id,), pad_id=tok.pad_id, prompt_multiple=16)
+  texts = []
+  for s in range(0, len(batch), c.eval_batch):
+    out = sampler.sample(model, batch[s:s + c.eval_batch], key=jax.random.key(0),
+                         max_new_tokens=budget, greedy=True, stop_tokens=(tok.eos_id,),
+                         pad_id=tok.pad_id, prompt_multiple=16)
+    texts += [tok.decode(np.asarray(out.tokens[j, :int(out.lengths[j])]).tolist())
+              for j in range(len(out.lengths))]
   first, reasons = [], {}
-  for j, shown in enumerate(slates_sids):
-    text = tok.decode(np.asarray(out.tokens[j, :int(out.lengths[j])]).tolist())
+  for text, shown in zip(texts, slates_sids):
     res = parser.parse_ranking(text.split("\n")[0], shown)
     reasons[res.reason] = reasons.get(res.reason, 0) + 1
     first.append(res.order[0] if res.omega else 0)
@@ -375,7 +378,7 @@ def run(ctx):
   per_step = c.batch_size * c.micro_batches * c.seq_len
   # ~85% of a packed row holds tokens; a little extra keeps the last steps on fresh data.
   total = int((c.warmup_steps + c.steps) * per_step * 0.9)
-  ex, task_ids = _examples(c, pools, c.seed, total)
+  ex, task_ids = _examples(c, pools, shares, c.seed, total)
   rows = packing.pack(ex, c.seq_len, tok.pad_id, task_ids)
   held = min(len(rows["tokens"]) // 10, 4 * c.batch_size)
   eval_rows = {k: v[:held] for k, v in rows.items()}
