@@ -44,6 +44,36 @@ def parse_checkpoints(entries):
   return out
 
 
+def compare_models(slates, popularity, models, *, items, users, rankers, seed, n_boot,
+                   max_new_tokens, batch_size, constrained, log_prefix="eval"):
+  """Baselines and models re-ranking the same slates: rows, diagnostics, samples, seconds.
+
+  Args:
+    models: (name, load) pairs; load() -> (model, tokenizer, sids, prompt config), called one
+      model at a time.
+    rankers: baselines shown besides "legacy", which every table keeps for the lift.
+  """
+  orders = {name: o for name, o in baseline_orders(slates, popularity, seed).items()
+            if name in rankers or name == "legacy"}
+  diags, samples, seconds = {}, {}, {}
+  for name, load in models:
+    model, tok, sids, prompt_cfg = load()
+    t0 = time.time()
+    o, d, smp = rerank_lib.evaluate_checkpoint(
+        model, tok, name, slates, items, sids, prompt_cfg, users,
+        max_new_tokens=max_new_tokens, batch_size=batch_size,
+        constrained=tuple(bool(x) for x in constrained))
+    seconds[name] = round(time.time() - t0, 1)
+    logging.info("[%s] %s re-ranked %d slates in %.1fs", log_prefix, name,
+                 len(slates["slate"]), seconds[name])
+    orders.update(o)
+    diags.update(d)
+    samples.update(smp)
+  rows = tables.evaluate(orders, slates, n_boot=n_boot, seed=seed)
+  return {"slates": int(len(slates["slate"])), "rows": rows, "diagnostics": diags,
+          "samples": samples, "seconds": seconds}
+
+
 def model_table(ctx, popularity):
   """Rows and diagnostics of the checkpoints and the baselines on the model subset."""
   c = ctx.section
@@ -52,31 +82,25 @@ def model_table(ctx, popularity):
   items, users = artifacts.load_items(data_dir), artifacts.load_users(data_dir)
   slates = slates_lib.load_split(legacy_dir, c.split, max_examples=c.model_examples,
                                  seed=c.seed)
-  orders = {name: o for name, o in baseline_orders(slates, popularity, c.seed).items()
-            if name in c.rankers or name == "legacy"}
-  diags, samples, seconds = {}, {}, {}
-  for name, path in parse_checkpoints(c.checkpoints).items():
+  checkpoints = parse_checkpoints(c.checkpoints)
+  for path in checkpoints.values():
     if not os.path.isdir(path):
       raise UserError(f"eval.checkpoints: {path} does not exist")
-    prompt_cfg, sids = rerank_lib.load_rerank_info(path)
-    if len(sids) != len(items):
-      raise UserError(f"{path} was trained on a SID table of {len(sids)} items but the data "
-                      f"has {len(items)}; evaluate it in its own workdir")
-    model, tok = midtrain.load_model(path, mesh_lib.single_device_mesh())
-    t0 = time.time()
-    o, d, smp = rerank_lib.evaluate_checkpoint(
-        model, tok, name, slates, items, sids, prompt_cfg, users,
-        max_new_tokens=c.max_new_tokens, batch_size=c.batch_size,
-        constrained=tuple(bool(x) for x in c.constrained))
-    seconds[name] = round(time.time() - t0, 1)
-    logging.info("[eval] %s re-ranked %d slates in %.1fs", name, len(slates["slate"]),
-                 seconds[name])
-    orders.update(o)
-    diags.update(d)
-    samples.update(smp)
-  rows = tables.evaluate(orders, slates, n_boot=c.n_boot, seed=c.seed)
-  return {"slates": int(len(slates["slate"])), "rows": rows, "diagnostics": diags,
-          "samples": samples, "seconds": seconds}
+
+  def loader(path):
+    def load():
+      prompt_cfg, sids = rerank_lib.load_rerank_info(path)
+      if len(sids) != len(items):
+        raise UserError(f"{path} was trained on a SID table of {len(sids)} items but the data "
+                        f"has {len(items)}; evaluate it in its own workdir")
+      model, tok = midtrain.load_model(path, mesh_lib.single_device_mesh())
+      return model, tok, sids, prompt_cfg
+    return load
+
+  return compare_models(
+      slates, popularity, [(name, loader(path)) for name, path in checkpoints.items()],
+      items=items, users=users, rankers=tuple(c.rankers), seed=c.seed, n_boot=c.n_boot,
+      max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, constrained=c.constrained)
 
 
 def run(ctx):

@@ -150,17 +150,23 @@ class Policy:
 
 
 def _validation_eval(model, tok, slates, items, users, sids, prompt_cfg, c):
-  """The greedy policy against the legacy order: (scalars for the logs, markdown table)."""
+  """The greedy policy against the legacy order: (scalars for the logs, markdown table).
+
+  Free decoding always; with `constrain_ranking` also decoding under the slate constraint, the
+  mode the rollouts use, whose row gives the ranking scalars (a free answer the model cannot
+  yet make valid would read as the legacy order and hide what RL changed).
+  """
+  modes = (False, True) if c.constrain_ranking else (False,)
   orders, diags, _ = rerank_lib.evaluate_checkpoint(
       model, tok, "policy", slates, items, sids, prompt_cfg, users,
-      max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch, constrained=(False,))
+      max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch, constrained=modes)
   k = slates["slate"].shape[1]
-  orders["legacy"] = np.tile(np.arange(k), (len(slates["slate"]), 1))
-  rows = tables.evaluate({"legacy": orders["legacy"], "policy": orders["policy"]}, slates,
-                         n_boot=min(c.n_boot, 200), seed=c.seed)
-  d = diags["policy"]
-  scalars = {"R@1": rows["policy"]["R@1"]["mean"], "legacy_R@1": rows["legacy"]["R@1"]["mean"],
-             "N@5": rows["policy"]["N@5"]["mean"], "valid_rate": d["valid_rate"],
+  orders = {"legacy": np.tile(np.arange(k), (len(slates["slate"]), 1)), **orders}
+  rows = tables.evaluate(orders, slates, n_boot=min(c.n_boot, 200), seed=c.seed)
+  row = rerank_lib.row_name("policy", modes[-1])
+  d = diags[row]
+  scalars = {"R@1": rows[row]["R@1"]["mean"], "legacy_R@1": rows["legacy"]["R@1"]["mean"],
+             "N@5": rows[row]["N@5"]["mean"], "valid_rate": diags["policy"]["valid_rate"],
              "identity_rate": d["identity_rate"], "kendall_tau": d["kendall_tau"]}
   return scalars, tables.format_table(rows) + "\n\n" + rerank_lib.diagnostics_markdown(diags)
 
@@ -324,22 +330,16 @@ def final_table(ctx, c, models, tok, data, sids, prompt_cfg):
   if not len(slates.get("slate", ())):
     raise UserError(f"no {c.eval_split} slates in {legacy_dir}; use more data")
   popularity = np.load(os.path.join(legacy_dir, "popularity.npy"))
-  orders = eval_stage.baseline_orders(slates, popularity, c.seed)
-  diags, seconds = {}, {}
-  for name, model in models.items():
-    t0 = time.time()
-    o, d, _ = rerank_lib.evaluate_checkpoint(
-        model, tok, name, slates, data["items"], sids, prompt_cfg, data["users"],
-        max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch,
-        constrained=tuple(bool(x) for x in c.eval_constrained))
-    seconds[name] = round(time.time() - t0, 1)
-    orders.update(o)
-    diags.update(d)
-  rows = tables.evaluate(orders, slates, n_boot=c.n_boot, seed=c.seed)
-  md = (f"Re-ranking on {len(slates['slate'])} seeded {c.eval_split} slates:\n\n"
-        + tables.format_table(rows) + "\n\n" + rerank_lib.diagnostics_markdown(diags))
-  return {"split": c.eval_split, "slates": int(len(slates["slate"])), "rows": rows,
-          "diagnostics": diags, "seconds": seconds}, md
+  result = eval_stage.compare_models(
+      slates, popularity,
+      [(name, lambda m=model: (m, tok, sids, prompt_cfg)) for name, model in models.items()],
+      items=data["items"], users=data["users"], rankers=("random", "popularity", "legacy"),
+      seed=c.seed, n_boot=c.n_boot, max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch,
+      constrained=c.eval_constrained, log_prefix="rl")
+  md = (f"Re-ranking on {result['slates']} seeded {c.eval_split} slates:\n\n"
+        + tables.format_table(result["rows"]) + "\n\n"
+        + rerank_lib.diagnostics_markdown(result["diagnostics"]))
+  return {"split": c.eval_split, **result}, md
 
 
 def ablation_markdown(reports):

@@ -55,7 +55,8 @@ class MetricsLogger:
     if self._writer is not None:
       for k, v in metrics.items():
         if np.isfinite(v):
-          self._writer.add_scalar(f"{kind}/{k}", v, step)
+          # TensorBoard tags take [A-Za-z0-9_./-]: "R@1" is written as "R_1".
+          self._writer.add_scalar(f"{kind}/{k}".replace("@", "_"), v, step)
     self._jsonl.write(json.dumps({"step": int(step), "kind": kind, **metrics}) + "\n")
     self._jsonl.flush()
 
