@@ -45,7 +45,11 @@ def test_tiny_rl_end_to_end(rl_run):
               "response_length", "entropy", "identity_rate", "kendall_tau", "skipped_updates",
               "rollout_tokens_per_sec"):
     assert key in train[0], key
-  assert any(l["kind"] == "eval" for l in lines)
+  evals = [l for l in lines if l["kind"] == "eval"]
+  assert [l["step"] for l in evals] == list(range(c.eval_every, c.iterations, c.eval_every)) + [
+      c.iterations]
+  for key in ("R@1", "legacy_R@1", "N@5", "valid_rate", "identity_rate", "kendall_tau"):
+    assert key in evals[0], key
   with open(os.path.join(out, "table.json")) as f:
     table = json.load(f)
   models = {"sft", "rl", "sft (constrained)", "rl (constrained)"}
