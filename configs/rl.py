@@ -68,11 +68,11 @@ def section(preset):
   # Evaluation: greedy re-ranking of validation slates every eval_every iterations, and the final
   # table on eval_examples seeded slates of eval_split (0 = skip the table).
   # One validation pass, at the end, in the default: with rollouts decoded under the slate
-  # constraint it decodes 32 slates twice (free and constrained), ~50 s on 2 cores.
+  # constraint it decodes val_examples slates twice (free and constrained), ~50 s on 2 cores.
   c.eval_every = 8
-  c.val_examples = 32
+  c.val_examples = 16
   c.eval_split = "test"
-  c.eval_examples = 192
+  c.eval_examples = 144  # sized for the main command's 30-minute budget on 2 cores
   c.eval_constrained = (False, True)  # rows without and with the slate constraint
   c.eval_batch = 48
   c.n_boot = 1000
