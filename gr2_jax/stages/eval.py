@@ -31,6 +31,13 @@ def baseline_orders(slates, popularity, seed):
   }
 
 
+def baseline_rows(slates, popularity, rankers, seed, n_boot):
+  """Table rows of the named baselines ("random", "popularity", "legacy") on `slates`."""
+  orders = {name: o for name, o in baseline_orders(slates, popularity, seed).items()
+            if name in rankers}
+  return tables.evaluate(orders, slates, n_boot=n_boot, seed=seed)
+
+
 def parse_checkpoints(entries):
   """{name: folder} of "name=folder" entries."""
   out = {}
@@ -116,9 +123,7 @@ def run(ctx):
   unknown = [r for r in c.rankers if r not in ("random", "popularity", "legacy")]
   if unknown:
     raise UserError(f"unknown ranker(s) {', '.join(unknown)}; valid: random, popularity, legacy")
-  orders = {name: o for name, o in baseline_orders(slates, popularity, c.seed).items()
-            if name in c.rankers}
-  rows = tables.evaluate(orders, slates, n_boot=c.n_boot, seed=c.seed)
+  rows = baseline_rows(slates, popularity, c.rankers, c.seed, c.n_boot)
   table = tables.format_table(rows)
   result = {"split": c.split, "rows": rows}
   if c.checkpoints:

@@ -339,7 +339,18 @@ def final_table(ctx, c, models, tok, data, sids, prompt_cfg):
   md = (f"Re-ranking on {result['slates']} seeded {c.eval_split} slates:\n\n"
         + tables.format_table(result["rows"]) + "\n\n"
         + rerank_lib.diagnostics_markdown(result["diagnostics"]))
-  return {"split": c.eval_split, **result}, md
+  out = {"split": c.eval_split, **result}
+  # The baselines cost nothing to score on every slate of the split: their rows there show
+  # how far the sampled slates above sit from the whole split.
+  every = slates_lib.load_split(legacy_dir, c.eval_split)
+  if len(every["slate"]) > result["slates"]:
+    out["baselines_all_slates"] = {
+        "slates": int(len(every["slate"])),
+        "rows": eval_stage.baseline_rows(every, popularity, ("random", "popularity", "legacy"),
+                                         c.seed, c.n_boot)}
+    md += (f"\n\nThe baselines on all {len(every['slate'])} {c.eval_split} slates, for scale:"
+           "\n\n" + tables.format_table(out["baselines_all_slates"]["rows"]))
+  return out, md
 
 
 def ablation_markdown(reports):

@@ -10,6 +10,7 @@ import pytest
 
 from gr2_jax import config_lib
 from gr2_jax import runner
+from gr2_jax.data import slates as slates_lib
 from gr2_jax.errors import UserError
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -31,7 +32,7 @@ def rl_run(tiny_workdir):
   return config, out, summary
 
 
-def test_tiny_rl_end_to_end(rl_run):
+def test_tiny_rl_end_to_end(rl_run, tiny_workdir):
   config, out, summary = rl_run
   c = config.rl
   for f in ("model_config.json", "prompt.json", "sid_table.json", "table.json", "table.md",
@@ -55,6 +56,15 @@ def test_tiny_rl_end_to_end(rl_run):
   models = {"sft", "rl", "sft (constrained)", "rl (constrained)"}
   assert set(table["rows"]) == {"random", "popularity", "legacy"} | models
   assert table["slates"] == c.eval_examples
+  # The baselines also on every test slate; the sampled legacy rows are a subset of those.
+  every = table["baselines_all_slates"]
+  assert every["slates"] > c.eval_examples
+  assert set(every["rows"]) == {"random", "popularity", "legacy"}
+  test = slates_lib.load_split(runner.artifact_dir(tiny_workdir, config, "legacy"), "test")
+  assert every["slates"] == len(test["slate"])
+  # The legacy order's R@1 is the share of slates whose target the legacy ranker put first.
+  assert every["rows"]["legacy"]["R@1"]["mean"] == pytest.approx(
+      float(np.mean(test["target_index"] == 0)))
   for name in models:
     d = table["diagnostics"][name]
     assert d["num_rollouts"] == c.eval_examples
