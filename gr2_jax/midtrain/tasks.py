@@ -70,6 +70,12 @@ def caption_docs(items, sids, item_ids):
   return docs
 
 
+def title_docs(items, sids, item_ids):
+  """SID -> title only, for each item in `item_ids`: the documents of the caption phase, which
+  drills the mapping the captioning evaluation asks for."""
+  return [f"{caption_prompt(sids[i])} {items[i]['title']}" for i in item_ids]
+
+
 def _describe_user(user):
   parts = []
   age = user.get("age")

@@ -1,9 +1,9 @@
 """Mid-training stage: SID tokens into the LLM, warm-up of their rows, training on the four
-tasks and slate ranking, generative next-item retrieval with beam search constrained to valid
+tasks and slate ranking, optionally a caption phase on SID -> title documents, generative next-item retrieval with beam search constrained to valid
 SIDs, and greedy answers in the slates task's layout.
 
 Artifact: `tokenizer/`, `model/` (final parameters, orbax), `model_config.json`, `warmup/` and
-`train/` (checkpoints `ckpt/`, TensorBoard and metrics.jsonl under `tb/`), `eval.json`,
+`train/` and `caption/` (checkpoints `ckpt/`, TensorBoard and metrics.jsonl under `tb/`), `eval.json`,
 `eval.md`. `load_model(artifact_dir)` gives later stages (model, tokenizer, sid table).
 """
 
@@ -398,6 +398,19 @@ def run(ctx):
                            weight_decay=c.weight_decay, clip_norm=c.clip_norm)
   model, summary["train"] = _train_phase(ctx, "train", model, ocfg, c.steps, rows, mesh,
                                          eval_rows=eval_rows)
+  if c.caption_steps:
+    # The catalogue phase: SID -> title documents only, until the titles are memorised.
+    docs = _encode(tok, tasks_lib.title_docs(items, sids, seen.tolist()))
+    cap = packing.pack([(d, np.ones(len(d), np.float32)) for d in docs], c.seq_len, tok.pad_id,
+                       [tasks_lib.TASKS.index("caption")] * len(docs))
+    logging.info("[midtrain] caption phase: %d SID -> title documents in %d packed rows "
+                 "(%.1f steps per pass)", len(seen), len(cap["tokens"]),
+                 len(cap["tokens"]) / (c.batch_size * c.micro_batches))
+    ocfg = optim.OptimConfig(learning_rate=c.caption_lr, warmup_steps=c.lr_warmup_steps,
+                             total_steps=c.caption_steps, end_lr_ratio=c.end_lr_ratio,
+                             weight_decay=c.weight_decay, clip_norm=c.clip_norm)
+    model, summary["caption"] = _train_phase(ctx, "caption", model, ocfg, c.caption_steps, cap,
+                                             mesh)
   save_model(ctx.out_dir, model, tok)
   t_eval = time.time()
   report = evaluate(ctx, model, tok, table, items, examples, inter)

@@ -11,6 +11,7 @@ from flax import nnx
 from gr2_jax import config_lib
 from gr2_jax import runner
 from gr2_jax.errors import UserError
+from gr2_jax.midtrain import tasks as tasks_lib
 from gr2_jax.parallel import mesh as mesh_lib
 from gr2_jax.sids import tokens as sid_lib
 from gr2_jax.stages import midtrain
@@ -92,3 +93,27 @@ def test_bad_input_is_one_clear_error(tiny_workdir, overrides, message):
   config = _config(**overrides)
   with pytest.raises(UserError, match=message):
     runner.run_stage(config, tiny_workdir, "midtrain")
+
+
+def test_caption_phase_trains_titles_only(tiny_workdir):
+  config = _config(caption_steps=3)
+  out, _ = runner.run_stage(config, tiny_workdir, "midtrain")
+  c = config.midtrain
+  with open(os.path.join(out, "eval.json")) as f:
+    training = json.load(f)["training"]
+  assert set(training) == {"warmup", "train", "caption"}
+  assert training["caption"]["steps"] == c.caption_steps
+  tokens = training["caption"]["task_tokens"]
+  assert tokens["caption"] > 0
+  assert all(v == 0 for k, v in tokens.items() if k != "caption"), tokens
+  # The saved model is the caption phase's last checkpoint.
+  model, _ = midtrain.load_model(out)
+  last = _restore(os.path.join(out, "caption", "ckpt", str(c.caption_steps), "state"))["params"]
+  np.testing.assert_array_equal(nnx.to_pure_dict(nnx.state(model))["norm"]["weight"],
+                                last["norm"]["weight"])
+
+
+def test_title_docs():
+  items = [{"title": "Toy Story", "year": 1995}, {"title": "Heat", "year": 1995}]
+  assert tasks_lib.title_docs(items, ["<a_1><b_2>", "<a_3><b_4>"], [1]) == [
+      "<a_3><b_4> title: Heat"]
