@@ -1,10 +1,11 @@
 """Mid-training stage: SID tokens into the LLM, warm-up of their rows, training on the four
-tasks and slate ranking, optionally a caption phase on SID -> title documents, generative next-item retrieval with beam search constrained to valid
-SIDs, and greedy answers in the slates task's layout.
+tasks and slate ranking, optionally a caption phase on SID -> title documents, generative
+next-item retrieval with beam search constrained to valid SIDs, and greedy answers in the slates
+task's layout.
 
-Artifact: `tokenizer/`, `model/` (final parameters, orbax), `model_config.json`, `warmup/` and
-`train/` and `caption/` (checkpoints `ckpt/`, TensorBoard and metrics.jsonl under `tb/`), `eval.json`,
-`eval.md`. `load_model(artifact_dir)` gives later stages (model, tokenizer, sid table).
+Artifact: `tokenizer/`, `model/` (final parameters, orbax), `model_config.json`, `warmup/`,
+`train/` and `caption/` (checkpoints `ckpt/`, TensorBoard and metrics.jsonl under `tb/`),
+`eval.json`, `eval.md`. `load_model(artifact_dir)` gives later stages (model, tokenizer, sid table).
 """
 
 import dataclasses
@@ -351,6 +352,8 @@ def run(ctx):
   mask = artifacts.training_mask(inter)
   seen = np.unique(inter["item"][mask])
   shares = tasks_lib.parse_mix(dict(c.task_mix))
+  if c.caption_steps < 0:
+    raise UserError(f"midtrain.caption_steps={c.caption_steps} must be >= 0 (0 = no caption phase)")
   slate_docs = []
   if shares[tasks_lib.TASKS.index("slates")] > 0:
     train_slates = slates_lib.load_split(ctx.input_path("legacy"), "train",

@@ -88,6 +88,7 @@ def test_tiny_midtrain_end_to_end(tiny_workdir):
                    "slates": 0.0}},
      "sums to zero"),
     ({"seq_len": 16}, "but seq_len is 16"),
+    ({"caption_steps": -1}, "caption_steps=-1 must be >= 0"),
 ])
 def test_bad_input_is_one_clear_error(tiny_workdir, overrides, message):
   config = _config(**overrides)
