@@ -56,7 +56,7 @@ def test_tiny_rl_end_to_end(rl_run, tiny_workdir):
   models = {"sft", "rl", "sft (constrained)", "rl (constrained)"}
   assert set(table["rows"]) == {"random", "popularity", "legacy"} | models
   assert table["slates"] == c.eval_examples
-  # The baselines also on every test slate; the sampled legacy rows are a subset of those.
+  # The baselines also on every test slate of the split.
   every = table["baselines_all_slates"]
   assert every["slates"] > c.eval_examples
   assert set(every["rows"]) == {"random", "popularity", "legacy"}
