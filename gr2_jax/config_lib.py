@@ -5,8 +5,9 @@ and `get_config(arg)`, which calls `compose` here. The composed config holds one
 stage of the pipeline up to the requested one (`config.data`, `config.legacy`, ...), so a single
 command line can override any upstream field (`--config.data.max_history=20`). Each upstream
 section comes from its own config file: with the same preset for the pipeline-wide presets
-(`PIPELINE_PRESETS`), else its default; a stage's own presets (`sids.py:ablation`,
-`rl.py:ablation`, `eval.py:baselines`) change only that stage.
+(`PIPELINE_PRESETS`) where that file has it, else its default (`rl.py:full` trains from
+`midtrain.py:full`); a stage's own presets (`sids.py:ablation`, `rl.py:ablation`,
+`eval.py:baselines`) change only that stage.
 """
 
 import importlib.util
@@ -19,7 +20,7 @@ from gr2_jax.errors import UserError
 
 
 # Presets that apply to every stage of a composed pipeline.
-PIPELINE_PRESETS = ("default", "tiny")
+PIPELINE_PRESETS = ("default", "tiny", "full")
 
 
 class ConfigError(UserError):

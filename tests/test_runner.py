@@ -82,3 +82,7 @@ def test_stage_presets_stay_with_their_stage():
   tiny = load("rl").get_config("tiny")
   assert tiny.sids.to_dict() == load("sids").section("tiny").to_dict()
   assert tiny.midtrain.to_dict() == load("midtrain").section("tiny").to_dict()
+  # full applies to the stages that have it (midtrain's caption phase) and leaves the others.
+  full = load("rl").get_config("full")
+  assert full.midtrain.caption_steps == load("midtrain").section("full").caption_steps > 0
+  assert full.sft.to_dict() == load("sft").section("default").to_dict()

@@ -1,7 +1,7 @@
 """Mid-training stage: SID tokens into the LLM, warm-up of their rows, training on the four
-tasks and slate ranking, optionally a caption phase on SID -> title documents, generative
-next-item retrieval with beam search constrained to valid SIDs, and greedy answers in the slates
-task's layout.
+tasks and slate ranking, optionally a caption phase on SID -> title documents (with rehearsal of
+the main mix), generative next-item retrieval with beam search constrained to valid SIDs, and
+greedy answers in the slates task's layout.
 
 Artifact: `tokenizer/`, `model/` (final parameters, orbax), `model_config.json`, `warmup/`,
 `train/` and `caption/` (checkpoints `ckpt/`, TensorBoard and metrics.jsonl under `tb/`),
@@ -114,6 +114,22 @@ def _examples(c, pools, shares, seed, total_tokens):
     raise UserError(f"a mid-training document has {longest} tokens but seq_len is {c.seq_len}; "
                     "raise --config.midtrain.seq_len or lower max_history_items")
   return [(e, np.ones(len(e), np.float32)) for e in ex], task_ids
+
+
+def caption_phase_rows(title_rows, mix_rows, rehearsal):
+  """Rows of the caption phase: `title_rows` repeated, plus every row of `mix_rows`, so that a
+  share `rehearsal` of the rows rehearses the main mix (0 = the title rows alone).
+
+  Repeating the titles rather than cutting the mix keeps every rehearsal row distinct within a
+  pass. `rehearsal` in [0, 1) (the stage checks it). Returns (rows, copies of the title rows).
+  """
+  n_titles, n_mix = len(title_rows["tokens"]), len(mix_rows["tokens"])
+  if rehearsal == 0 or n_mix == 0:
+    return title_rows, 1
+  copies = max(1, round(n_mix * (1 - rehearsal) / (rehearsal * n_titles)))
+  rows = {k: np.concatenate([np.tile(v, (copies,) + (1,) * (v.ndim - 1)), mix_rows[k]])
+          for k, v in title_rows.items()}
+  return rows, copies
 
 
 def _train_phase(ctx, name, model, ocfg, steps, rows, mesh, trainable_rows=None,
@@ -354,6 +370,8 @@ def run(ctx):
   shares = tasks_lib.parse_mix(dict(c.task_mix))
   if c.caption_steps < 0:
     raise UserError(f"midtrain.caption_steps={c.caption_steps} must be >= 0 (0 = no caption phase)")
+  if not 0 <= c.caption_rehearsal < 1:
+    raise UserError(f"midtrain.caption_rehearsal={c.caption_rehearsal} must be in [0, 1)")
   slate_docs = []
   if shares[tasks_lib.TASKS.index("slates")] > 0:
     train_slates = slates_lib.load_split(ctx.input_path("legacy"), "train",
@@ -402,18 +420,24 @@ def run(ctx):
   model, summary["train"] = _train_phase(ctx, "train", model, ocfg, c.steps, rows, mesh,
                                          eval_rows=eval_rows)
   if c.caption_steps:
-    # The catalogue phase: SID -> title documents only, until the titles are memorised.
+    # The catalogue phase: SID -> title documents until the titles are memorised, mixed with
+    # rehearsal rows of the main mix so that the other tasks are not overwritten.
     docs = _encode(tok, tasks_lib.title_docs(items, sids, seen.tolist()))
     cap = packing.pack([(d, np.ones(len(d), np.float32)) for d in docs], c.seq_len, tok.pad_id,
                        [tasks_lib.TASKS.index("caption")] * len(docs))
-    logging.info("[midtrain] caption phase: %d SID -> title documents in %d packed rows "
-                 "(%.1f steps per pass)", len(seen), len(cap["tokens"]),
-                 len(cap["tokens"]) / (c.batch_size * c.micro_batches))
+    n_titles = len(cap["tokens"])
+    cap, copies = caption_phase_rows(cap, rows, c.caption_rehearsal)
+    n_rows = len(cap["tokens"])
+    logging.info("[midtrain] caption phase: %d SID -> title documents in %d packed rows x %d "
+                 "copies + %d rehearsal rows (share %.2f); one pass over the titles every "
+                 "%.1f steps", len(seen), n_titles, copies, n_rows - copies * n_titles,
+                 1 - copies * n_titles / n_rows,
+                 n_rows / copies / (c.batch_size * c.micro_batches))
     ocfg = optim.OptimConfig(learning_rate=c.caption_lr, warmup_steps=c.lr_warmup_steps,
                              total_steps=c.caption_steps, end_lr_ratio=c.end_lr_ratio,
                              weight_decay=c.weight_decay, clip_norm=c.clip_norm)
     model, summary["caption"] = _train_phase(ctx, "caption", model, ocfg, c.caption_steps, cap,
-                                             mesh)
+                                             mesh, eval_rows=eval_rows)
   save_model(ctx.out_dir, model, tok)
   t_eval = time.time()
   report = evaluate(ctx, model, tok, table, items, examples, inter)

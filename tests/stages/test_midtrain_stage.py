@@ -89,6 +89,7 @@ def test_tiny_midtrain_end_to_end(tiny_workdir):
      "sums to zero"),
     ({"seq_len": 16}, "but seq_len is 16"),
     ({"caption_steps": -1}, "caption_steps=-1 must be >= 0"),
+    ({"caption_rehearsal": 1.0}, r"caption_rehearsal=1.0 must be in \[0, 1\)"),
 ])
 def test_bad_input_is_one_clear_error(tiny_workdir, overrides, message):
   config = _config(**overrides)
@@ -97,7 +98,7 @@ def test_bad_input_is_one_clear_error(tiny_workdir, overrides, message):
 
 
 def test_caption_phase_trains_titles_only(tiny_workdir):
-  config = _config(caption_steps=3)
+  config = _config(caption_steps=3, caption_rehearsal=0.0)
   out, _ = runner.run_stage(config, tiny_workdir, "midtrain")
   c = config.midtrain
   with open(os.path.join(out, "eval.json")) as f:
@@ -112,6 +113,24 @@ def test_caption_phase_trains_titles_only(tiny_workdir):
   last = _restore(os.path.join(out, "caption", "ckpt", str(c.caption_steps), "state"))["params"]
   np.testing.assert_array_equal(nnx.to_pure_dict(nnx.state(model))["norm"]["weight"],
                                 last["norm"]["weight"])
+
+
+def test_caption_phase_rows_mix_titles_and_rehearsal():
+  titles = {"tokens": np.array([[1, 2], [3, 4]]), "task": np.array([[1, 1], [1, 1]])}
+  mix = {"tokens": np.arange(12).reshape(6, 2) + 10, "task": np.zeros((6, 2), np.int64)}
+  # Half rehearsal: 6 mix rows need 6 title rows, i.e. 3 copies of the 2 title rows.
+  rows, copies = midtrain.caption_phase_rows(titles, mix, 0.5)
+  assert copies == 3
+  np.testing.assert_array_equal(rows["tokens"], [[1, 2], [3, 4]] * 3 + mix["tokens"].tolist())
+  np.testing.assert_array_equal(rows["task"][:6], 1)
+  np.testing.assert_array_equal(rows["task"][6:], 0)
+  # A quarter: 6 mix rows / 0.25 * 0.75 = 18 title rows = 9 copies.
+  rows, copies = midtrain.caption_phase_rows(titles, mix, 0.25)
+  assert copies == 9 and len(rows["tokens"]) == 24
+  # None: the title rows alone.
+  rows, copies = midtrain.caption_phase_rows(titles, mix, 0.0)
+  assert copies == 1
+  np.testing.assert_array_equal(rows["tokens"], titles["tokens"])
 
 
 def test_title_docs():
