@@ -40,6 +40,7 @@ class RerankResult:
   order: np.ndarray  # int32 [N, K]
   reasons: list
   lengths: np.ndarray  # int32 [N], generated tokens
+  prefix: np.ndarray  # int32 [N], leading distinct slate items before the first fault
   forced: int = 0  # constrained answers that lacked the ranking key and got it forced
 
 
@@ -163,17 +164,22 @@ def rerank(model, tok, examples, items, sids, prompt_cfg, *, max_new_tokens=448,
 
 
 def _parse(texts, gen, slates_sids):
-  omega, order, reasons = parser.parse_batch(texts, slates_sids)
+  omega, order, reasons, prefix = parser.parse_batch(texts, slates_sids)
   return RerankResult(texts=texts, omega=omega, order=order, reasons=reasons,
-                      lengths=np.asarray([len(g) for g in gen], np.int32))
+                      lengths=np.asarray([len(g) for g in gen], np.int32), prefix=prefix)
 
 
 def diagnostics(result: RerankResult):
-  """Valid rate, reason counts, identity rate, Kendall tau and the top item's input position."""
+  """Valid rate, reason counts, valid prefix lengths, identity rate, Kendall tau and the top
+  item's input position."""
   d = diag_lib.rerank_diagnostics(result.omega, result.order, lengths=result.lengths)
   d["top_input_position_hist"] = [int(x) for x in d["top_input_position_hist"]]
   d["reasons"] = {r: result.reasons.count(r) for r in parser.REASONS if r in result.reasons}
   d["invalid_as_legacy"] = int((~result.omega).sum())
+  # How far answers got: counts of valid prefix lengths 0..K (K = valid), and their mean.
+  k = result.order.shape[-1]
+  d["valid_prefix_hist"] = [int(x) for x in np.bincount(result.prefix, minlength=k + 1)]
+  d["mean_valid_prefix"] = float(result.prefix.mean()) if len(result.prefix) else float("nan")
   d["forced_ranking_key"] = int(result.forced)
   return d
 
@@ -222,13 +228,16 @@ def evaluate_checkpoint(model, tok, name, slates, items, sids, prompt_cfg, users
 
 
 def diagnostics_markdown(diags):
-  """One line per row: valid rate, invalid reasons, identity rate, Kendall tau, top position."""
-  lines = ["| ranker | valid-output rate | invalid (as legacy) | identity rate | Kendall tau | "
-           "input position of the top item (0..K-1) | mean answer tokens |",
-           "|---|---|---|---|---|---|---|"]
+  """One line per row: valid rate, invalid reasons, valid prefix, identity rate, Kendall tau,
+  top position, answer length."""
+  lines = ["| ranker | valid-output rate | invalid (as legacy) | mean valid prefix (of K) | "
+           "identity rate | Kendall tau | input position of the top item (0..K-1) | "
+           "mean answer tokens |",
+           "|---|---|---|---|---|---|---|---|"]
   for name, d in diags.items():
     reasons = ", ".join(f"{r} {n}" for r, n in d["reasons"].items() if r != "ok") or "-"
     lines.append(f"| {name} | {d['valid_rate']:.4f} | {d['invalid_as_legacy']} ({reasons}) | "
+                 f"{d.get('mean_valid_prefix', float('nan')):.2f} | "
                  f"{d['identity_rate']:.4f} | {d['kendall_tau']:.4f} | "
                  f"{' '.join(map(str, d['top_input_position_hist']))} | "
                  f"{d.get('mean_response_length', float('nan')):.1f} |")

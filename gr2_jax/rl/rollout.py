@@ -123,7 +123,7 @@ def rollout(model, tok, slates, items, sids, prompt_cfg, users=None, *, group_si
         key=jax.random.fold_in(key, 1 << 20), batch_size=batch_size,
         max_new_tokens=max_new_tokens, temperature=temperature)
   texts = [tok.decode(r[:-1] if f and r else r) for r, f in zip(responses, finished)]
-  omega, order, reasons = parser.parse_batch(texts, shown_sids)
+  omega, order, reasons, _ = parser.parse_batch(texts, shown_sids)
   target = np.repeat(slates["target_index"], group_size)
   inv = np.argsort(perm, axis=-1)  # legacy position -> shown position
   grades = np.take_along_axis(np.repeat(slates["grades"], group_size, axis=0), perm, axis=-1)

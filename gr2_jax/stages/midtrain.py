@@ -247,15 +247,16 @@ def _slate_answers(model, tok, slates, sids, c):
                          pad_id=tok.pad_id, prompt_multiple=16)
     texts += [tok.decode(np.asarray(out.tokens[j, :int(out.lengths[j])]).tolist())
               for j in range(len(out.lengths))]
-  first, reasons = [], {}
+  first, reasons, prefix = [], {}, []
   for text, shown in zip(texts, slates_sids):
     res = parser.parse_ranking(text.split("\n")[0], shown)
     reasons[res.reason] = reasons.get(res.reason, 0) + 1
     first.append(res.order[0] if res.omega else 0)
+    prefix.append(res.prefix)
   hits = (np.asarray(first) == slates["target_index"]).astype(np.float32)
   legacy = (slates["target_index"] == 0).astype(np.float32)
   return {"n": len(first), "valid_rate": reasons.get("ok", 0) / max(len(first), 1),
-          "reasons": reasons,
+          "reasons": reasons, "mean_valid_prefix": float(np.mean(prefix)) if prefix else 0.0,
           "R@1": metrics.bootstrap_ci(hits, c.n_boot, seed=c.seed),
           "legacy R@1": metrics.bootstrap_ci(legacy, c.n_boot, seed=c.seed)}
 
@@ -305,8 +306,10 @@ def _markdown(report):
   sa = report.get("slate_answers")
   if sa:
     r1, leg = sa["R@1"], sa["legacy R@1"]
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(sa["reasons"].items()))
     lines.append(f"slates task, greedy answers on {sa['n']} validation slates: valid "
-                 f"{sa['valid_rate']:.4f} ({', '.join(f'{k} {v}' for k, v in sorted(sa['reasons'].items()))}); "
+                 f"{sa['valid_rate']:.4f} ({reasons}); mean valid prefix "
+                 f"{sa.get('mean_valid_prefix', float('nan')):.2f} of the slate; "
                  f"R@1 {r1['mean']:.4f} [{r1['lo']:.4f}, {r1['hi']:.4f}] (invalid = legacy order) "
                  f"vs legacy {leg['mean']:.4f}")
   return "\n".join(lines)

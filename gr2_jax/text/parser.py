@@ -25,10 +25,13 @@ class ParseResult(NamedTuple):
   order: Optional[tuple]  # slate positions in output order; None unless omega
   reason: str
   explanation: Optional[str]
+  # Leading recommendations that are distinct slate items before the first fault (K where
+  # omega): how far an invalid answer got.
+  prefix: int = 0
 
 
-def _fail(reason, explanation=None):
-  return ParseResult(False, None, reason, explanation)
+def _fail(reason, explanation=None, prefix=0):
+  return ParseResult(False, None, reason, explanation, prefix)
 
 
 def _strip_tail(text):
@@ -94,20 +97,21 @@ def parse_ranking(text, slate_sids) -> ParseResult:
   for r in recs:
     sid = canonical_sid(r)
     if sid is None:
-      return _fail("bad_sid", explanation)
+      return _fail("bad_sid", explanation, len(order))
     if sid not in free:
-      return _fail("foreign", explanation)
+      return _fail("foreign", explanation, len(order))
     if not free[sid]:
-      return _fail("duplicate", explanation)
+      return _fail("duplicate", explanation, len(order))
     pos = free[sid].pop(0)
     order.append(pos)
   if len(order) != len(slate_sids):
-    return _fail("missing", explanation)
-  return ParseResult(True, tuple(order), "ok", explanation)
+    return _fail("missing", explanation, len(order))
+  return ParseResult(True, tuple(order), "ok", explanation, len(order))
 
 
 def parse_batch(texts, slates_sids):
-  """Omega bool [N], order int32 [N, K] (identity where Omega = 0) and reason codes [N].
+  """Omega bool [N], order int32 [N, K] (identity where Omega = 0), reason codes [N] and
+  valid prefix lengths int32 [N] (`ParseResult.prefix`).
 
   All slates must have the same size K.
   """
@@ -121,10 +125,12 @@ def parse_batch(texts, slates_sids):
   omega = np.zeros(n, bool)
   order = np.tile(np.arange(k, dtype=np.int32), (n, 1))
   reasons = []
+  prefix = np.zeros(n, np.int32)
   for i, (text, sids) in enumerate(zip(texts, slates_sids)):
     r = parse_ranking(text, sids)
     reasons.append(r.reason)
+    prefix[i] = r.prefix
     if r.omega:
       omega[i] = True
       order[i] = r.order
-  return omega, order, reasons
+  return omega, order, reasons, prefix

@@ -28,6 +28,9 @@ def test_unconstrained_answer_is_the_greedy_sample_and_invalid_counts_as_legacy(
   d = evaluate.diagnostics(res)
   assert d["valid_rate"] == 0.0 and d["invalid_as_legacy"] == 3
   assert d["reasons"] == {"duplicate": 3}
+  # The answer lists slate item 1, then item 1 again: one valid item before the fault.
+  np.testing.assert_array_equal(res.prefix, [1, 1, 1])
+  assert d["valid_prefix_hist"] == [0, 3, 0, 0] and d["mean_valid_prefix"] == 1.0
 
 
 def test_constraint_acts_only_inside_the_ranking(memorised):

@@ -20,7 +20,7 @@ def answer(recs, explanation="because"):
 
 def test_ok_with_explanation_and_order():
   r = parser.parse_ranking(answer([C, A, B]), SLATE)
-  assert r == parser.ParseResult(True, (2, 0, 1), "ok", "because")
+  assert r == parser.ParseResult(True, (2, 0, 1), "ok", "because", 3)
 
 
 @pytest.mark.parametrize("text", [
@@ -66,6 +66,20 @@ def test_reason_codes(text, reason):
   assert (r.omega, r.order, r.reason) == (False, None, reason)
 
 
+@pytest.mark.parametrize("text,prefix", [
+    ("nothing", 0),
+    (answer([]), 0),
+    (answer([OTHER, A, B]), 0),
+    (answer([C, OTHER, B]), 1),
+    (answer([C, "x", B]), 1),
+    (answer([C, A, A]), 2),
+    (answer([C, A]), 2),
+    (answer([C, A, B, OTHER]), 3),
+])
+def test_valid_prefix_counts_distinct_slate_items_before_the_first_fault(text, prefix):
+  assert parser.parse_ranking(text, SLATE).prefix == prefix
+
+
 def test_explanation_kept_on_failure_and_empty_slate():
   assert parser.parse_ranking(answer([C, A]), SLATE).explanation == "because"
   assert parser.parse_ranking(answer([]), []).reason == "empty_slate"
@@ -81,8 +95,9 @@ def test_repeated_sid_in_slate_takes_positions_in_order():
 
 def test_parse_batch():
   texts = [answer([C, A, B]), answer([C, A]), "nothing"]
-  omega, order, reasons = parser.parse_batch(texts, [SLATE] * 3)
+  omega, order, reasons, prefix = parser.parse_batch(texts, [SLATE] * 3)
   np.testing.assert_array_equal(omega, [True, False, False])
+  np.testing.assert_array_equal(prefix, [3, 2, 0])
   np.testing.assert_array_equal(order, [[2, 0, 1], [0, 1, 2], [0, 1, 2]])
   assert reasons == ["ok", "missing", "no_json"]
   with pytest.raises(ValueError):
