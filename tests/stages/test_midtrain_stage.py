@@ -97,8 +97,8 @@ def test_bad_input_is_one_clear_error(tiny_workdir, overrides, message):
     runner.run_stage(config, tiny_workdir, "midtrain")
 
 
-def test_caption_phase_trains_titles_only(tiny_workdir):
-  config = _config(caption_steps=3, caption_rehearsal=0.0)
+def test_caption_phase_trains_titles_with_rehearsal(tiny_workdir):
+  config = _config(caption_steps=3, caption_rehearsal=0.5)
   out, _ = runner.run_stage(config, tiny_workdir, "midtrain")
   c = config.midtrain
   with open(os.path.join(out, "eval.json")) as f:
@@ -106,8 +106,9 @@ def test_caption_phase_trains_titles_only(tiny_workdir):
   assert set(training) == {"warmup", "train", "caption"}
   assert training["caption"]["steps"] == c.caption_steps
   tokens = training["caption"]["task_tokens"]
+  # Title rows carry caption tokens only; the rehearsal rows bring the other tasks back.
   assert tokens["caption"] > 0
-  assert all(v == 0 for k, v in tokens.items() if k != "caption"), tokens
+  assert sum(v for k, v in tokens.items() if k != "caption") > 0, tokens
   # The saved model is the caption phase's last checkpoint.
   model, _ = midtrain.load_model(out)
   last = _restore(os.path.join(out, "caption", "ckpt", str(c.caption_steps), "state"))["params"]
