@@ -179,7 +179,7 @@ def diagnostics(result: RerankResult):
   # How far answers got: counts of valid prefix lengths 0..K (K = valid), and their mean.
   k = result.order.shape[-1]
   d["valid_prefix_hist"] = [int(x) for x in np.bincount(result.prefix, minlength=k + 1)]
-  d["mean_valid_prefix"] = float(result.prefix.mean()) if len(result.prefix) else float("nan")
+  d["mean_valid_prefix"] = float(result.prefix.mean())
   d["forced_ranking_key"] = int(result.forced)
   return d
 
@@ -237,7 +237,7 @@ def diagnostics_markdown(diags):
   for name, d in diags.items():
     reasons = ", ".join(f"{r} {n}" for r, n in d["reasons"].items() if r != "ok") or "-"
     lines.append(f"| {name} | {d['valid_rate']:.4f} | {d['invalid_as_legacy']} ({reasons}) | "
-                 f"{d.get('mean_valid_prefix', float('nan')):.2f} | "
+                 f"{d['mean_valid_prefix']:.2f} | "
                  f"{d['identity_rate']:.4f} | {d['kendall_tau']:.4f} | "
                  f"{' '.join(map(str, d['top_input_position_hist']))} | "
                  f"{d.get('mean_response_length', float('nan')):.1f} |")
