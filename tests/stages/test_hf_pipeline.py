@@ -1,0 +1,77 @@
+"""The whole tiny pipeline started from a Hugging Face Qwen3 checkpoint
+(`--config.midtrain.hf_checkpoint=DIR`): a small random model exported by `hf_io` with a
+byte-level BPE `tokenizer.json` stands in for a downloaded one."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import tokenizers as hf
+from flax import nnx
+
+from gr2_jax import config_lib
+from gr2_jax import runner
+from gr2_jax.models import hf_io
+from gr2_jax.models import qwen3
+from gr2_jax.sids import tokens as sid_lib
+from gr2_jax.text import tokenizers
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+# A shape no preset has, so the test sees that the checkpoint, not `model_preset`, was used.
+SHAPE = dict(hidden_size=48, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=24,
+             mlp_dim=96)
+
+
+def _checkpoint(path):
+  words = ("the movie drama comedy action thriller user history candidates rank watch next "
+           "explanation recommendations step patterns genres romance war horror").split()
+  corpus = [" ".join(words[i % len(words):] + words[:i % len(words)]) for i in range(200)]
+  tok = hf.Tokenizer(hf.models.BPE())
+  tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = hf.decoders.ByteLevel()
+  tok.train_from_iterator(corpus, hf.trainers.BpeTrainer(
+      vocab_size=360, show_progress=False,
+      initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet()))
+  tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+  cfg = qwen3.ModelConfig(vocab_size=tok.get_vocab_size(with_added_tokens=True), **SHAPE)
+  hf_io.export_hf_checkpoint(qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)), cfg, path)
+  tok.save(os.path.join(path, "tokenizer.json"))
+  return tok, cfg
+
+
+def test_pipeline_runs_from_a_hugging_face_checkpoint(tiny_workdir, tmp_path):
+  base_tok, base_cfg = _checkpoint(str(tmp_path / "qwen3"))
+  config = config_lib.load_config_module(os.path.join(CONFIGS, "rl.py")).get_config("tiny")
+  config.sids.embedding = "collaborative"  # as the other stage tests, so artifacts are shared
+  config.midtrain.hf_checkpoint = str(tmp_path / "qwen3")
+  out, _ = runner.run_stage(config, tiny_workdir, "rl")
+
+  midtrain_dir = runner.artifact_dir(tiny_workdir, config, "midtrain")
+  tok = tokenizers.load_tokenizer(os.path.join(midtrain_dir, "tokenizer"))
+  assert isinstance(tok, tokenizers.HFTokenizer)
+  # The checkpoint's own ids are kept and every SID token was added after them.
+  text = "the movie drama history"
+  assert tok.encode(text) == base_tok.encode(text, add_special_tokens=False).ids
+  table = sid_lib.load_sid_table(runner.artifact_dir(tiny_workdir, config, "sids"))
+  sid_tokens = {t for row in table["items"] for t in re.findall(r"<[^<>]+>", row["sid"])}
+  ids = [tok.token_to_id(t) for t in sid_tokens]
+  assert None not in ids and min(ids) >= base_cfg.vocab_size
+  # The trained model has the checkpoint's shape with one embedding row per token.
+  with open(os.path.join(midtrain_dir, "model_config.json")) as f:
+    model_cfg = json.load(f)
+  assert {k: model_cfg[k] for k in SHAPE} == SHAPE
+  assert model_cfg["vocab_size"] >= tok.vocab_size
+  # SFT and RL inherit that tokenizer, and the final table scores both models on the slates.
+  sft_dir = runner.artifact_dir(tiny_workdir, config, "sft")
+  for d in (sft_dir, out):
+    assert isinstance(tokenizers.load_tokenizer(os.path.join(d, "tokenizer")),
+                      tokenizers.HFTokenizer)
+  with open(os.path.join(out, "table.json")) as f:
+    result = json.load(f)
+  for name in ("sft", "rl", "sft (constrained)", "rl (constrained)"):
+    d = result["diagnostics"][name]
+    assert d["num_rollouts"] == config.rl.eval_examples
+    assert np.isfinite(result["rows"][name]["R@1"]["mean"])
