@@ -7,7 +7,6 @@ import os
 import re
 
 import numpy as np
-import pytest
 import tokenizers as hf
 from flax import nnx
 
@@ -59,7 +58,7 @@ def test_pipeline_runs_from_a_hugging_face_checkpoint(tiny_workdir, tmp_path):
   sid_tokens = {t for row in table["items"] for t in re.findall(r"<[^<>]+>", row["sid"])}
   ids = [tok.token_to_id(t) for t in sid_tokens]
   assert None not in ids and min(ids) >= base_cfg.vocab_size
-  # The trained model has the checkpoint's shape with one embedding row per token.
+  # The trained model has the checkpoint's shape and an embedding row for every token.
   with open(os.path.join(midtrain_dir, "model_config.json")) as f:
     model_cfg = json.load(f)
   assert {k: model_cfg[k] for k in SHAPE} == SHAPE
