@@ -7,7 +7,6 @@ import os
 import re
 
 import numpy as np
-import tokenizers as hf
 from flax import nnx
 
 from gr2_jax import config_lib
@@ -16,6 +15,7 @@ from gr2_jax.models import hf_io
 from gr2_jax.models import qwen3
 from gr2_jax.sids import tokens as sid_lib
 from gr2_jax.text import tokenizers
+from tests.text.test_tokenizers import _byte_level_hf
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
@@ -25,16 +25,7 @@ SHAPE = dict(hidden_size=48, num_layers=1, num_heads=2, num_kv_heads=1, head_dim
 
 
 def _checkpoint(path):
-  words = ("the movie drama comedy action thriller user history candidates rank watch next "
-           "explanation recommendations step patterns genres romance war horror").split()
-  corpus = [" ".join(words[i % len(words):] + words[:i % len(words)]) for i in range(200)]
-  tok = hf.Tokenizer(hf.models.BPE())
-  tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = hf.decoders.ByteLevel()
-  tok.train_from_iterator(corpus, hf.trainers.BpeTrainer(
-      vocab_size=360, show_progress=False,
-      initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet()))
-  tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+  tok = _byte_level_hf(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
   cfg = qwen3.ModelConfig(vocab_size=tok.get_vocab_size(with_added_tokens=True), **SHAPE)
   hf_io.export_hf_checkpoint(qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)), cfg, path)
   tok.save(os.path.join(path, "tokenizer.json"))
