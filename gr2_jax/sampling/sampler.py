@@ -7,11 +7,24 @@ then greedy or temperature / top-k / top-p sampling), then feeds the tokens back
 current length. Rows stop at a stop token (which is kept in the output), after
 `max_new_tokens`, or when their cache is full; the loop ends when every row has stopped.
 
-Log-probabilities: `logprobs[b, i]` is log softmax of the raw model logits (temperature 1, no
-top-k / top-p / constraint) at the sampled token, i.e. log pi(token | prefix) of the policy
-itself. That is what RL ratios and distillation KLs use; it differs from the log-probability
-of the distribution actually sampled from whenever temperature != 1, top-k / top-p truncate, or
-a constraint masks tokens.
+Log-probabilities: `logprobs[b, i]` is log softmax(logits / temperature) over the full
+vocabulary at the sampled token, before the constraint mask and top-k / top-p: the tempered
+policy pi_T(token | prefix), the verl convention, which the RL update recomputes by dividing its
+logits by the same temperature (`gr2_jax.rl.learner.token_logps`). With temperature 1 or
+`greedy=True` they are the raw model's log-probs (greedy keeps temperature 1 whatever
+`temperature` says).
+
+What a constraint or top-k / top-p does to the PPO ratio: the behaviour policy actually sampled
+from the masked, renormalised distribution mu(y) = pi_T(y) / Z, Z = pi_T(allowed set) (and
+likewise for the top-k / top-p set). The ratio the update uses, pi_theta,T(y) / pi_old,T(y)
+over the unmasked tempered distributions, equals the ratio of the masked renormalised ones
+only up to the change of the allowed mass, Z_old / Z_theta; at the on-policy point theta = old
+both are exactly 1. Off policy the two drift apart as the new policy moves mass into or out
+of the allowed set.
+
+Entropies: `entropies[b, i]` is the entropy (nats) of the distribution the token was actually
+drawn from, after temperature, constraint mask (and `vocab_limit`) and top-k / top-p; 0 for
+greedy decoding (a point mass) and on padding.
 """
 
 import dataclasses
@@ -31,9 +44,10 @@ from gr2_jax.sampling.constraints import Constraint
 class SampleOutput(NamedTuple):
   """Generated tokens per row, right-padded with `pad_id` after `lengths[b]` tokens."""
   tokens: jax.Array  # int32 [B, N]
-  logprobs: jax.Array  # f32 [B, N], raw-model log-probs (see module docstring); 0 on padding
+  logprobs: jax.Array  # f32 [B, N], tempered unmasked log-probs (module docstring); 0 on padding
   lengths: jax.Array  # int32 [B], the stop token included
   done: jax.Array  # bool [B], True when the row emitted a stop token
+  entropies: jax.Array  # f32 [B, N], entropy of the distribution sampled from; 0 on padding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +119,15 @@ def prefill(graphdef, state, tokens, lengths, *, cache_len, cache_dtype=jnp.floa
   return last, cache
 
 
-def _filter_logits(logits, params):
-  """Temperature, top-k and top-p applied to logits [B, V] (masked entries are -inf)."""
-  logits = logits / params.temperature
+def _tempered(logits, params):
+  """logits / temperature; greedy decoding and temperature 1 keep the raw logits."""
+  if params.greedy or params.temperature == 1.0:
+    return logits
+  return logits / params.temperature
+
+
+def _truncate(logits, params):
+  """Top-k and top-p applied to (tempered) logits [B, V] (masked entries are -inf)."""
   if params.top_k and params.top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, params.top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -123,12 +143,21 @@ def _filter_logits(logits, params):
   return logits
 
 
-def _choose(logits, allowed, key, params):
-  """One token per row from logits [B, V] restricted to `allowed` [B, V]."""
-  masked = jnp.where(allowed, logits, -jnp.inf)
+def _entropy(logits):
+  """float32 [B]: entropy of softmax(logits [B, V]); -inf entries have probability 0."""
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.sum(jnp.where(logits > -jnp.inf, jnp.exp(logp) * logp, 0.0), axis=-1)
+
+
+def _choose(tempered, allowed, key, params):
+  """(token int32 [B], entropy f32 [B]) from tempered logits [B, V] restricted to `allowed`."""
+  masked = jnp.where(allowed, tempered, -jnp.inf)
   if params.greedy:
-    return jnp.argmax(masked, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(key, _filter_logits(masked, params), axis=-1).astype(jnp.int32)
+    token = jnp.argmax(masked, axis=-1).astype(jnp.int32)
+    return token, jnp.zeros(token.shape, jnp.float32)
+  sampled = _truncate(masked, params)
+  token = jax.random.categorical(key, sampled, axis=-1).astype(jnp.int32)
+  return token, _entropy(sampled)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params"), donate_argnames=("cache",))
@@ -149,11 +178,12 @@ def decode(graphdef, state, logits, cache, lengths, key, constraint, *, params):
   cstate = constraint.init(b) if constraint is not None else None
 
   def cond(carry):
-    step, done = carry[0], carry[5]
+    step, done = carry[0], carry[6]
     return (step < n) & ~jnp.all(done)
 
   def body(carry):
-    step, cache, logits, out_tokens, out_logprobs, done, stopped, count, cstate, error = carry
+    (step, cache, logits, out_tokens, out_logprobs, out_entropies, done, stopped, count, cstate,
+     error) = carry
     active = ~done
     if constraint is not None:
       allowed = constraint.allowed(cstate)
@@ -170,12 +200,15 @@ def decode(graphdef, state, logits, cache, lengths, key, constraint, *, params):
     if params.vocab_limit:
       # Embedding rows past the tokenizer (padding of the vocabulary) are never emitted.
       allowed = allowed & (jnp.arange(v) < params.vocab_limit)[None, :]
-    token = _choose(logits, allowed, jax.random.fold_in(key, step), params)
+    tempered = _tempered(logits, params)
+    token, entropy = _choose(tempered, allowed, jax.random.fold_in(key, step), params)
     token = jnp.where(active, token, params.pad_id)
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=1)
+    # Over the full vocabulary, before the mask and top-k / top-p (see the module docstring).
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(tempered, axis=-1), token[:, None], axis=1)
     logprob = jnp.where(active, logprob[:, 0], 0.0)
     out_tokens = out_tokens.at[:, step].set(token)
     out_logprobs = out_logprobs.at[:, step].set(logprob)
+    out_entropies = out_entropies.at[:, step].set(jnp.where(active, entropy, 0.0))
     count = count + active.astype(jnp.int32)
     stopped = stopped | (active & jnp.any(token[:, None] == stops[None, :], axis=-1))
     done = done | stopped | (count >= budget) | empty
@@ -185,15 +218,16 @@ def decode(graphdef, state, logits, cache, lengths, key, constraint, *, params):
     # end stays put).
     logits, cache = model(token[:, None], cache["end"][:, None],
                           segment_ids=active.astype(jnp.int32)[:, None], cache=cache)
-    return (step + 1, cache, logits[:, 0], out_tokens, out_logprobs, done, stopped, count,
-            cstate, error)
+    return (step + 1, cache, logits[:, 0], out_tokens, out_logprobs, out_entropies, done,
+            stopped, count, cstate, error)
 
   carry = (jnp.int32(0), cache, logits, jnp.full((b, n), params.pad_id, jnp.int32),
-           jnp.zeros((b, n), jnp.float32), jnp.zeros((b,), bool), jnp.zeros((b,), bool),
-           jnp.zeros((b,), jnp.int32), cstate, jnp.full((2,), -1, jnp.int32))
-  _, cache, _, tokens, logprobs, _, stopped, count, _, error = jax.lax.while_loop(
+           jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.float32),
+           jnp.zeros((b,), bool), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), cstate,
+           jnp.full((2,), -1, jnp.int32))
+  _, cache, _, tokens, logprobs, entropies, _, stopped, count, _, error = jax.lax.while_loop(
       cond, body, carry)
-  return SampleOutput(tokens, logprobs, count, stopped), cache, error
+  return SampleOutput(tokens, logprobs, count, stopped, entropies), cache, error
 
 
 def sample(model: nnx.Module, prompts, *, lengths=None, key: jax.Array,
@@ -209,6 +243,7 @@ def sample(model: nnx.Module, prompts, *, lengths=None, key: jax.Array,
     prompts: a list of id lists, or a right-padded int32 [B, P] array with `lengths`.
     key: PRNG key; the same key, prompts and settings give the same output.
     temperature, top_k, top_p, greedy: how a token is picked; top_k=0 / top_p=1 are off.
+      `logprobs` are tempered by `temperature` unless greedy (see the module docstring).
     stop_tokens: a row stops after emitting one of these (it is kept in the output).
     pad_id: fills `tokens` after each row's end and pads the prompts.
     constraint: restricts the allowed tokens per step (see `constraints.py`).

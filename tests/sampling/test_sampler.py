@@ -1,5 +1,7 @@
 """Tests of the sampler against a full-recompute reference on the tiny Qwen3 model."""
 
+import dataclasses
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -69,6 +71,7 @@ def _assert_padded(out, pad_id):
   for b, n in enumerate(lengths):
     assert (tokens[b, n:] == pad_id).all()
     assert (np.asarray(out.logprobs)[b, n:] == 0).all()
+    assert (np.asarray(out.entropies)[b, n:] == 0).all()
 
 
 def test_greedy_with_cache_equals_full_recompute_and_stops(model, full_logprobs):
@@ -82,6 +85,8 @@ def test_greedy_with_cache_equals_full_recompute_and_stops(model, full_logprobs)
   np.testing.assert_array_equal(out.done, [stop in w for w in want])
   assert out.done[0] and out.lengths[0] <= 3
   _assert_padded(out, 63)
+  # Greedy decoding samples from a point mass.
+  assert (np.asarray(out.entropies) == 0).all()
   # The stop token only ends row 0: rows without it run the full recompute's N tokens.
   for b in range(3):
     if stop not in want[b]:
@@ -92,7 +97,25 @@ def test_greedy_with_cache_equals_full_recompute_and_stops(model, full_logprobs)
   assert _rows(topk) == want
 
 
-def test_sampling_is_reproducible_and_logprobs_are_the_models(model, full_logprobs):
+def _log_softmax(x):
+  x = np.asarray(x, np.float64)
+  x = x - x.max(axis=-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _entropy(logits, temperature, allowed=None, top_k=0):
+  """Entropy of softmax(logits / T) restricted to `allowed` and the top k, in float64."""
+  z = np.asarray(logits, np.float64) / temperature
+  if allowed is not None:
+    z = np.where(allowed, z, -np.inf)
+  if top_k:
+    z = np.where(z < np.sort(z)[-top_k], -np.inf, z)
+  keep = z > -np.inf
+  logp = _log_softmax(z[keep])
+  return float(-np.sum(np.exp(logp) * logp))
+
+
+def test_sampling_is_reproducible_and_logprobs_are_the_tempered_models(model, full_logprobs):
   kw = dict(max_new_tokens=N, temperature=1.5, top_p=0.95, pad_id=0)
   a = sampler.sample(model, PROMPTS, key=jax.random.key(3), **kw)
   b = sampler.sample(model, PROMPTS, key=jax.random.key(3), **kw)
@@ -102,9 +125,56 @@ def test_sampling_is_reproducible_and_logprobs_are_the_models(model, full_logpro
   assert not np.array_equal(a.tokens, c.tokens)
   np.testing.assert_array_equal(a.lengths, [N, N, N])
   for prompt, row, logprobs in zip(PROMPTS, _rows(a), np.asarray(a.logprobs)):
-    ref = full_logprobs(prompt + row)
+    # log softmax(logits / T) over the whole vocabulary, whatever top-p kept.
+    ref = _log_softmax(full_logprobs(prompt + row) / 1.5)
     want = [ref[len(prompt) - 1 + i, t] for i, t in enumerate(row)]
     np.testing.assert_allclose(logprobs, want, atol=2e-4)
+
+
+def test_entropies_are_those_of_the_truncated_tempered_distribution(model, full_logprobs):
+  out = sampler.sample(model, PROMPTS, key=jax.random.key(1), max_new_tokens=N,
+                       temperature=0.7, top_k=5)
+  for prompt, row, ent in zip(PROMPTS, _rows(out), np.asarray(out.entropies)):
+    ref = full_logprobs(prompt + row)
+    want = [_entropy(ref[len(prompt) - 1 + i], 0.7, top_k=5) for i in range(len(row))]
+    np.testing.assert_allclose(ent, want, atol=2e-4)
+    assert (np.asarray(want) < np.log(5) + 1e-6).all()
+
+
+def test_entropy_and_logprob_under_a_two_token_constraint(model, full_logprobs):
+  # At the root only 20 and 30 are allowed; then the stop token 2 alone.
+  stop = 2
+  c = constraints.trie_constraint([(20, stop), (30, stop)], 64)
+  out = sampler.sample(model, PROMPTS, key=jax.random.key(0), max_new_tokens=N,
+                       temperature=0.7, stop_tokens=[stop], constraint=c)
+  np.testing.assert_array_equal(out.lengths, [2, 2, 2])
+  for prompt, row, ent, lps in zip(PROMPTS, _rows(out), np.asarray(out.entropies)[:, :2],
+                                   np.asarray(out.logprobs)[:, :2]):
+    assert row[0] in (20, 30) and row[1] == stop
+    logits = full_logprobs(prompt + row)[len(prompt) - 1:]
+    # The renormalised two-token distribution at T: p = sigmoid((l20 - l30) / T).
+    p = 1 / (1 + np.exp(-(logits[0, 20] - logits[0, 30]) / 0.7))
+    np.testing.assert_allclose(ent, [-(p * np.log(p) + (1 - p) * np.log(1 - p)), 0.0],
+                               atol=2e-5)
+    # The log-probs stay those of the unmasked tempered distribution.
+    tempered = _log_softmax(logits / 0.7)
+    np.testing.assert_allclose(lps, [tempered[0, row[0]], tempered[1, stop]], atol=2e-4)
+    assert lps[1] < -1e-3  # not the masked distribution's log 1
+
+
+def test_choose_entropy_by_hand():
+  params = sampler.SamplingParams(max_new_tokens=1, temperature=0.5)
+  logits = jnp.array([[0.0, 1.0, 2.0, 3.0]])
+  allowed = jnp.array([[False, True, False, True]])
+  token, ent = sampler._choose(sampler._tempered(logits, params), allowed, jax.random.key(0),
+                               params)
+  assert int(token[0]) in (1, 3)
+  # Tempered allowed logits 2 and 6: p = (1, e^4) / (1 + e^4).
+  p = np.array([1.0, np.exp(4.0)]) / (1 + np.exp(4.0))
+  np.testing.assert_allclose(ent, [-np.sum(p * np.log(p))], rtol=1e-5)
+  greedy = dataclasses.replace(params, greedy=True)
+  token, ent = sampler._choose(sampler._tempered(logits, greedy), allowed, None, greedy)
+  assert int(token[0]) == 3 and float(ent[0]) == 0.0
 
 
 def _parse(row, sequences, stop):
