@@ -1,9 +1,10 @@
-"""Qwen3 decoder LLM in Flax NNX.
+"""Qwen3 decoder LLM in Flax NNX (Llama too: the same model without the q/k RMSNorm).
 
 Architecture (as Hugging Face `Qwen3ForCausalLM`): token embedding; N decoder layers, each
 `x + attn(rms(x))` then `x + mlp(rms(x))`; attention with bias-free q/k/v/o projections, a
 per-head RMSNorm on q and k before RoPE ("rotate_half" convention) and grouped-query attention;
-SwiGLU MLP; final RMSNorm; LM head tied to the embedding or separate.
+SwiGLU MLP; final RMSNorm; LM head tied to the embedding or separate. With `qk_norm=False` the
+q/k RMSNorm and its parameters are absent, which is `LlamaForCausalLM` (default RoPE, no biases).
 
 Module and parameter names follow the Hugging Face checkpoint (`embed_tokens`, `layers[i]
 .self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, `norm`, `lm_head`), so the mapping in
@@ -39,7 +40,7 @@ CACHE_AXES = ("layers", "cache_batch", "cache_length", "act_kv_heads", "head_dim
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Shape and numerics of a Qwen3 model."""
+  """Shape and numerics of a Qwen3 model (a Llama model with qk_norm=False)."""
   vocab_size: int
   hidden_size: int
   num_layers: int
@@ -50,6 +51,7 @@ class ModelConfig:
   rope_theta: float = 1e6
   rms_eps: float = 1e-6
   tie_embeddings: bool = True
+  qk_norm: bool = True  # per-head RMSNorm on q and k (Qwen3); False for Llama
   dtype: str = "float32"  # compute dtype ("bfloat16" for bf16 compute)
   param_dtype: str = "float32"  # master weights
   remat: bool = False  # recompute each layer's activations in the backward pass
@@ -97,6 +99,10 @@ PRESETS = {
     "qwen3-8b": _qwen3(36, 4096, 32, 12288, False),
     "qwen3-14b": _qwen3(40, 5120, 40, 17408, False),
     "qwen3-32b": _qwen3(64, 5120, 64, 25600, False),
+    # HuggingFaceTB/SmolLM2-135M(-Instruct): a Llama, so no q/k norm.
+    "smollm2-135m": ModelConfig(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
+                                num_kv_heads=3, head_dim=64, mlp_dim=1536, rope_theta=1e5,
+                                rms_eps=1e-5, qk_norm=False),
 }
 
 
@@ -207,7 +213,7 @@ def attend(q, k, v, mask):
 
 
 class Attention(nnx.Module):
-  """Qwen3 self-attention: q/k/v/o projections, q/k RMSNorm, RoPE, GQA."""
+  """Qwen3 self-attention: q/k/v/o projections, q/k RMSNorm (if cfg.qk_norm), RoPE, GQA."""
 
   def __init__(self, cfg, keys):
     e, h, kvh, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -215,13 +221,19 @@ class Attention(nnx.Module):
     self.k_proj = Proj([e], [kvh, d], ("embed", "kv_heads", "head_dim"), cfg, keys)
     self.v_proj = Proj([e], [kvh, d], ("embed", "kv_heads", "head_dim"), cfg, keys)
     self.o_proj = Proj([h, d], [e], ("heads", "head_dim", "embed"), cfg, keys)
-    self.q_norm = RMSNorm(d, cfg.rms_eps, cfg.weight_dtype)
-    self.k_norm = RMSNorm(d, cfg.rms_eps, cfg.weight_dtype)
+    self.qk_norm = cfg.qk_norm
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(d, cfg.rms_eps, cfg.weight_dtype)
+      self.k_norm = RMSNorm(d, cfg.rms_eps, cfg.weight_dtype)
 
   def __call__(self, x, cos, sin, mask, kv=None, slots=None):
     """x [B,T,E]; kv: the cache (k, v) [L,B,S,KVH,D] and this layer's index; slots [B,T]."""
-    q = apply_rope(self.q_norm(self.q_proj(x)), cos, sin)  # [B, T, H, D]
-    k = apply_rope(self.k_norm(self.k_proj(x)), cos, sin)  # [B, T, KVH, D]
+    q = self.q_proj(x)  # [B, T, H, D]
+    k = self.k_proj(x)  # [B, T, KVH, D]
+    if self.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
     v = self.v_proj(x)
     q = shard(q, ("batch", "length", "act_heads", "head_dim"))
     k = shard(k, ("batch", "length", "act_kv_heads", "head_dim"))

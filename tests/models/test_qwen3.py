@@ -162,6 +162,27 @@ def test_tiny_parameter_count_by_hand():
   assert qwen3.param_counts(abstract) == (v * e + 2 * per_layer + e, 2 * per_layer + e)
 
 
+def test_without_qk_norm_the_norm_parameters_are_absent_and_counted_by_hand():
+  cfg = qwen3.get_model_config("tiny", qk_norm=False)
+  abstract = nnx.eval_shape(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)))
+  assert not hasattr(abstract.layers[0].self_attn, "q_norm")
+  assert not hasattr(abstract.layers[0].self_attn, "k_norm")
+  e, h, kvh, d, m, v = 64, 4, 2, 16, 128, 512
+  per_layer = e * h * d * 2 + e * kvh * d * 2 + 3 * e * m + 2 * e
+  assert qwen3.param_counts(abstract) == (v * e + 2 * per_layer + e, 2 * per_layer + e)
+  tokens, positions, _ = _padded([[5, 6, 7, 8]], 4)
+  cfg, graphdef, state = _tiny(qk_norm=False)
+  logits, _ = _apply(graphdef, state, tokens, positions)
+  assert logits.shape == (1, 4, cfg.vocab_size) and np.isfinite(logits).all()
+
+
+def test_smollm2_preset_has_the_published_135m_parameters():
+  cfg = qwen3.get_model_config("smollm2-135m")
+  abstract = nnx.eval_shape(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)))
+  per_layer = 576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536 + 2 * 576
+  assert qwen3.param_counts(abstract)[0] == 49152 * 576 + 30 * per_layer + 576 == 134_515_008
+
+
 def test_get_model_config_errors():
   with pytest.raises(UserError, match="qwen3-0.6b"):
     qwen3.get_model_config("qwen9")
