@@ -1,4 +1,4 @@
-"""Hugging Face Qwen3 checkpoints (config.json + *.safetensors) to and from `Qwen3`.
+"""Hugging Face Qwen3 and Llama checkpoints (config.json + *.safetensors) to and from `Qwen3`.
 
 Loading builds the model abstractly (`nnx.eval_shape`), then creates every parameter with
 `jax.make_array_from_callback` on its NamedSharding: each device's callback reads only that
@@ -6,6 +6,7 @@ device's slice of the tensor from the safetensors file (`safe_open(..., framewor
 slices; bf16 comes back as an ml_dtypes array), so no device, and no host step, ever holds a
 full copy per device. HF stores linear weights [out, in]; here kernels are [in, out] with heads
 as their own axis, so each tensor has a layout kind that says how to map indices and data.
+`param_table` and `load_params` serve the GGUF reader (`gguf_io.py`) too.
 """
 
 import json
@@ -51,13 +52,16 @@ def param_table(cfg):
            (("norm", "weight"), "model.norm.weight", "same")]
   for i in range(cfg.num_layers):
     for path, name, kind in _LAYER_PARAMS:
+      if path[1] in ("q_norm", "k_norm") and not cfg.qk_norm:
+        continue
       table.append((("layers", i) + path, f"model.layers.{i}.{name}", kind))
   if not cfg.tie_embeddings:
     table.append((("lm_head", "kernel"), "lm_head.weight", "t"))
   return table
 
 
-def _hf_shape(kind, shape):
+def hf_shape(kind, shape):
+  """The HF-layout shape of a parameter of our `shape` and layout `kind`."""
   if kind == "same":
     return tuple(shape)
   if kind == "t":
@@ -67,8 +71,8 @@ def _hf_shape(kind, shape):
   return (shape[2], shape[0] * shape[1])  # "o": [H, D, E] -> [E, H*D]
 
 
-def _read_block(tensor, kind, shape, index):
-  """Reads our-layout block `index` of a tensor (safetensors slice, HF layout) as numpy."""
+def read_block(tensor, kind, shape, index):
+  """Our-layout block `index` of an HF-layout tensor (a safetensors slice or numpy array)."""
   s = [slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape)]
   if kind == "same":
     return tensor[tuple(s)]
@@ -99,8 +103,13 @@ def _config_error(path, message):
   return UserError(f"{os.path.join(path, CONFIG_FILE)}: {message}")
 
 
+# model_type -> (per-head q/k RMSNorm, tie_word_embeddings when config.json omits it; for llama
+# that is LlamaConfig's default).
+_MODEL_TYPES = {"qwen3": (True, True), "llama": (False, False)}
+
+
 def config_from_hf(path, **overrides):
-  """ModelConfig from a Hugging Face Qwen3 config.json in folder `path`."""
+  """ModelConfig from a Hugging Face Qwen3 or Llama config.json in folder `path`."""
   file = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(file):
     raise UserError(f"no {CONFIG_FILE} in {path}; point the checkpoint path at a Hugging Face "
@@ -110,11 +119,13 @@ def config_from_hf(path, **overrides):
       hf = json.load(f)
   except json.JSONDecodeError as e:
     raise _config_error(path, f"is not valid JSON ({e})") from e
-  if hf.get("model_type") != "qwen3":
-    raise _config_error(path, f"model_type {hf.get('model_type')!r} is not supported; "
-                        "only 'qwen3' (Qwen3ForCausalLM) checkpoints load here")
-  if hf.get("attention_bias"):
-    raise _config_error(path, "attention_bias=true is not supported by this Qwen3 model")
+  model_type = hf.get("model_type")
+  if model_type not in _MODEL_TYPES:
+    raise _config_error(path, f"model_type {model_type!r} is not supported; only 'qwen3' "
+                        "(Qwen3ForCausalLM) and 'llama' (LlamaForCausalLM) checkpoints load here")
+  for bias in ("attention_bias", "mlp_bias"):
+    if hf.get(bias):
+      raise _config_error(path, f"{bias}=true is not supported by this model")
   if hf.get("hidden_act", "silu") != "silu":
     raise _config_error(path, f"hidden_act {hf['hidden_act']!r} is not supported (silu only)")
   rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -141,8 +152,8 @@ def config_from_hf(path, **overrides):
       mlp_dim=field("intermediate_size"),
       rope_theta=float(theta),
       rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      # transformers defaults tie_word_embeddings to True when the field is absent.
-      tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", _MODEL_TYPES[model_type][1])),
+      qk_norm=_MODEL_TYPES[model_type][0],
   )
   kwargs.update(overrides)
   return qwen3.ModelConfig(**kwargs)
@@ -175,8 +186,38 @@ def _tensor_files(path):
   return files
 
 
+def load_params(cfg, reader, *, mesh=None, rules=None):
+  """A `Qwen3(cfg)` whose parameters `reader` supplies, each created shard by shard on `mesh`.
+
+  Args:
+    cfg: the model's config; its param_dtype is the dtype of the parameters.
+    reader: reader(HF tensor name, layout kind, our shape) -> a function of an index (tuple of
+      slices into our shape) giving that block in our layout as numpy; it checks the tensor.
+    mesh, rules: where the parameters go (one device if mesh is None).
+  """
+  mesh = mesh if mesh is not None else mesh_lib.single_device_mesh()
+  graphdef, abstract = mesh_lib.abstract_model(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)))
+  shardings = nnx.to_flat_state(sharding_lib.state_shardings(abstract, mesh, rules))
+  shardings = {p: v.get_value() for p, v in shardings}
+  values = {}
+  for param_path, name, kind in param_table(cfg):
+    var = abstract
+    for key in param_path:
+      var = var[key]
+    shape = var.shape
+    block = reader(name, kind, shape)
+
+    def read(index, block=block):
+      return np.ascontiguousarray(block(index), dtype=cfg.weight_dtype)
+
+    values[param_path] = jax.make_array_from_callback(shape, shardings[param_path], read)
+  flat = nnx.to_flat_state(abstract)
+  state = nnx.from_flat_state([(p, v.replace(values[p])) for p, v in flat])
+  return nnx.merge(graphdef, state)
+
+
 def load_hf_checkpoint(path, *, mesh=None, rules=None, dtype="float32", compute_dtype=None):
-  """Loads a Hugging Face Qwen3 checkpoint folder onto `mesh` (one device if None).
+  """Loads a Hugging Face Qwen3 or Llama checkpoint folder onto `mesh` (one device if None).
 
   Args:
     path: folder with config.json and model.safetensors or sharded *.safetensors (+ index).
@@ -186,10 +227,6 @@ def load_hf_checkpoint(path, *, mesh=None, rules=None, dtype="float32", compute_
     (model, ModelConfig).
   """
   cfg = config_from_hf(path, param_dtype=dtype, dtype=compute_dtype or dtype)
-  mesh = mesh if mesh is not None else mesh_lib.single_device_mesh()
-  graphdef, abstract = mesh_lib.abstract_model(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)))
-  shardings = nnx.to_flat_state(sharding_lib.state_shardings(abstract, mesh, rules))
-  shardings = {p: v.get_value() for p, v in shardings}
   files = _tensor_files(path)
   table = param_table(cfg)
   missing = [name for _, name, _ in table if name not in files]
@@ -205,44 +242,31 @@ def load_hf_checkpoint(path, *, mesh=None, rules=None, dtype="float32", compute_
                     unused[0])
 
   handles = {}
+
+  def reader(name, kind, shape):
+    file = files[name]
+    if file not in handles:
+      handles[file] = safe_open(file, framework="numpy")
+    tensor = handles[file].get_slice(name)
+    want = hf_shape(kind, shape)
+    got = tuple(tensor.get_shape())
+    if got != want:
+      raise UserError(f"checkpoint tensor {name} has shape {list(got)} but the config.json "
+                      f"implies {list(want)}; the checkpoint and its config disagree")
+    return lambda index: read_block(tensor, kind, shape, index)
+
   try:
-    values = {}
-    for param_path, name, kind in table:
-      file = files[name]
-      if file not in handles:
-        handles[file] = safe_open(file, framework="numpy")
-      tensor = handles[file].get_slice(name)
-      var = abstract
-      for key in param_path:
-        var = var[key]
-      shape = var.shape
-      want = _hf_shape(kind, shape)
-      got = tuple(tensor.get_shape())
-      if got != want:
-        raise UserError(f"checkpoint tensor {name} has shape {list(got)} but the config.json "
-                        f"implies {list(want)}; the checkpoint and its config disagree")
-      param_dtype = cfg.weight_dtype
-
-      def read(index, tensor=tensor, kind=kind, shape=shape, param_dtype=param_dtype):
-        return np.ascontiguousarray(_read_block(tensor, kind, shape, index), dtype=param_dtype)
-
-      values[param_path] = jax.make_array_from_callback(shape, shardings[param_path], read)
+    model = load_params(cfg, reader, mesh=mesh, rules=rules)
   finally:
     handles.clear()  # safe_open handles close when released
-
-  def fill(param_path, var):
-    return var.replace(values[param_path])
-
-  flat = nnx.to_flat_state(abstract)
-  state = nnx.from_flat_state([(p, fill(p, v)) for p, v in flat])
-  return nnx.merge(graphdef, state), cfg
+  return model, cfg
 
 
 def hf_config_dict(cfg, dtype="float32"):
-  """The config.json a Hugging Face Qwen3ForCausalLM reads for `cfg`."""
+  """The config.json a Hugging Face Qwen3ForCausalLM (LlamaForCausalLM without qk_norm) reads."""
   return {
-      "architectures": ["Qwen3ForCausalLM"],
-      "model_type": "qwen3",
+      "architectures": ["Qwen3ForCausalLM" if cfg.qk_norm else "LlamaForCausalLM"],
+      "model_type": "qwen3" if cfg.qk_norm else "llama",
       "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.hidden_size,
       "intermediate_size": cfg.mlp_dim,

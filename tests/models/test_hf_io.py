@@ -1,4 +1,5 @@
-"""Parity with Hugging Face transformers' Qwen3ForCausalLM, checkpoint round trips and errors."""
+"""Parity with Hugging Face transformers' Qwen3ForCausalLM and LlamaForCausalLM, checkpoint round
+trips and errors."""
 
 import json
 import os
@@ -23,14 +24,17 @@ transformers = pytest.importorskip("transformers")
 TOL = 1e-4
 
 
-def _hf_model(tie, seed=0):
+def _hf_model(tie, seed=0, arch="qwen3"):
   torch.manual_seed(seed)
-  config = transformers.Qwen3Config(
+  config_cls, model_cls = {
+      "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+      "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}[arch]
+  config = config_cls(
       vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
       num_key_value_heads=2, head_dim=16, intermediate_size=128, rms_norm_eps=1e-6,
       rope_parameters={"rope_type": "default", "rope_theta": 1e6},
       tie_word_embeddings=tie)
-  model = transformers.Qwen3ForCausalLM(config).float().eval()
+  model = model_cls(config).float().eval()
   with torch.no_grad():
     # Random norm scales too, so a mixed-up norm cannot hide behind all-ones weights.
     for name, p in model.named_parameters():
@@ -61,9 +65,9 @@ def _our_logits(model, tokens, mesh=None):
   return np.asarray(logits)
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_logits_match_transformers_and_export_round_trips(tie, tmp_path):
-  hf = _hf_model(tie)
+@pytest.mark.parametrize("arch,tie", [("qwen3", True), ("qwen3", False), ("llama", False)])
+def test_logits_match_transformers_and_export_round_trips(arch, tie, tmp_path):
+  hf = _hf_model(tie, arch=arch)
   hf.save_pretrained(tmp_path / "hf")
   tokens = _tokens()
   want = _hf_logits(hf, tokens)
@@ -72,18 +76,19 @@ def test_logits_match_transformers_and_export_round_trips(tie, tmp_path):
   mesh = None if tie else mesh_lib.make_mesh((2, 2, 2), jax.devices()[:8])
   model, cfg = hf_io.load_hf_checkpoint(str(tmp_path / "hf"), mesh=mesh)
   assert cfg.tie_embeddings == tie and cfg.rope_theta == 1e6 and cfg.num_kv_heads == 2
+  assert cfg.qk_norm == (arch == "qwen3")
   if mesh is not None:
     assert model.layers[0].self_attn.o_proj.kernel[...].sharding.spec == P("tensor", None,
                                                                           "fsdp")
   got = _our_logits(model, tokens, mesh)
   err = np.abs(got - want).max()
-  print(f"load parity tie={tie}: max abs logit diff {err:.2e}")
+  print(f"load parity {arch} tie={tie}: max abs logit diff {err:.2e}")
   assert err <= TOL
 
   hf_io.export_hf_checkpoint(model, cfg, str(tmp_path / "out"))
-  back = transformers.Qwen3ForCausalLM.from_pretrained(str(tmp_path / "out")).float().eval()
+  back = type(hf).from_pretrained(str(tmp_path / "out")).float().eval()
   err = np.abs(_hf_logits(back, tokens) - want).max()
-  print(f"export parity tie={tie}: max abs logit diff {err:.2e}")
+  print(f"export parity {arch} tie={tie}: max abs logit diff {err:.2e}")
   assert err <= TOL
   for name, p in hf.state_dict().items():
     np.testing.assert_array_equal(back.state_dict()[name].numpy(), p.numpy(), err_msg=name)
@@ -164,8 +169,8 @@ def test_wrong_shape_is_a_user_error_naming_the_tensor(saved_tiny, tmp_path):
 
 def test_unsupported_model_type_is_a_user_error(saved_tiny, tmp_path):
   path = _copy_checkpoint(saved_tiny, tmp_path / "c",
-                          edit_config=lambda c: c.update(model_type="llama"))
-  with pytest.raises(UserError, match="model_type 'llama' is not supported"):
+                          edit_config=lambda c: c.update(model_type="mistral"))
+  with pytest.raises(UserError, match="model_type 'mistral' is not supported"):
     hf_io.load_hf_checkpoint(path)
 
 
