@@ -8,6 +8,7 @@ no BOS token and padding uses `<|endoftext|>`.
 
 import abc
 import io
+import json
 import os
 from typing import Iterable, Optional, Sequence
 
@@ -25,6 +26,10 @@ CHAT_TOKENS = (IM_START, IM_END)
 
 SP_MODEL_FILE = "spiece.model"
 HF_TOKENIZER_FILE = "tokenizer.json"
+HF_CONFIG_FILE = "tokenizer_config.json"
+# Fields of tokenizer_config.json that HFTokenizer keeps (the rest is transformers' business).
+HF_CONFIG_KEYS = ("chat_template", "bos_token", "eos_token", "pad_token", "unk_token",
+                  "add_bos_token", "add_eos_token")
 _UNK = "<unk>"
 
 
@@ -222,10 +227,15 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str, vocab_size: int,
 
 
 class HFTokenizer(Tokenizer):
-  """A Hugging Face `tokenizers` tokenizer (e.g. a Qwen3 `tokenizer.json`)."""
+  """A Hugging Face `tokenizers` tokenizer (e.g. a Qwen3 `tokenizer.json`).
 
-  def __init__(self, tokenizer: hf_tokenizers.Tokenizer):
+  `config` holds the HF_CONFIG_KEYS fields of the model's tokenizer_config.json (its chat
+  template and named special tokens); `save` writes them back next to tokenizer.json.
+  """
+
+  def __init__(self, tokenizer: hf_tokenizers.Tokenizer, config: Optional[dict] = None):
     self._tok = tokenizer
+    self.config = {k: v for k, v in (config or {}).items() if k in HF_CONFIG_KEYS}
     missing = [t for t in (ENDOFTEXT,) + CHAT_TOKENS if tokenizer.token_to_id(t) is None]
     if missing:
       logging.info("adding missing control tokens %s to the tokenizer", missing)
@@ -239,6 +249,11 @@ class HFTokenizer(Tokenizer):
     if not added:
       return 0
     return self._tok.add_special_tokens(added)
+
+  @property
+  def chat_template(self) -> Optional[str]:
+    """The model's Jinja chat template, if it came with one."""
+    return self.config.get("chat_template")
 
   def encode(self, text):
     return list(self._tok.encode(text, add_special_tokens=False).ids)
@@ -263,6 +278,9 @@ class HFTokenizer(Tokenizer):
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, HF_TOKENIZER_FILE)
     self._tok.save(path)
+    if self.config:
+      with open(os.path.join(directory, HF_CONFIG_FILE), "w") as f:
+        json.dump(self.config, f, indent=2, ensure_ascii=False)
     return path
 
   @classmethod
@@ -276,7 +294,17 @@ class HFTokenizer(Tokenizer):
       tok = hf_tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # the Rust side raises plain Exception subclasses
       raise UserError(f"{path} is not a valid Hugging Face tokenizer.json ({e})") from None
-    return cls(tok)
+    config = {}
+    config_path = os.path.join(os.path.dirname(path), HF_CONFIG_FILE)
+    if os.path.isfile(config_path):
+      try:
+        with open(config_path) as f:
+          config = json.load(f)
+      except json.JSONDecodeError as e:
+        raise UserError(f"{config_path} is not valid JSON ({e})") from None
+      if not isinstance(config, dict):
+        raise UserError(f"{config_path} is not a JSON object")
+    return cls(tok, config)
 
 
 def load_tokenizer(path: str) -> Tokenizer:

@@ -170,3 +170,24 @@ def test_save_load_and_load_tokenizer(tmp_path, sp_tok, hf_tok):
   (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
   with pytest.raises(UserError, match="not a valid"):
     toks.load_tokenizer(str(tmp_path / "bad"))
+
+
+def test_hf_config_keeps_chat_template_and_named_tokens_across_save_and_load(tmp_path):
+  template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+              "<|im_end|>\n{% endfor %}")
+  config = {"chat_template": template, "eos_token": "<|im_end|>", "add_bos_token": False,
+            "added_tokens_decoder": {"0": {}}}  # not one of HF_CONFIG_KEYS: dropped
+  tok = toks.HFTokenizer(_byte_level_hf(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]), config)
+  assert tok.chat_template == template
+  assert set(tok.config) == {"chat_template", "eos_token", "add_bos_token"}
+  tok.save(str(tmp_path / "a"))
+  back = toks.load_tokenizer(str(tmp_path / "a"))
+  assert back.config == tok.config
+  assert toks.load_tokenizer(str(tmp_path / "a" / toks.HF_TOKENIZER_FILE)).config == tok.config
+  # Without a config nothing but tokenizer.json is written, and none comes back.
+  toks.HFTokenizer(_byte_level_hf()).save(str(tmp_path / "b"))
+  assert os.listdir(tmp_path / "b") == [toks.HF_TOKENIZER_FILE]
+  assert toks.load_tokenizer(str(tmp_path / "b")).chat_template is None
+  (tmp_path / "b" / toks.HF_CONFIG_FILE).write_text("{oops")
+  with pytest.raises(UserError, match="tokenizer_config.json is not valid JSON"):
+    toks.load_tokenizer(str(tmp_path / "b"))
