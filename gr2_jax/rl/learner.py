@@ -5,6 +5,12 @@ Position t predicts token t + 1; `mask[t]` is True where token t + 1 is a respon
 stop token included), so the loss sees exactly the tokens the policy chose. `logp_old[t]` is
 the rollout policy's log-probability of that token.
 
+Temperature: rollouts sampled at temperature T carry log-probs of softmax(logits / T) (see
+`gr2_jax.sampling.sampler`), so the update divides its logits by the same T
+(`LossConfig.temperature`, the verl convention) and the PPO ratio compares pi_theta and the
+behaviour policy at the same temperature: exactly 1 on policy. The KL reference log-probs
+(`sequence_logps`) take the same temperature.
+
 The step maps (state, batch) -> (state, metrics) with the state donated, like the trainer's.
 It is skipped (state returned unchanged, `skipped` = 1 in the metrics) when the loss or a
 gradient is not finite or when no token carries an advantage (every rollout invalid, every
@@ -19,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gr2_jax.errors import UserError
 from gr2_jax.models import qwen3
 from gr2_jax.rl import losses
 from gr2_jax.rl.registry import POLICY_LOSSES
@@ -37,6 +44,12 @@ class LossConfig:
   kl_beta: float = 0.0
   kl_estimator: str = "k3"
   max_len: int = 0  # response budget, for the seq_mean_token_sum_norm aggregation
+  temperature: float = 1.0  # the rollouts' sampling temperature; logits are divided by it
+
+  def __post_init__(self):
+    if not self.temperature > 0:
+      raise UserError(f"temperature={self.temperature} must be > 0 (the rollouts' sampling "
+                      "temperature)")
 
 
 def build_rows(prompts, responses, response_logps, width, pad_id):
@@ -71,18 +84,20 @@ def build_rows(prompts, responses, response_logps, width, pad_id):
   return out
 
 
-def token_logps(graphdef, params, batch):
-  """float32 [B, T]: log pi(targets[t] | tokens[:t + 1]) under `params`."""
+def token_logps(graphdef, params, batch, temperature=1.0):
+  """float32 [B, T]: log softmax(logits / temperature)[targets[t]] given tokens[:t + 1]."""
   logits, _ = qwen3.apply(graphdef, params, batch["tokens"], batch["positions"],
                           segment_ids=batch["segment_ids"])
   logits = logits.astype(jnp.float32)
+  if not (isinstance(temperature, (int, float)) and temperature == 1.0):
+    logits = logits / temperature
   target = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
   return target - jax.nn.logsumexp(logits, axis=-1)
 
 
 def policy_loss(graphdef, params, batch, cfg: LossConfig):
   """(loss, metrics) of the configured policy loss on one batch of rows."""
-  logp = token_logps(graphdef, params, batch)
+  logp = token_logps(graphdef, params, batch, cfg.temperature)
   fn = POLICY_LOSSES.get(cfg.policy_loss)
   return fn(logp, batch["logp_old"], batch["advantages"], batch["mask"],
             logp_ref=batch.get("logp_ref"), eps_low=cfg.eps_low, eps_high=cfg.eps_high,
@@ -112,12 +127,15 @@ def make_rl_step(graphdef, tx, schedule, cfg: LossConfig):
   return step_fn
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logps_jit(graphdef, params, batch):
-  return token_logps(graphdef, params, batch)
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _logps_jit(graphdef, params, batch, temperature):
+  return token_logps(graphdef, params, batch, temperature)
 
 
-def sequence_logps(graphdef, params, rows):
-  """Per-token log-probs [N, T] of numpy rows under params (e.g. the reference policy)."""
+def sequence_logps(graphdef, params, rows, temperature=1.0):
+  """Per-token log-probs [N, T] of numpy rows under params (e.g. the reference policy).
+
+  temperature: the rollouts' sampling temperature, as in `LossConfig.temperature`.
+  """
   batch = {k: jnp.asarray(rows[k]) for k in ("tokens", "positions", "segment_ids", "targets")}
-  return np.asarray(_logps_jit(graphdef, params, batch))
+  return np.asarray(_logps_jit(graphdef, params, batch, float(temperature)))
