@@ -28,13 +28,19 @@ def _mean(x):
   return float(np.mean(x)) if np.size(x) else float("nan")
 
 
-def rerank_diagnostics(valid, order, lengths=None, token_logps=None, token_mask=None):
+def rerank_diagnostics(valid, order, lengths=None, token_logps=None, token_mask=None,
+                       token_entropies=None):
   """Dict of scalar diagnostics (and one [K] histogram).
 
   valid: bool [N]; order: int [N, K] slate positions in output order (ignored where invalid);
-  lengths: optional int [N] response lengths in tokens; token_logps: optional float [N, T]
-  log-probs of the sampled tokens with token_mask [N, T] (default all), giving the Monte Carlo
-  entropy estimate -mean log p.
+  lengths: optional int [N] response lengths in tokens.
+  token_entropies: optional float [N, T] entropy of the distribution each token was sampled
+    from (`SampleOutput.entropies`); `entropy` is their mean over token_mask.
+  token_logps: optional float [N, T] rollout log-probs of the sampled tokens; `neg_logp` is
+    -mean log p over token_mask, a Monte Carlo estimate of the entropy when nothing truncated
+    the sampling distribution (under a constraint or top-k / top-p it exceeds it by the mean
+    -log of the allowed mass). Without token_entropies `entropy` falls back to it.
+  token_mask: [N, T] tokens that count, for both (default all).
   """
   valid = np.asarray(valid, bool)
   order = np.asarray(order)
@@ -52,8 +58,14 @@ def rerank_diagnostics(valid, order, lengths=None, token_logps=None, token_mask=
   }
   if lengths is not None:
     out["mean_response_length"] = _mean(np.asarray(lengths, np.float64))
+
+  def masked(x):
+    x = np.asarray(x, np.float64)
+    return x[np.ones(x.shape, bool) if token_mask is None else np.asarray(token_mask, bool)]
+
   if token_logps is not None:
-    logps = np.asarray(token_logps, np.float64)
-    mask = np.ones(logps.shape, bool) if token_mask is None else np.asarray(token_mask, bool)
-    out["entropy"] = -_mean(logps[mask])
+    out["neg_logp"] = -_mean(masked(token_logps))
+    out["entropy"] = out["neg_logp"]
+  if token_entropies is not None:
+    out["entropy"] = _mean(masked(token_entropies))
   return out

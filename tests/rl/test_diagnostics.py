@@ -35,7 +35,22 @@ def test_rerank_diagnostics():
   assert d["kendall_tau"] == pytest.approx((1 - 1 - 1 / 3) / 3)
   np.testing.assert_array_equal(d["top_input_position_hist"], [1, 0, 0, 2])  # invalid ignored
   assert d["mean_response_length"] == 30.0
-  assert d["entropy"] == pytest.approx(2.0)
+  # Without sampling entropies, `entropy` is the Monte Carlo -mean log p.
+  assert d["neg_logp"] == pytest.approx(2.0) and d["entropy"] == pytest.approx(2.0)
+
+
+def test_entropy_is_the_mean_entropy_of_the_sampled_distributions():
+  # Two tokens, each drawn from a distribution with two allowed tokens: a fair coin (log 2)
+  # and a certain one (0); the padded third entry is ignored.
+  ents = np.array([[np.log(2.0), 0.0], [np.nan, 0.0]])
+  logps = np.array([[-np.log(2.0), -0.5], [0.0, 0.0]])
+  d = diagnostics.rerank_diagnostics(np.ones(2, bool), np.zeros((2, 3), int), token_logps=logps,
+                                     token_entropies=ents, token_mask=[[1, 1], [0, 0]])
+  assert d["entropy"] == pytest.approx(np.log(2.0) / 2)
+  assert d["neg_logp"] == pytest.approx((np.log(2.0) + 0.5) / 2)
+  d = diagnostics.rerank_diagnostics(np.ones(1, bool), np.zeros((1, 3), int),
+                                     token_entropies=[1.0, 3.0])
+  assert d["entropy"] == 2.0 and "neg_logp" not in d
 
 
 def test_no_valid_output():
@@ -43,4 +58,4 @@ def test_no_valid_output():
   assert d["num_valid"] == 0 and d["valid_rate"] == 0.0
   assert math.isnan(d["identity_rate"]) and math.isnan(d["kendall_tau"])
   np.testing.assert_array_equal(d["top_input_position_hist"], [0, 0, 0])
-  assert "entropy" not in d and "mean_response_length" not in d
+  assert "entropy" not in d and "neg_logp" not in d and "mean_response_length" not in d
