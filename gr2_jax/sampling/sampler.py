@@ -15,12 +15,13 @@ logits by the same temperature (`gr2_jax.rl.learner.token_logps`). With temperat
 `temperature` says).
 
 What a constraint or top-k / top-p does to the PPO ratio: the behaviour policy actually sampled
-from the masked, renormalised distribution mu(y) = pi_T(y) / Z, Z = pi_T(allowed set) (and
-likewise for the top-k / top-p set). The ratio the update uses, pi_theta,T(y) / pi_old,T(y)
-over the unmasked tempered distributions, equals the ratio of the masked renormalised ones
-only up to the change of the allowed mass, Z_old / Z_theta; at the on-policy point theta = old
-both are exactly 1. Off policy the two drift apart as the new policy moves mass into or out
-of the allowed set.
+from the masked, renormalised distribution mu(y) = pi_T(y) / Z, Z = pi_T(allowed set) (the
+allowed set being the constraint's, cut further by top-k / top-p). The ratio the update uses,
+pi_theta,T(y) / pi_old,T(y) over the unmasked tempered distributions, equals the ratio of the
+masked renormalised ones only up to the change of the allowed mass: for a fixed allowed set,
+mu_theta(y) / mu_old(y) = pi_theta,T(y) / pi_old,T(y) * Z_old / Z_theta. At the on-policy
+point theta = old both are exactly 1; off policy they drift apart as the new policy moves mass
+into or out of the allowed set.
 
 Entropies: `entropies[b, i]` is the entropy (nats) of the distribution the token was actually
 drawn from, after temperature, constraint mask (and `vocab_limit`) and top-k / top-p; 0 for
