@@ -25,6 +25,7 @@ setup(
         "pyarrow>=15",
         "safetensors>=0.4",
         "tokenizers>=0.19",
+        "gguf>=0.10",  # llama.cpp's GGUF reader (gr2_jax.models.gguf_io)
         "tensorboardX>=2.6",
     ],
     extras_require={
@@ -35,6 +36,7 @@ setup(
             # CPU build of PyTorch for the reference-parity tests; never unpinned.
             "torch==2.13.0",
             "transformers>=4.51",
+            "accelerate>=1.0",  # transformers needs it to load GGUF files
             "sentence-transformers>=3.0",
         ],
     },
