@@ -62,15 +62,16 @@ PROMPT_MULTIPLE = 128
 
 def generate(model, tok, prompts_ids, *, max_new_tokens, batch_size, make_constraint=None,
              greedy=True, temperature=1.0, key=None):
-  """(responses, logps, finished) per prompt, in fixed-size batches (the last one padded with
-  copies) so that every batch shares one compilation.
+  """(responses, logps, finished, entropies) per prompt, in fixed-size batches (the last one
+  padded with copies) so that every batch shares one compilation.
 
-  A response keeps its stop token when it emitted one (`finished`); `logps` are the sampler's
-  per-token log-probabilities. `make_constraint(start, real)` builds a batch's constraint.
+  A response keeps its stop token when it emitted one (`finished`); `logps` and `entropies` are
+  the sampler's per-token log-probabilities and entropies of the distribution sampled from.
+  `make_constraint(start, real)` builds a batch's constraint.
   """
   stops = chat.chat_stop_ids(tok)
   key = jax.random.key(0) if key is None else key
-  responses, logps, finished = [], [], []
+  responses, logps, finished, entropies = [], [], [], []
   for s in range(0, len(prompts_ids), batch_size):
     batch = list(prompts_ids[s:s + batch_size])
     real = len(batch)
@@ -80,18 +81,19 @@ def generate(model, tok, prompts_ids, *, max_new_tokens, batch_size, make_constr
                          max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
                          stop_tokens=stops, pad_id=tok.pad_id, constraint=cons,
                          prompt_multiple=PROMPT_MULTIPLE, vocab_limit=tok.vocab_size)
-    toks, lps = np.asarray(res.tokens), np.asarray(res.logprobs)
+    toks, lps, ents = (np.asarray(x) for x in (res.tokens, res.logprobs, res.entropies))
     lens, done = np.asarray(res.lengths), np.asarray(res.done)
     for j in range(real):
       responses.append(toks[j, :lens[j]].tolist())
       logps.append(lps[j, :lens[j]])
+      entropies.append(ents[j, :lens[j]])
       finished.append(bool(done[j]))
-  return responses, logps, finished
+  return responses, logps, finished, entropies
 
 
 def _greedy(model, tok, prompts_ids, *, max_new_tokens, batch_size, make_constraint=None):
   """Greedy generated ids per prompt, the stop token dropped."""
-  out, _, finished = generate(model, tok, prompts_ids, max_new_tokens=max_new_tokens,
+  out, _, finished, _ = generate(model, tok, prompts_ids, max_new_tokens=max_new_tokens,
                               batch_size=batch_size, make_constraint=make_constraint)
   return [ids[:-1] if f and ids else ids for ids, f in zip(out, finished)]
 

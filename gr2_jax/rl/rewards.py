@@ -1,16 +1,23 @@
 """Verifiable re-ranking rewards, vectorised over a batch of N rollouts of slates of K items.
 
-Every reward has the signature `fn(valid, order, target_index=None, grades=None, **params)`:
-  valid: bool [N], Omega: the output parsed into a valid permutation of exactly the slate.
-  order: int [N, K], slate positions in output order (order[n, 0] is ranked first); arbitrary
-    where not valid. The input order is the identity: the slate as shown is positions 0..K-1.
-  target_index: int [N], slate position of the single positive (rank_promotion, naive).
-  grades: int [N, K] by slate position, 0 = negative; binary labels are grades in {0, 1}
+Every reward has the signature
+`fn(valid, order, target_index=None, grades=None, shown=None, **params)`, all in *legacy* slate
+positions (the incoming order of the upstream ranker, which a display shuffle does not change):
+  valid: bool [N], the output parsed into a valid permutation of exactly the slate (Omega).
+  order: int [N, K], legacy slate positions in output order (order[n, 0] is ranked first);
+    arbitrary where not valid.
+  target_index: int [N], legacy position of the single positive (rank_promotion, naive); -1 or
+    out of range = the target is not in the slate.
+  grades: int [N, K] by legacy position, 0 = negative; binary labels are grades in {0, 1}
     (auc, graded_ndcg).
-and returns a dict of float32 / bool [N] components, always with "total" (the scalar reward),
+  shown: optional int [N, K], the order the slate was shown in (shown position j held legacy
+    position shown[n, j]); default the legacy order. Only the conditional rule of auc and
+    graded_ndcg reads it: copying the order one was shown is the lazy answer.
+So the reward of an output depends on the output and the slate, not on the luck of a shuffle.
+Each returns a dict of float32 / bool [N] components, always with "total" (the scalar reward),
 "valid" and "has_signal" (False where the slate cannot rank: the driver drops such groups).
 Ranks are 0-based. An invalid output earns `invalid_penalty` whatever the slate, never a
-partial parse.
+partial parse. `alpha` is the format bonus (R_fmt = Omega), paid under each reward's condition.
 """
 
 import jax.numpy as jnp
@@ -18,7 +25,7 @@ import jax.numpy as jnp
 from gr2_jax.errors import UserError
 from gr2_jax.rl.registry import REWARDS
 
-# Tolerance for "the input order is already optimal" (metric == 1 up to float error).
+# Tolerance for "the shown order is already optimal" (metric == 1 up to float error).
 _OPTIMAL_TOL = 1e-6
 
 
@@ -39,6 +46,13 @@ def is_identity(order):
   """bool [N]: the output order equals the input order."""
   order = jnp.asarray(order)
   return jnp.all(order == jnp.arange(order.shape[-1]), axis=-1)
+
+
+def copies_shown(order, shown=None):
+  """bool [N]: the output lists the slate exactly as it was shown."""
+  if shown is None:
+    return is_identity(order)
+  return jnp.all(jnp.asarray(order) == jnp.asarray(shown), axis=-1)
 
 
 def output_rank(order, target_index):
@@ -70,14 +84,15 @@ def _components(valid, has_signal, rank, fmt, invalid_penalty):
 
 
 @REWARDS.register("rank_promotion")
-def rank_promotion(valid, order, target_index=None, grades=None, *, alpha=0.2,
+def rank_promotion(valid, order, target_index=None, grades=None, shown=None, *, alpha=0.2,
                    invalid_penalty=-1.0):
   """Paper 1: R_rank = (rank_in(x*) - rank_out(x*)) / K with the conditional format reward.
 
-  The format bonus alpha is paid only when the target moved up or was first and stayed first,
-  so copying the incoming order earns nothing beyond R_rank = 0.
+  rank_in is the target's legacy rank. The format bonus alpha is paid only when the target
+  moved up or was first and stayed first, so copying the incoming order earns nothing beyond
+  R_rank = 0.
   """
-  del grades
+  del grades, shown
   valid, target, rank_out, has_signal, delta = _rank_delta(valid, order, target_index,
                                                            "rank_promotion")
   credit = valid & has_signal
@@ -88,9 +103,10 @@ def rank_promotion(valid, order, target_index=None, grades=None, *, alpha=0.2,
 
 
 @REWARDS.register("naive")
-def naive(valid, order, target_index=None, grades=None, *, alpha=0.2, invalid_penalty=-1.0):
+def naive(valid, order, target_index=None, grades=None, shown=None, *, alpha=0.2,
+          invalid_penalty=-1.0):
   """R_rank + alpha * Omega, unconditionally: the hackable form, kept for the ablation."""
-  del grades
+  del grades, shown
   valid, _, _, has_signal, delta = _rank_delta(valid, order, target_index, "naive")
   rank = jnp.where(valid & has_signal, delta, 0.0)
   fmt = alpha * valid.astype(jnp.float32)
@@ -117,46 +133,49 @@ def graded_ndcg_of(ordered_grades):
   return jnp.where(ideal > 0, dcg / jnp.where(ideal > 0, ideal, 1.0), 0.0)
 
 
-def _conditional_metric_reward(metric_fn, key, valid, order, grades, alpha, invalid_penalty,
-                               reward):
+def _conditional_metric_reward(metric_fn, key, valid, order, grades, shown, alpha,
+                               invalid_penalty, reward):
+  """The technical report's conditional reward (its Eq. 7).
+
+  R = R_rank + alpha * R_fmt, except for an output that copies the shown order when that order
+  is not already optimal: R = alpha * R_fmt. R_fmt = Omega, R_rank the metric of the output,
+  paid only when Omega = 1; an invalid output gets `invalid_penalty`.
+  """
   valid = jnp.asarray(valid, bool)
   grades = _need("grades", grades, reward)
   ordered = jnp.take_along_axis(grades, _safe_order(order), axis=-1)
+  shown_order = (jnp.broadcast_to(jnp.arange(grades.shape[-1]), grades.shape) if shown is None
+                 else jnp.asarray(shown))
   has_signal = jnp.any(grades > 0, axis=-1) & jnp.any(grades <= 0, axis=-1)
   out_metric = metric_fn(ordered)
-  in_metric = metric_fn(grades)
-  # Returning the incoming order unchanged earns nothing unless that order was already optimal.
-  lazy = is_identity(order) & (in_metric < 1.0 - _OPTIMAL_TOL)
-  credit = valid & has_signal & ~lazy
-  rank = jnp.where(credit, out_metric, 0.0)
-  # As in paper 1, the format bonus rewards improving on the input order or being optimal.
-  improved = (out_metric > in_metric + _OPTIMAL_TOL) | (out_metric >= 1.0 - _OPTIMAL_TOL)
-  fmt = alpha * (credit & improved).astype(jnp.float32)
+  shown_metric = metric_fn(jnp.take_along_axis(grades, shown_order, axis=-1))
+  lazy = copies_shown(order, shown_order) & (shown_metric < 1.0 - _OPTIMAL_TOL)
+  rank = jnp.where(valid & has_signal & ~lazy, out_metric, 0.0)
+  fmt = alpha * valid.astype(jnp.float32)
   return {
       key: jnp.where(valid & has_signal, out_metric, 0.0),
-      "input_" + key: jnp.where(has_signal, in_metric, 0.0),
+      "input_" + key: jnp.where(has_signal, shown_metric, 0.0),
       "lazy_identity": valid & has_signal & lazy,
       **_components(valid, has_signal, rank, fmt, invalid_penalty),
   }
 
 
 @REWARDS.register("auc")
-def auc(valid, order, target_index=None, grades=None, *, alpha=0.0, invalid_penalty=-1.0):
-  """Technical report: AUC of the output order, with the conditional rule.
+def auc(valid, order, target_index=None, grades=None, shown=None, *, alpha=0.2,
+        invalid_penalty=-1.0):
+  """Technical report: AUC of the output order under the conditional rule (Eq. 7).
 
-  Ranking credit is paid only for a valid output that is not a copy of a suboptimal input
-  order; the optional format bonus alpha only when the output also beats the input order or is
-  optimal. A slate without a positive or a negative gets 0 and has_signal False.
+  A slate without a positive or a negative has has_signal False (and no ranking credit).
   """
   del target_index
-  return _conditional_metric_reward(auc_of, "auc", valid, order, grades, alpha, invalid_penalty,
-                                    "auc")
+  return _conditional_metric_reward(auc_of, "auc", valid, order, grades, shown, alpha,
+                                    invalid_penalty, "auc")
 
 
 @REWARDS.register("graded_ndcg")
-def graded_ndcg(valid, order, target_index=None, grades=None, *, alpha=0.0,
+def graded_ndcg(valid, order, target_index=None, grades=None, shown=None, *, alpha=0.2,
                 invalid_penalty=-1.0):
-  """Technical report: graded NDCG (gains 2^g - 1, full slate), conditional rule of `auc`."""
+  """Technical report: graded NDCG (gains 2^g - 1, full slate) under the rule of `auc`."""
   del target_index
-  return _conditional_metric_reward(graded_ndcg_of, "ndcg", valid, order, grades, alpha,
+  return _conditional_metric_reward(graded_ndcg_of, "ndcg", valid, order, grades, shown, alpha,
                                     invalid_penalty, "graded_ndcg")

@@ -2,17 +2,19 @@
 with Omega and scored by a registered reward.
 
 Each of the G samples of a prompt may see its own shuffle of the slate (`shuffle=True`, the
-default against position bias); the labels follow the items, so the target's input rank and the
-grades are those of the order the sample was shown, and the output order is read in shown
-positions. With `shuffle=False` every sample sees the legacy order.
+default against position bias). The answer is parsed in the positions it was shown, then mapped
+back to legacy positions for the reward, whose labels (the target's legacy rank, the grades)
+stay those of the legacy order: two samples that rank the items alike get the same reward,
+whatever they were shown. With `shuffle=False` every sample sees the legacy order.
 
 With `constrain_ranking=True` an answer is sampled in two passes, as the constrained evaluation
 decodes: the free sample up to its `"recommendations"` key is kept, and from there each SID must
 be one of the shown slate's items not listed yet (`constraints.slate_constraint`); punctuation
 and the closing stay free, so Omega can still fail (a short list, broken JSON). A sample without
-the key keeps its free text (invalid). Log-probabilities stay the raw policy's (see
+the key keeps its free text (invalid). Log-probabilities are the policy's at the sampling
+temperature over the whole vocabulary, before the constraint's mask (see
 `gr2_jax.sampling.sampler`), so the update raises or lowers the policy's own probability of the
-SIDs it was steered to.
+SIDs it was steered to; entropies are those of the distributions actually sampled from.
 """
 
 import dataclasses
@@ -33,13 +35,14 @@ class Rollouts:
   """N = P * G rollouts, row p * G + g being sample g of prompt p."""
   prompts: list  # prompt ids per rollout
   responses: list  # response ids (stop token included when emitted)
-  logps: list  # rollout log-probs of the response tokens
+  logps: list  # rollout log-probs of the response tokens (at the sampling temperature)
+  entropies: list  # entropy of each token's sampled distribution (mask and temperature applied)
   texts: list  # decoded answers (stop token dropped)
   lengths: np.ndarray  # int32 [N] response tokens
   finished: np.ndarray  # bool [N] stopped by a stop token (not truncated)
   perm: np.ndarray  # int [N, K]: shown position j holds legacy slate position perm[j]
-  target_index: np.ndarray  # int [N] target's shown position
-  grades: np.ndarray  # int [N, K] graded labels in shown order
+  target_index: np.ndarray  # int [N] target's legacy position (-1: not in the slate)
+  grades: np.ndarray  # int [N, K] graded labels by legacy position
   omega: np.ndarray  # bool [N]
   order: np.ndarray  # int [N, K] output order in shown positions (identity where invalid)
   reasons: list
@@ -55,15 +58,16 @@ def slate_permutations(num_prompts, group_size, k, shuffle, rng):
 
 def _sample(model, tok, prompt_ids, *, key, batch_size, max_new_tokens, temperature,
             make_constraint=None):
-  """(responses, logps, finished) of one sampled answer per prompt."""
+  """(responses, logps, finished, entropies) of one sampled answer per prompt."""
   return rerank_lib.generate(model, tok, prompt_ids, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, make_constraint=make_constraint,
                              greedy=False, temperature=temperature, key=key)
 
 
-def _constrained_tails(model, tok, prompt_ids, responses, logps, finished, shown_sids, *, key,
-                       batch_size, max_new_tokens, temperature):
+def _constrained_tails(model, tok, prompt_ids, sampled, shown_sids, *, key, batch_size,
+                       max_new_tokens, temperature):
   """Resamples each answer's ranking under the slate constraint (see the module docstring)."""
+  responses, logps, finished, entropies = (list(x) for x in sampled)
   heads, rows = [], []
   for i, r in enumerate(responses):
     cut = rerank_lib.ranking_cut(tok, r[:-1] if finished[i] else r)
@@ -71,7 +75,7 @@ def _constrained_tails(model, tok, prompt_ids, responses, logps, finished, shown
       heads.append(r[:cut])
       rows.append(i)
   if not rows:
-    return responses, logps, finished
+    return responses, logps, finished, entropies
   suffixes = [rerank_lib.sid_suffixes(tok, shown_sids[i]) for i in rows]
   begin = tok.token_to_id(sid_lib.SID_BEGIN)
 
@@ -84,18 +88,18 @@ def _constrained_tails(model, tok, prompt_ids, responses, logps, finished, shown
   # compiled decode loop; the answer's overall budget is enforced below.
   k = len(shown_sids[0])
   budget = min(max_new_tokens, sum(len(x) + 3 for x in suffixes[0]) + k + 8)
-  tails, tail_lps, tail_done = _sample(
+  tails, tail_lps, tail_done, tail_ents = _sample(
       model, tok, [prompt_ids[i] + h for i, h in zip(rows, heads)], key=key,
       batch_size=batch_size, max_new_tokens=budget, temperature=temperature,
       make_constraint=make_constraint)
-  responses, logps, finished = list(responses), list(logps), list(finished)
   for j, i in enumerate(rows):
     room = max_new_tokens - len(heads[j])  # the answer keeps its overall token budget
     tail = tails[j][:room]
     responses[i] = heads[j] + tail
     logps[i] = np.concatenate([logps[i][:len(heads[j])], tail_lps[j][:room]])
+    entropies[i] = np.concatenate([entropies[i][:len(heads[j])], tail_ents[j][:room]])
     finished[i] = tail_done[j] and len(tails[j]) <= room
-  return responses, logps, finished
+  return responses, logps, finished, entropies
 
 
 def rollout(model, tok, slates, items, sids, prompt_cfg, users=None, *, group_size, shuffle,
@@ -115,22 +119,22 @@ def rollout(model, tok, slates, items, sids, prompt_cfg, users=None, *, group_si
   perm = np.stack(perm_rows)
   slate_rows = np.repeat(slates["slate"], group_size, axis=0)
   shown_sids = [[sids[int(slate_rows[i, j])] for j in perm[i]] for i in range(n)]
-  responses, logps, finished = _sample(model, tok, prompt_ids, key=key, batch_size=batch_size,
-                                       max_new_tokens=max_new_tokens, temperature=temperature)
+  sampled = _sample(model, tok, prompt_ids, key=key, batch_size=batch_size,
+                    max_new_tokens=max_new_tokens, temperature=temperature)
   if constrain_ranking:
-    responses, logps, finished = _constrained_tails(
-        model, tok, prompt_ids, responses, logps, finished, shown_sids,
+    sampled = _constrained_tails(
+        model, tok, prompt_ids, sampled, shown_sids,
         key=jax.random.fold_in(key, 1 << 20), batch_size=batch_size,
         max_new_tokens=max_new_tokens, temperature=temperature)
+  responses, logps, finished, entropies = sampled
   texts = [tok.decode(r[:-1] if f and r else r) for r, f in zip(responses, finished)]
   omega, order, reasons, _ = parser.parse_batch(texts, shown_sids)
-  target = np.repeat(slates["target_index"], group_size)
-  inv = np.argsort(perm, axis=-1)  # legacy position -> shown position
-  grades = np.take_along_axis(np.repeat(slates["grades"], group_size, axis=0), perm, axis=-1)
-  return Rollouts(prompts=prompt_ids, responses=responses, logps=logps, texts=texts,
+  return Rollouts(prompts=prompt_ids, responses=responses, logps=logps, entropies=entropies,
+                  texts=texts,
                   lengths=np.asarray([len(r) for r in responses], np.int32),
                   finished=np.asarray(finished, bool), perm=perm,
-                  target_index=inv[np.arange(n), target], grades=grades,
+                  target_index=np.repeat(slates["target_index"], group_size),
+                  grades=np.repeat(slates["grades"], group_size, axis=0),
                   omega=np.asarray(omega, bool), order=np.asarray(order), reasons=list(reasons),
                   group_size=group_size)
 
@@ -141,7 +145,9 @@ def legacy_order(ro: Rollouts):
 
 
 def score(ro: Rollouts, reward: str, **reward_kwargs):
-  """{component: float32 [N]} of the registered reward (its `total` included)."""
+  """{component: float32 [N]} of the registered reward (its `total` included), in legacy
+  positions (see the module docstring)."""
   fn = REWARDS.get(reward)
-  out = fn(ro.omega, ro.order, target_index=ro.target_index, grades=ro.grades, **reward_kwargs)
+  out = fn(ro.omega, legacy_order(ro), target_index=ro.target_index, grades=ro.grades,
+           shown=ro.perm, **reward_kwargs)
   return {k: np.asarray(v, np.float32) for k, v in out.items()}

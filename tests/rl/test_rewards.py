@@ -78,38 +78,51 @@ def test_missing_input_is_a_user_error():
     rewards.auc(valid, order)
 
 
-# Slate of 4 with positives at input positions 0 and 2: input AUC = 3/4 (suboptimal).
+# Slate of 4 with positives at legacy positions 0 and 2: the legacy order's AUC = 3/4.
 AUC_GRADES = [1, 0, 1, 0]
 
 
-def test_auc_every_branch():
-  cases = [  # (grades, order, valid, auc credit, improved-or-optimal)
-      (AUC_GRADES, [0, 1, 2, 3], True, 0.0, False),  # identity of a suboptimal order: no credit
-      (AUC_GRADES, [0, 2, 1, 3], True, 1.0, True),  # optimal
-      (AUC_GRADES, [2, 0, 3, 1], True, 1.0, True),  # optimal, other order
-      (AUC_GRADES, [1, 0, 2, 3], True, 0.5, False),  # [0,1,1,0]: 2 of 4 pairs, worse than input
-      (AUC_GRADES, [1, 3, 0, 2], True, 0.0, False),  # fully reversed
-      ([1, 1, 0, 0], [0, 1, 2, 3], True, 1.0, True),  # identity of an already optimal order
-      ([0, 0, 0, 1], [0, 1, 3, 2], True, 1 / 3, True),  # [0,0,1,0]: 1 of 3, input has 0
-      ([0, 0, 0, 0], [1, 0, 2, 3], True, 0.0, False),  # no positive
-      ([1, 1, 1, 1], [1, 0, 2, 3], True, 0.0, False),  # no negative
-      (AUC_GRADES, [7, -1, 0, 0], False, 0.0, False),  # invalid
+def test_auc_every_branch_of_eq7():
+  # Eq. 7: R = AUC(o) + alpha * Omega, except a copy of a suboptimal shown order: alpha * Omega;
+  # an invalid output -1. Values by hand, the shown order being the legacy order here.
+  a = 0.2
+  cases = [  # (grades, order, valid, total, lazy)
+      (AUC_GRADES, [0, 1, 2, 3], True, a, True),  # copy of a suboptimal order: the bonus only
+      (AUC_GRADES, [0, 2, 1, 3], True, 1 + a, False),  # optimal
+      (AUC_GRADES, [2, 0, 3, 1], True, 1 + a, False),  # optimal, other order
+      (AUC_GRADES, [1, 0, 2, 3], True, 0.5 + a, False),  # [0,1,1,0]: 2 of 4 pairs, below input
+      (AUC_GRADES, [1, 3, 0, 2], True, 0 + a, False),  # fully reversed: AUC 0, still valid
+      ([1, 1, 0, 0], [0, 1, 2, 3], True, 1 + a, False),  # copy of an already optimal order
+      ([0, 0, 0, 1], [0, 1, 3, 2], True, 1 / 3 + a, False),  # [0,0,1,0]: 1 of 3
+      ([0, 0, 0, 0], [1, 0, 2, 3], True, a, False),  # no positive: no ranking credit
+      ([1, 1, 1, 1], [1, 0, 2, 3], True, a, False),  # no negative
+      (AUC_GRADES, [7, -1, 0, 0], False, -1.0, False),  # invalid
   ]
   grades = np.array([c[0] for c in cases])
   order = np.array([c[1] for c in cases])
   valid = np.array([c[2] for c in cases])
-  credit = np.array([c[3] for c in cases])
-  bonus = np.array([c[4] for c in cases], np.float32)
   out = _jit(rewards.auc)(valid, order, grades=grades)
-  total = np.where(valid, credit, -1.0)
-  np.testing.assert_allclose(out["total"], total, atol=1e-6)
-  np.testing.assert_allclose(out["rank"], credit, atol=1e-6)
+  np.testing.assert_allclose(out["total"], [c[3] for c in cases], atol=1e-6)
+  np.testing.assert_allclose(out["rank"], [0, 1, 1, 0.5, 0, 1, 1 / 3, 0, 0, 0], atol=1e-6)
   np.testing.assert_array_equal(out["has_signal"], [1, 1, 1, 1, 1, 1, 1, 0, 0, 1])
-  np.testing.assert_array_equal(out["lazy_identity"], [1, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(out["lazy_identity"], [c[4] for c in cases])
   np.testing.assert_allclose(out["input_auc"][:7], [0.75] * 5 + [1.0, 0.0], atol=1e-6)
-  assert not np.any(np.isnan(out["total"]))
-  out = _jit(rewards.auc, alpha=0.2, invalid_penalty=-0.5)(valid, order, grades=grades)
-  np.testing.assert_allclose(out["total"], np.where(valid, credit + 0.2 * bonus, -0.5), atol=1e-6)
+  out = _jit(rewards.auc, alpha=0.5, invalid_penalty=-0.5)(valid, order, grades=grades)
+  np.testing.assert_allclose(
+      out["total"], [c[3] + 0.3 if c[2] else -0.5 for c in cases], atol=1e-6)
+
+
+def test_eq7_reads_the_shown_order():
+  # The same legacy grades shown in two orders: copying what was shown is the lazy answer,
+  # unless the shown order is optimal; the legacy identity is an ordinary answer then.
+  grades = np.array([AUC_GRADES] * 4)
+  shown = np.array([[2, 3, 0, 1], [2, 3, 0, 1], [0, 2, 1, 3], [0, 2, 1, 3]])
+  # Shown [2,3,0,1] has grades [1,0,1,0]: AUC 3/4; shown [0,2,1,3] has [1,1,0,0]: optimal.
+  order = np.array([[2, 3, 0, 1], [0, 1, 2, 3], [0, 2, 1, 3], [0, 1, 2, 3]])
+  out = _jit(rewards.auc)(np.ones(4, bool), order, grades=grades, shown=shown)
+  np.testing.assert_allclose(out["total"], [0.2, 0.75 + 0.2, 1.2, 0.75 + 0.2], atol=1e-6)
+  np.testing.assert_array_equal(out["lazy_identity"], [1, 0, 0, 0])
+  np.testing.assert_allclose(out["input_auc"], [0.75, 0.75, 1.0, 1.0], atol=1e-6)
 
 
 def test_graded_ndcg_every_branch():
@@ -130,14 +143,13 @@ def test_graded_ndcg_every_branch():
   order = np.array([c[1] for c in cases])
   valid = np.array([c[2] for c in cases])
   credit = np.array([c[3] for c in cases])
-  out = _jit(rewards.graded_ndcg)(valid, order, grades=g)
+  out = _jit(rewards.graded_ndcg, alpha=0.0)(valid, order, grades=g)
   np.testing.assert_allclose(out["total"], np.where(valid, credit, -1.0), atol=1e-6)
   np.testing.assert_array_equal(out["has_signal"], [1, 1, 1, 1, 1, 0, 0, 1])
   np.testing.assert_allclose(out["input_ndcg"][0], (3 / log2(3) + 1 / 2) / ideal, rtol=1e-6)
-  # The bonus: paid for the ideal orders (rows 1 and 4) and the one that beats the input (row 2).
+  # Eq. 7's format bonus: every valid output, the lazy copy of row 0 included (its only reward).
   out = _jit(rewards.graded_ndcg, alpha=0.1)(valid, order, grades=g)
-  bonus = np.array([0, 1, 1, 0, 1, 0, 0, 0]) * 0.1
-  np.testing.assert_allclose(out["total"], np.where(valid, credit + bonus, -1.0), atol=1e-6)
+  np.testing.assert_allclose(out["total"], np.where(valid, credit + 0.1, -1.0), atol=1e-6)
 
 
 def test_metrics_match_the_eval_reference_on_random_permutations():
@@ -152,8 +164,8 @@ def test_metrics_match_the_eval_reference_on_random_permutations():
   assert 0 < signal.sum() < n
   ref_auc = np.where(signal, np.nan_to_num(metrics.auc(ordered)), 0.0)
   ref_ndcg = np.where(signal, np.nan_to_num(metrics.graded_ndcg_at_k(ordered, k)), 0.0)
-  got_auc = _jit(rewards.auc)(valid, order, grades=grades)
-  got_ndcg = _jit(rewards.graded_ndcg)(valid, order, grades=grades)
+  got_auc = _jit(rewards.auc, alpha=0.0)(valid, order, grades=grades)
+  got_ndcg = _jit(rewards.graded_ndcg, alpha=0.0)(valid, order, grades=grades)
   np.testing.assert_array_equal(got_auc["has_signal"], signal)
   np.testing.assert_allclose(got_auc["total"], ref_auc, atol=1e-5)
   np.testing.assert_allclose(got_ndcg["total"], ref_ndcg, rtol=1e-5, atol=1e-6)

@@ -1,10 +1,11 @@
-"""Rollouts: per-sample slate shuffles with the labels following, prompts showing that order,
-and rewards read in shown positions."""
+"""Rollouts: per-sample slate shuffles, prompts showing that order, answers parsed in shown
+positions and scored in legacy positions, so that a reward does not depend on the shuffle."""
 
 import jax
 import numpy as np
 import pytest
 
+from gr2_jax.rl import algorithm
 from gr2_jax.rl import rollout as rollout_lib
 from tests.rerank import toy
 
@@ -36,14 +37,15 @@ def test_shuffled_samples_carry_their_labels(memorised):
   slate = np.array([1, 2, 3])
   for i in range(6):
     shown = slate[ro.perm[i]]
-    assert shown[ro.target_index[i]] == 2  # the target item, wherever it was shown
-    np.testing.assert_array_equal(ro.grades[i], np.array([0, 2, 1])[ro.perm[i]])
+    # Labels stay in legacy positions, whatever the sample was shown.
+    assert slate[ro.target_index[i]] == 2
+    np.testing.assert_array_equal(ro.grades[i], [0, 2, 1])
     # The prompt lists the candidates in the shown order.
     text = tok.decode(ro.prompts[i])
     cands = text[text.index("Candidates"):]
     pos = [cands.index(toy.SIDS[int(x)]) for x in shown]
     assert pos == sorted(pos)
-    assert len(ro.logps[i]) == len(ro.responses[i]) == ro.lengths[i]
+    assert len(ro.logps[i]) == len(ro.responses[i]) == len(ro.entropies[i]) == ro.lengths[i]
   # Undoing the shuffle gives legacy positions: shown position j is legacy position perm[j].
   legacy = rollout_lib.legacy_order(ro)
   for i in range(6):
@@ -57,20 +59,46 @@ def test_fixed_order_shows_the_legacy_slate_to_every_sample(memorised):
   np.testing.assert_array_equal(ro.target_index, np.ones(6))
 
 
-def test_score_reads_orders_in_shown_positions():
-  ro = rollout_lib.Rollouts(
-      prompts=[[]] * 3, responses=[[]] * 3, logps=[np.zeros(0)] * 3, texts=[""] * 3,
-      lengths=np.zeros(3, np.int32), finished=np.ones(3, bool),
-      perm=np.array([[2, 0, 1], [0, 1, 2], [0, 1, 2]]), target_index=np.array([2, 0, 1]),
-      grades=np.zeros((3, 3), np.int8), omega=np.array([True, True, False]),
-      order=np.array([[2, 0, 1], [0, 1, 2], [0, 1, 2]]), reasons=["ok", "ok", "bad_json"],
-      group_size=3)
+def _rollouts(perm, order, target, omega, grades=None):
+  n = len(perm)
+  return rollout_lib.Rollouts(
+      prompts=[[]] * n, responses=[[]] * n, logps=[np.zeros(0)] * n,
+      entropies=[np.zeros(0)] * n, texts=[""] * n,
+      lengths=np.zeros(n, np.int32), finished=np.ones(n, bool), perm=np.array(perm),
+      target_index=np.array(target),
+      grades=np.zeros((n, 3), np.int8) if grades is None else np.array(grades),
+      omega=np.array(omega), order=np.array(order), reasons=["ok"] * n, group_size=n)
+
+
+def test_score_maps_shown_positions_back_to_the_legacy_order():
+  # Legacy slate positions 0, 1, 2; the target is legacy position 2.
+  ro = _rollouts(perm=[[2, 0, 1], [0, 1, 2], [0, 1, 2]], order=[[1, 0, 2], [2, 0, 1], [0, 1, 2]],
+                 target=[2, 2, 2], omega=[True, True, False])
+  np.testing.assert_array_equal(rollout_lib.legacy_order(ro)[:2], [[0, 2, 1], [2, 0, 1]])
   r = rollout_lib.score(ro, "rank_promotion", alpha=0.2, invalid_penalty=-1.0)
-  # Row 0: target shown at 2 moved to 0: (2 - 0) / 3 + 0.2; row 1: first and stayed first:
-  # 0 + 0.2; row 2: invalid.
-  np.testing.assert_allclose(r["total"], [2 / 3 + 0.2, 0.2, -1.0], rtol=1e-6)
+  # Row 0 ranks legacy [0, 2, 1]: the target moved 2 -> 1: 1/3 + 0.2. Row 1 ranks it first:
+  # 2/3 + 0.2. Row 2 is invalid.
+  np.testing.assert_allclose(r["total"], [1 / 3 + 0.2, 2 / 3 + 0.2, -1.0], rtol=1e-6)
   r = rollout_lib.score(ro, "naive", alpha=0.2, invalid_penalty=-1.0)
-  np.testing.assert_allclose(r["total"], [2 / 3 + 0.2, 0.2, -1.0], rtol=1e-6)
+  np.testing.assert_allclose(r["total"], [1 / 3 + 0.2, 2 / 3 + 0.2, -1.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("reward", ["rank_promotion", "naive", "auc", "graded_ndcg"])
+def test_same_ranking_under_different_shuffles_gets_the_same_reward(reward):
+  # Both samples rank the legacy positions [2, 0, 1]; sample 0 was shown [2, 0, 1] (so its
+  # answer reads as the shown order [0, 1, 2]), sample 1 was shown [1, 2, 0].
+  ro = _rollouts(perm=[[2, 0, 1], [1, 2, 0]], order=[[1, 2, 0], [1, 2, 0]], target=[2, 2],
+                 omega=[True, True], grades=[[0, 0, 2], [0, 0, 2]])
+  ro.order[0] = [0, 1, 2]
+  np.testing.assert_array_equal(rollout_lib.legacy_order(ro), [[2, 0, 1], [2, 0, 1]])
+  total = rollout_lib.score(ro, reward, alpha=0.2, invalid_penalty=-1.0)["total"]
+  # The target (legacy rank 2) ranked first: 2/3 + 0.2 for rank_promotion and naive. The first
+  # sample copies what it was shown, but that order was optimal: AUC 1 (NDCG 1) + 0.2.
+  assert total[0] == pytest.approx(total[1])
+  assert total[0] == pytest.approx(2 / 3 + 0.2 if reward in ("rank_promotion", "naive") else 1.2)
+  adv = np.asarray(algorithm.plan_update(total[None], np.ones(1, bool), algorithm.GRPO,
+                                         1).advantages)
+  np.testing.assert_allclose(adv, 0.0, atol=1e-6)
 
 
 def test_constrained_ranking_lists_each_shown_item_once(memorised):
@@ -79,11 +107,13 @@ def test_constrained_ranking_lists_each_shown_item_once(memorised):
                            group_size=4, shuffle=True, key=jax.random.key(1),
                            rng=np.random.default_rng(1), max_new_tokens=64, temperature=1.0,
                            batch_size=4, constrain_ranking=True)
+  checked = 0
   for i in range(4):
-    assert len(ro.logps[i]) == len(ro.responses[i])
+    assert len(ro.logps[i]) == len(ro.responses[i]) == len(ro.entropies[i])
     text = ro.texts[i]
     if '"recommendations"' not in text:
-      continue
+      continue  # a free head that never opened the ranking keeps its free text
+    checked += 1
     ranking = text[text.index('"recommendations"'):]
     cited = [s for s in toy.SIDS if s in ranking]
     shown = {toy.SIDS[int(x)] for x in np.array([1, 2, 3])[ro.perm[i]]}
@@ -91,3 +121,4 @@ def test_constrained_ranking_lists_each_shown_item_once(memorised):
     assert set(cited) <= shown
     assert all(ranking.count(s) <= 1 for s in toy.SIDS)
     assert ro.reasons[i] not in ("duplicate", "foreign")
+  assert checked >= 2, ro.texts
