@@ -12,10 +12,13 @@ fields can be overridden (`--config.rl.kl_beta=0.02`, `--config.rl.dynamic_sampl
 Rewards (`gr2_jax.rl.rewards`): rank_promotion (conditional, default), naive, auc, graded_ndcg.
 """
 
+import dataclasses
+
 import ml_collections
 from ml_collections import config_dict
 
 from gr2_jax import config_lib
+from gr2_jax.rl import algorithm
 
 PRESETS = ("default", "tiny", "ablation", "full")
 
@@ -23,27 +26,24 @@ PRESETS = ("default", "tiny", "ablation", "full")
 def section(preset):
   c = ml_collections.ConfigDict()
   c.algorithm = "dapo"
-  # Overrides of the algorithm's reference settings (None keeps the algorithm's value).
-  c.advantage = config_dict.placeholder(str)
-  c.policy_loss = config_dict.placeholder(str)
-  c.eps_low = config_dict.placeholder(float)
-  c.eps_high = config_dict.placeholder(float)
-  c.aggregation = config_dict.placeholder(str)
-  c.kl_beta = config_dict.placeholder(float)
-  c.kl_estimator = config_dict.placeholder(str)
-  c.dynamic_sampling = config_dict.placeholder(bool)
+  # Overrides of the algorithm's reference settings (`gr2_jax.rl.algorithm.AlgorithmConfig`,
+  # whose comments say what each field does); None keeps the algorithm's value.
+  for f in dataclasses.fields(algorithm.AlgorithmConfig):
+    c[f.name] = config_dict.placeholder(f.type)
   # DAPO's soft overlong penalty ramps over the last `overlong_buffer` tokens of the budget. The
   # CF-teacher answers the SFT model imitates are ~220 of the 240 tokens, so any buffer would
   # penalise nearly every answer and the reward would mostly rank lengths: 0 keeps only the hard
-  # -1 beyond the budget (a truncated answer is also invalid). Raise it with max_new_tokens.
+  # penalty (invalid_penalty) for an answer cut at the budget. Raise it with max_new_tokens.
   c.overlong_buffer = 0
   c.reward = "rank_promotion"
-  c.alpha = 0.2  # format bonus (paid under the reward's condition)
+  c.alpha = 0.2  # format bonus for a valid answer (paid under the reward's condition)
   c.invalid_penalty = -1.0
   # Rollouts.
   c.group_size = 8  # G answers per prompt
-  c.rollout_prompts = 4  # prompts rolled out per iteration (oversampled for dynamic sampling)
-  c.train_groups = 4  # groups per update batch (kept groups first, filler masked out)
+  # Prompts rolled out per iteration: dynamic sampling oversamples them and fills the update's
+  # `train_groups` groups from those whose rewards vary (filler masked out when too few do).
+  c.rollout_prompts = 6
+  c.train_groups = 4
   c.shuffle = True  # each sample sees its own shuffle of the slate, labels following
   # 1.0 samples the policy itself; the CPU-sized SFT model breaks the free explanation's JSON in
   # ~75% of samples at 1.0 (~25% at 0.7), which leaves little ranking signal. `full` uses 1.0.

@@ -2,7 +2,7 @@
 
 Importing the package registers every variant; look them up by name:
 `registry.REWARDS.get("rank_promotion")`, `ADVANTAGES`, `POLICY_LOSSES`, `LOSS_AGGREGATIONS`,
-`KL_ESTIMATORS`. `registry.ALGORITHMS` holds the GRPO / Dr.GRPO / DAPO / GSPO settings.
+`KL_ESTIMATORS`. `algorithm.ALGORITHMS` holds the GRPO / Dr.GRPO / DAPO / GSPO settings.
 """
 
 from gr2_jax.rl import advantages

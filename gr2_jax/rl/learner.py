@@ -40,6 +40,7 @@ class LossConfig:
   policy_loss: str = "ppo_clip"
   eps_low: float = 0.2
   eps_high: float = 0.28
+  clip_ratio_c: float = 0.0  # dual-clip bound for negative advantages (0 = off)
   aggregation: str = "token_mean"
   kl_beta: float = 0.0
   kl_estimator: str = "k3"
@@ -101,6 +102,7 @@ def policy_loss(graphdef, params, batch, cfg: LossConfig):
   fn = POLICY_LOSSES.get(cfg.policy_loss)
   return fn(logp, batch["logp_old"], batch["advantages"], batch["mask"],
             logp_ref=batch.get("logp_ref"), eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+            clip_ratio_c=cfg.clip_ratio_c,
             kl_beta=cfg.kl_beta, kl_estimator=cfg.kl_estimator, aggregation=cfg.aggregation,
             max_len=cfg.max_len or None)
 

@@ -102,7 +102,7 @@ def _broadcast_advantages(advantages, shape):
 
 
 def _clipped_loss(log_ratio, token_log_ratio, advantages, logp_new, mask, logp_ref, eps_low,
-                  eps_high, kl_beta, kl_estimator, aggregation, max_len):
+                  eps_high, clip_ratio_c, kl_beta, kl_estimator, aggregation, max_len):
   """Shared tail of ppo_clip and gspo.
 
   log_ratio: [B, T] log of the ratio that is clipped; token_log_ratio: [B, T] plain per-token
@@ -114,6 +114,11 @@ def _clipped_loss(log_ratio, token_log_ratio, advantages, logp_new, mask, logp_r
   clipped = -adv * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
   token_loss = jnp.maximum(unclipped, clipped)
   metrics = {}
+  if clip_ratio_c:
+    # Dual-clip: for A < 0 the loss -A r grows without bound in r; cap it at -A c.
+    capped = (adv < 0) & (token_loss > -adv * clip_ratio_c)
+    token_loss = jnp.where(adv < 0, jnp.minimum(token_loss, -adv * clip_ratio_c), token_loss)
+    metrics["clip_frac_dual"] = masked_mean(jax.lax.stop_gradient(capped), mask)
   # kl_beta is config (a Python number); a traced value always adds the term.
   if logp_ref is not None and not (isinstance(kl_beta, (int, float)) and kl_beta == 0):
     ref = jax.lax.stop_gradient(_masked(logp_ref, mask))
@@ -138,22 +143,25 @@ def _clipped_loss(log_ratio, token_log_ratio, advantages, logp_new, mask, logp_r
 
 @POLICY_LOSSES.register("ppo_clip")
 def ppo_clip(logp_new, logp_old, advantages, mask, *, logp_ref=None, eps_low=0.2, eps_high=0.28,
-             kl_beta=0.0, kl_estimator="k3", aggregation="token_mean", max_len=None):
+             clip_ratio_c=0.0, kl_beta=0.0, kl_estimator="k3", aggregation="token_mean",
+             max_len=None):
   """Token-level PPO-clip: max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) + beta * KL.
 
-  eps_high > eps_low is DAPO's clip-higher; plain GRPO uses eps_low == eps_high.
+  eps_high > eps_low is DAPO's clip-higher; plain GRPO uses eps_low == eps_high. clip_ratio_c
+  > 1 adds the dual clip: for A < 0 the token loss is at most -A * clip_ratio_c.
   """
   mask = jnp.asarray(mask, bool)
   logp_new = _masked(logp_new, mask)
   logp_old = jax.lax.stop_gradient(_masked(logp_old, mask))
   log_ratio = logp_new - logp_old
   return _clipped_loss(log_ratio, log_ratio, advantages, logp_new, mask, logp_ref, eps_low,
-                       eps_high, kl_beta, kl_estimator, aggregation, max_len)
+                       eps_high, clip_ratio_c, kl_beta, kl_estimator, aggregation, max_len)
 
 
 @POLICY_LOSSES.register("gspo")
 def gspo(logp_new, logp_old, advantages, mask, *, logp_ref=None, eps_low=3e-4, eps_high=4e-4,
-         kl_beta=0.0, kl_estimator="k3", aggregation="seq_mean_token_mean", max_len=None):
+         clip_ratio_c=0.0, kl_beta=0.0, kl_estimator="k3", aggregation="seq_mean_token_mean",
+         max_len=None):
   """GSPO: the clipped ratio is the sequence's geometric-mean token ratio.
 
   Written per token as s_i * pi(y_t) / sg(pi(y_t)) with s_i held constant, so its value is s_i
@@ -168,13 +176,14 @@ def gspo(logp_new, logp_old, advantages, mask, *, logp_ref=None, eps_low=3e-4, e
   log_ratio = (jax.lax.stop_gradient(seq_log_ratio)[:, None] + logp_new
                - jax.lax.stop_gradient(logp_new))
   return _clipped_loss(log_ratio, token_log_ratio, advantages, logp_new, mask, logp_ref, eps_low,
-                       eps_high, kl_beta, kl_estimator, aggregation, max_len)
+                       eps_high, clip_ratio_c, kl_beta, kl_estimator, aggregation, max_len)
 
 
 def overlong_penalty(lengths, max_len: int, buffer: int):
-  """DAPO overlong shaping, float32 [N]: 0 up to max_len - buffer, linear to -1 at max_len.
+  """DAPO's soft overlong ramp, float32 [N]: 0 up to max_len - buffer, linear to -1 at max_len.
 
-  Lengths beyond max_len (truncated responses) get -1; buffer 0 gives a hard -1 beyond max_len.
+  Lengths beyond max_len get -1. An answer cut at the budget is handled by
+  `algorithm.shape_rewards` (the hard penalty), whatever its length.
   """
   lengths = jnp.asarray(lengths, jnp.float32)
   start = max_len - buffer

@@ -1,8 +1,8 @@
 """Name -> function registries: algorithm variants are config data, not code forks.
 
 A config names its reward, advantage estimator, policy loss, loss aggregation and KL estimator;
-the driver looks each up here, so GRPO, Dr.GRPO, DAPO and GSPO differ only by a config dict
-(see `ALGORITHMS`).
+the driver looks each up here, so GRPO, Dr.GRPO, DAPO and GSPO differ only by config data
+(`gr2_jax.rl.algorithm.ALGORITHMS`).
 """
 
 from typing import Callable, Dict, List
@@ -48,27 +48,3 @@ ADVANTAGES = Registry("advantage estimator")
 POLICY_LOSSES = Registry("policy loss")
 LOSS_AGGREGATIONS = Registry("loss aggregation")
 KL_ESTIMATORS = Registry("KL estimator")
-
-# Reference settings of the algorithm family; a config starts from one and overrides fields.
-# dynamic_sampling: drop groups whose rewards have zero variance (`advantages.group_keep_mask`).
-ALGORITHMS = {
-    "grpo": dict(advantage="grpo", policy_loss="ppo_clip", eps_low=0.2, eps_high=0.2,
-                 aggregation="seq_mean_token_mean", kl_beta=0.04, kl_estimator="k3",
-                 dynamic_sampling=False, overlong_buffer=0),
-    "dr_grpo": dict(advantage="dr_grpo", policy_loss="ppo_clip", eps_low=0.2, eps_high=0.2,
-                    aggregation="seq_mean_token_sum_norm", kl_beta=0.0, kl_estimator="k3",
-                    dynamic_sampling=False, overlong_buffer=0),
-    "dapo": dict(advantage="grpo", policy_loss="ppo_clip", eps_low=0.2, eps_high=0.28,
-                 aggregation="token_mean", kl_beta=0.0, kl_estimator="k3",
-                 dynamic_sampling=True, overlong_buffer=64),
-    "gspo": dict(advantage="grpo", policy_loss="gspo", eps_low=3e-4, eps_high=4e-4,
-                 aggregation="seq_mean_token_mean", kl_beta=0.0, kl_estimator="k3",
-                 dynamic_sampling=False, overlong_buffer=0),
-}
-
-
-def algorithm(name: str) -> dict:
-  """A copy of the reference settings of algorithm `name` (see `ALGORITHMS`)."""
-  if name not in ALGORITHMS:
-    raise UserError(f"unknown RL algorithm {name!r}: choose one of {', '.join(sorted(ALGORITHMS))}")
-  return dict(ALGORITHMS[name])

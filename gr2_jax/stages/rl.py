@@ -1,13 +1,15 @@
 """RL stage: the SFT model re-ranks training slates on device and learns from verifiable rewards.
 
-One iteration: sample `rollout_prompts` training slates (a seeded function of the iteration, so a
-resumed run draws the same ones), roll out `group_size` answers each (slate shuffled per sample
-by default, labels following), parse with Omega, score with the configured reward, compute group
-advantages, keep the groups with reward variance (DAPO dynamic sampling, fixed shapes: the
-`train_groups` kept groups first, filler masked out), then `ppo_epochs` passes of `minibatches`
-optimiser steps with importance ratios against the rollout log-probabilities. A step without
-signal (every rollout invalid, no group with variance) or with a non-finite loss or gradient is
-skipped inside the jitted step, counted and logged.
+One iteration: sample `rollout_prompts` training slates the reward can rank (a seeded function
+of the iteration, so a resumed run draws the same ones), roll out `group_size` answers each
+(slate shuffled per sample by default), parse, score in legacy positions with the configured
+reward, then the algorithm (`gr2_jax.rl.algorithm`): overlong handling, group advantages, the
+`train_groups` groups with reward variance out of the oversampled batch (DAPO dynamic sampling,
+fixed shapes, filler masked out), update rows with the reference log-probs when the KL is on.
+Then `ppo_epochs` passes of `minibatches` optimiser steps with importance ratios against the
+rollout log-probabilities, both at the sampling temperature. A step without signal (every
+rollout invalid, no group with variance) or with a non-finite loss or gradient is skipped
+inside the jitted step, counted and logged.
 
 Every iteration logs the reward and its components, valid-output rate, share of groups kept,
 response length, entropy, identity rate, Kendall tau and the input position of the top item;
@@ -23,6 +25,7 @@ checkpoint is evaluated like an SFT one), `train/` (checkpoints, metrics.jsonl, 
 """
 
 import collections
+import dataclasses
 import json
 import os
 import shutil
@@ -41,10 +44,9 @@ from gr2_jax.eval import tables
 from gr2_jax.parallel import mesh as mesh_lib
 from gr2_jax.parallel import sharding as sharding_lib
 from gr2_jax.rerank import evaluate as rerank_lib
-from gr2_jax.rl import advantages as adv_lib
+from gr2_jax.rl import algorithm
 from gr2_jax.rl import diagnostics as diag_lib
 from gr2_jax.rl import learner
-from gr2_jax.rl import losses
 from gr2_jax.rl import registry
 from gr2_jax.rl import rollout as rollout_lib
 from gr2_jax.stages import eval as eval_stage
@@ -54,33 +56,19 @@ from gr2_jax.train import metrics_log
 from gr2_jax.train import optim
 from gr2_jax.train import trainer as trainer_lib
 
-ALGORITHM_FIELDS = ("advantage", "policy_loss", "eps_low", "eps_high", "aggregation", "kl_beta",
-                    "kl_estimator", "dynamic_sampling", "overlong_buffer")
-
-
-def algorithm_settings(c):
-  """The algorithm's reference settings with the section's non-None overrides."""
-  alg = registry.algorithm(c.algorithm)
-  for f in ALGORITHM_FIELDS:
-    v = c.get(f)
-    if v is not None:
-      alg[f] = v
-  registry.ADVANTAGES.get(alg["advantage"])
-  registry.POLICY_LOSSES.get(alg["policy_loss"])
-  registry.LOSS_AGGREGATIONS.get(alg["aggregation"])
-  registry.KL_ESTIMATORS.get(alg["kl_estimator"])
-  return alg
-
-
 def check_config(c):
   registry.REWARDS.get(c.reward)
-  algorithm_settings(c)
+  alg = algorithm.from_section(c)
   problems = []
   if c.group_size < 2:
     problems.append(f"group_size {c.group_size} < 2 (group advantages need two samples)")
   if c.train_groups < 1 or c.rollout_prompts < c.train_groups:
     problems.append(f"need 1 <= train_groups ({c.train_groups}) <= rollout_prompts "
                     f"({c.rollout_prompts})")
+  elif alg.dynamic_sampling and c.rollout_prompts == c.train_groups:
+    problems.append(f"dynamic sampling refills the update from an oversampled batch: "
+                    f"rollout_prompts ({c.rollout_prompts}) must exceed train_groups "
+                    f"({c.train_groups}), or set dynamic_sampling=False")
   if (c.train_groups * c.group_size) % c.minibatches:
     problems.append(f"minibatches {c.minibatches} must divide train_groups x group_size "
                     f"({c.train_groups * c.group_size})")
@@ -90,6 +78,7 @@ def check_config(c):
     problems.append("temperature must be > 0 and max_new_tokens >= 1")
   if problems:
     raise UserError("rl config: " + "; ".join(problems))
+  return alg
 
 
 def _mesh(c):
@@ -107,7 +96,7 @@ def _skip_reason(ro, keep):
   if not ro.omega.any():
     return "all_invalid"
   if not keep.any():
-    return "no_reward_variance"
+    return "no_signal_or_variance"
   return "non_finite"
 
 
@@ -123,11 +112,10 @@ class Policy:
     self.tr = trainer_lib.Trainer(model, ocfg, trainer_lib.TrainerConfig(num_steps=total_updates),
                                   mesh=mesh, workdir=workdir, name=name)
     self.mesh = mesh
-    self.loss_cfg = learner.LossConfig(
-        policy_loss=alg["policy_loss"], eps_low=float(alg["eps_low"]),
-        eps_high=float(alg["eps_high"]), aggregation=alg["aggregation"],
-        kl_beta=float(alg["kl_beta"]), kl_estimator=alg["kl_estimator"],
-        max_len=int(c.max_new_tokens))
+    self.temperature = float(c.temperature)
+    self.loss_cfg = alg.loss_config(c.max_new_tokens, c.temperature)
+    # The KL reference is the policy the run started from (the SFT model), also after a resume.
+    self.ref_params = self.tr.initial_params() if alg.kl_beta else None
     fn = learner.make_rl_step(self.tr.graphdef, self.tr.tx, self.tr.schedule, self.loss_cfg)
     shardings = self.tr.state_shardings
     self.step = jax.jit(fn, in_shardings=(shardings, None), out_shardings=(shardings, None),
@@ -141,6 +129,12 @@ class Policy:
       spec = sharding_lib.logical_to_spec(axes, None, self.mesh, np.shape(v))
       out[k] = jax.device_put(jnp.asarray(v), jax.sharding.NamedSharding(self.mesh, spec))
     return out
+
+  def reference_logps(self, rows):
+    """Per-token log-probs [N, T] of rows under the reference policy (None without KL)."""
+    if self.ref_params is None:
+      return None
+    return learner.sequence_logps(self.tr.graphdef, self.ref_params, rows, self.temperature)
 
   def restore_or_init(self):
     """(state, metadata or None)."""
@@ -173,27 +167,30 @@ def _validation_eval(model, tok, slates, items, users, sids, prompt_cfg, c):
 
 def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
   """Runs the RL iterations of one variant; returns (model, report)."""
-  alg = algorithm_settings(c)
+  alg = check_config(c)
   g, p_roll, p_train = c.group_size, c.rollout_prompts, c.train_groups
   total_updates = c.iterations * c.ppo_epochs * c.minibatches
-  # DAPO's overlong buffer, at most a quarter of the response budget.
-  buffer = min(int(alg["overlong_buffer"] or 0), c.max_new_tokens // 4)
+  # DAPO's soft overlong buffer, at most a quarter of the response budget.
+  buffer = min(int(alg.overlong_buffer), c.max_new_tokens // 4)
   workdir = ctx.path(name)
   pol = Policy(model, c, alg, mesh, workdir, name, total_updates)
   state, meta = pol.restore_or_init()
   start = 0 if meta is None else int(meta["step"])
   history = [] if meta is None else meta["history"]
-  skipped = {"all_invalid": 0, "no_reward_variance": 0, "non_finite": 0}
+  skipped = {"all_invalid": 0, "no_signal_or_variance": 0, "non_finite": 0}
   if meta is not None:
     skipped.update(meta.get("skipped", {}))
     logging.info("[%s] resumed at iteration %d", name, start)
-  ref_params = None
-  if alg["kl_beta"]:
-    ref_params = jax.tree.map(jnp.copy, state["params"])
-  train = data["train"]
+  # Slates the reward cannot rank (no target in the slate; no positive or no negative) give
+  # no gradient: they are never rolled out.
+  signal = algorithm.slate_has_signal(c.reward, data["train"])
+  train = {k: v[signal] for k, v in data["train"].items()}
   n_train = len(train["slate"])
+  logging.info("[%s] %d of %d training slates can be ranked by reward %r", name, n_train,
+               len(signal), c.reward)
   if n_train < p_roll:
-    raise UserError(f"{n_train} training slates cannot fill {p_roll} rollout prompts")
+    raise UserError(f"{n_train} training slates with signal for reward {c.reward!r} cannot fill "
+                    f"{p_roll} rollout prompts")
   logger = metrics_log.MetricsLogger(os.path.join(workdir, "tb"), c.iterations, f"[{name}] ")
   t_stage = time.time()
   try:
@@ -210,30 +207,17 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
           batch_size=c.rollout_batch, constrain_ranking=c.constrain_ranking)
       t_roll = time.time() - t0
       comps = rollout_lib.score(ro, c.reward, alpha=c.alpha, invalid_penalty=c.invalid_penalty)
-      total = comps["total"]
-      if buffer:
-        total = total + np.asarray(losses.overlong_penalty(ro.lengths, c.max_new_tokens, buffer))
+      total = algorithm.shape_rewards(comps["total"], ro.lengths, ro.finished,
+                                      c.max_new_tokens, buffer, c.invalid_penalty)
       rewards = total.reshape(p_roll, g)
-      adv = np.asarray(registry.ADVANTAGES.get(alg["advantage"])(rewards))
-      if alg["dynamic_sampling"]:
-        keep = np.asarray(adv_lib.group_keep_mask(rewards))
-      else:
-        keep = np.ones(p_roll, bool)
-      sel, valid = adv_lib.select_groups({"idx": np.arange(p_roll)}, keep, p_train)
-      sel, valid = np.asarray(sel["idx"]), np.asarray(valid)
-      rows_idx = (sel[:, None] * g + np.arange(g)).ravel()
-      valid_rows = np.repeat(valid, g)
+      plan = algorithm.plan_update(rewards, comps["has_signal"].reshape(p_roll, g).all(-1),
+                                   alg, p_train)
       width = (_round_up(max(len(x) for x in ro.prompts), rerank_lib.PROMPT_MULTIPLE)
                + c.max_new_tokens)
-      rows = learner.build_rows([ro.prompts[i] for i in rows_idx],
-                                [ro.responses[i] for i in rows_idx],
-                                [ro.logps[i] for i in rows_idx], width, tok.pad_id)
-      rows["mask"] &= valid_rows[:, None]
-      rows["advantages"] = np.where(valid_rows, adv.ravel()[rows_idx], 0.0).astype(np.float32)
-      if ref_params is not None:
-        rows["logp_ref"] = learner.sequence_logps(pol.tr.graphdef, ref_params, rows)
+      rows = algorithm.update_rows(ro.prompts, ro.responses, ro.logps, plan, g, width,
+                                   tok.pad_id, pol.reference_logps if alg.kl_beta else None)
       step_metrics = []
-      n_rows = len(rows_idx)
+      n_rows = len(rows["tokens"])
       mb = n_rows // c.minibatches
       for _ in range(c.ppo_epochs):
         perm = rng.permutation(n_rows)
@@ -244,20 +228,21 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
       step_metrics = jax.device_get(step_metrics)
       n_skipped = int(sum(m["skipped"] for m in step_metrics))
       if n_skipped:
-        reason = _skip_reason(ro, np.ptp(rewards, axis=-1) > 1e-6)
+        reason = _skip_reason(ro, plan.keep)
         skipped[reason] += n_skipped
         logging.warning("[%s] iteration %d: %d of %d updates skipped (%s)", name, it + 1,
                         n_skipped, len(step_metrics), reason)
       t_iter = time.time() - t0
       d = diag_lib.rerank_diagnostics(
-          ro.omega, ro.order, lengths=ro.lengths,
-          token_logps=np.concatenate(ro.logps) if ro.logps else np.zeros(0))
+          ro.omega, ro.order, lengths=ro.lengths, token_logps=np.concatenate(ro.logps),
+          token_entropies=np.concatenate(ro.entropies))
       gen_tokens = int(ro.lengths.sum())
       m = {
           "reward": float(total.mean()),
           **{f"reward/{k}": float(np.mean(v)) for k, v in comps.items() if k != "total"},
-          "valid_rate": d["valid_rate"], "groups_kept": float(keep.mean()),
+          "valid_rate": d["valid_rate"], "groups_kept": float(plan.keep.mean()),
           "response_length": d["mean_response_length"], "entropy": d["entropy"],
+          "neg_logp": d["neg_logp"],
           "identity_rate": d["identity_rate"], "kendall_tau": d["kendall_tau"],
           "truncated_rate": float((~ro.finished).mean()),
           "loss": float(np.mean([x["loss"] for x in step_metrics])),
@@ -265,7 +250,10 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
           "clip_frac_high": float(np.mean([x["clip_frac_high"] for x in step_metrics])),
           "clip_frac_low": float(np.mean([x["clip_frac_low"] for x in step_metrics])),
           "approx_kl": float(np.mean([x["approx_kl"] for x in step_metrics])),
+          **({"kl_ref": float(np.mean([x["kl_ref"] for x in step_metrics]))}
+             if alg.kl_beta else {}),
           "lr": float(step_metrics[-1]["lr"]), "skipped_updates": n_skipped,
+          "applied_updates": len(step_metrics) - n_skipped,
           "rollout_tokens_per_sec": gen_tokens / max(t_roll, 1e-9),
           "rollout_seconds": t_roll, "iteration_seconds": t_iter,
       }
@@ -282,8 +270,9 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
           m["rollout_tokens_per_sec"], t_roll, t_iter)
       entry = {"iteration": it + 1, **{k: m[k] for k in (
           "reward", "valid_rate", "groups_kept", "identity_rate", "kendall_tau",
-          "response_length", "entropy", "rollout_tokens_per_sec", "iteration_seconds",
-          "rollout_seconds")}, "top_input_position_hist": hist}
+          "response_length", "entropy", "truncated_rate", "applied_updates", "approx_kl",
+          "rollout_tokens_per_sec", "iteration_seconds", "rollout_seconds", "kl_ref")
+          if k in m}, "top_input_position_hist": hist}
       done = it + 1
       if c.eval_every and (done % c.eval_every == 0 or done == c.iterations):
         ev, md = _validation_eval(pol.tr.model(state["params"]), tok, data["validation"],
@@ -300,7 +289,7 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
   trained = history[start:] if start < len(history) else []
   report = {
       "iterations": c.iterations, "resumed_from": start, "skipped_updates": skipped,
-      "algorithm": alg, "reward": c.reward, "shuffle": bool(c.shuffle),
+      "algorithm": dataclasses.asdict(alg), "reward": c.reward, "shuffle": bool(c.shuffle),
       "wall_seconds": round(time.time() - t_stage, 1),
       "rollout_tokens_per_sec": (float(np.mean([h["rollout_tokens_per_sec"] for h in trained]))
                                  if trained else None),

@@ -182,6 +182,10 @@ class Trainer:
     step = jax.device_put(jnp.int32(0), self.state_shardings["step"])
     return {"params": self._init_params, "opt_state": opt_state, "step": step}
 
+  def initial_params(self):
+    """A copy of the parameters the trainer started from (a step donates the state's own)."""
+    return jax.tree.map(jnp.copy, self._init_params)
+
   def abstract_state(self):
     """ShapeDtypeStructs (with shardings) of the train state: the target of a restore."""
     shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": self.tx.init(p),

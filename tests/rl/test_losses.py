@@ -244,3 +244,22 @@ def test_opd_advantages_give_the_k2_reverse_kl_gradient_on_policy():
   g_adv = jax.jit(jax.grad(via_advantages))(lp)
   np.testing.assert_allclose(g_adv, jax.jit(jax.grad(via_k2))(lp), rtol=1e-5, atol=1e-7)
   assert float(np.abs(g_adv).sum()) > 0.01  # not trivially zero
+
+
+def test_dual_clip_caps_the_loss_of_negative_advantages():
+  # Two one-token sequences with ratio 5: A = -1 gives max(5, 1.2) = 5, capped at c = 3;
+  # A = +1 gives max(-5, -1.2) = -1.2, which the dual clip leaves alone.
+  logp_old = jnp.zeros((2, 1))
+  logp_new = jnp.full((2, 1), np.log(5.0))
+  adv = jnp.array([-1.0, 1.0])
+  mask = jnp.ones((2, 1), bool)
+  plain, _ = losses.ppo_clip(logp_new, logp_old, adv, mask, eps_low=0.2, eps_high=0.2)
+  dual, m = losses.ppo_clip(logp_new, logp_old, adv, mask, eps_low=0.2, eps_high=0.2,
+                            clip_ratio_c=3.0)
+  np.testing.assert_allclose(plain, (5.0 - 1.2) / 2, rtol=1e-6)
+  np.testing.assert_allclose(dual, (3.0 - 1.2) / 2, rtol=1e-6)
+  np.testing.assert_allclose(m["clip_frac_dual"], 0.5)
+  # The capped token carries no gradient (and the clipped positive one none either).
+  grad = jax.grad(lambda lp: losses.ppo_clip(lp, logp_old, adv, mask, eps_low=0.2,
+                                             eps_high=0.2, clip_ratio_c=3.0)[0])(logp_new)
+  np.testing.assert_allclose(grad, 0.0)

@@ -1,8 +1,12 @@
 """Registries: lookup, errors that list the choices, and the registered variants."""
 
+import dataclasses
+
+import ml_collections
 import pytest
 
 from gr2_jax import rl  # noqa: F401  (registers every variant)
+from gr2_jax.rl import algorithm
 from gr2_jax.errors import UserError
 from gr2_jax.rl import registry
 
@@ -46,16 +50,26 @@ def test_every_variant_is_registered():
 
 
 def test_algorithm_presets_name_registered_variants():
-  for name in registry.ALGORITHMS:
-    cfg = registry.algorithm(name)
-    registry.ADVANTAGES.get(cfg["advantage"])
-    registry.POLICY_LOSSES.get(cfg["policy_loss"])
-    registry.LOSS_AGGREGATIONS.get(cfg["aggregation"])
-    registry.KL_ESTIMATORS.get(cfg["kl_estimator"])
-  dapo = registry.algorithm("dapo")
-  assert (dapo["eps_low"], dapo["eps_high"], dapo["kl_beta"]) == (0.2, 0.28, 0.0)
-  assert dapo["aggregation"] == "token_mean" and dapo["dynamic_sampling"]
-  dapo["eps_high"] = 1.0  # a copy: the table itself is unchanged
-  assert registry.algorithm("dapo")["eps_high"] == 0.28
+  for name, alg in algorithm.ALGORITHMS.items():
+    assert algorithm.get(name).validate() is alg
+  dapo = algorithm.get("dapo")
+  assert (dapo.eps_low, dapo.eps_high, dapo.kl_beta) == (0.2, 0.28, 0.0)
+  assert dapo.aggregation == "token_mean" and dapo.dynamic_sampling
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    dapo.eps_high = 1.0  # frozen: a preset cannot be changed by accident
   with pytest.raises(UserError, match="choose one of dapo, dr_grpo, grpo, gspo"):
-    registry.algorithm("ppo")
+    algorithm.get("ppo")
+
+
+def test_section_overrides_and_bad_values():
+  c = ml_collections.ConfigDict({"algorithm": "grpo", **{f: None for f in algorithm.FIELDS}})
+  assert algorithm.from_section(c) == algorithm.GRPO
+  c.kl_beta, c.clip_ratio_c = 0.0, 3.0
+  alg = algorithm.from_section(c)
+  assert (alg.kl_beta, alg.clip_ratio_c, alg.eps_high) == (0.0, 3.0, 0.2)
+  c.clip_ratio_c = 0.5
+  with pytest.raises(UserError, match="clip_ratio_c 0.5 must be > 1"):
+    algorithm.from_section(c)
+  c.clip_ratio_c, c.aggregation = None, "sum"
+  with pytest.raises(UserError, match="unknown loss aggregation 'sum'"):
+    algorithm.from_section(c)
