@@ -19,6 +19,12 @@ KV cache: a dict {"k": [L, B, S, KVH, D], "v": same, "end": int32 [B]} made by `
 With a cache, row b's T new keys/values go to slots end[b] .. end[b]+T-1, query t of row b sees
 slots < end[b]+t+1, and the returned cache has end[b] advanced by the row's non-padding tokens,
 so right-padded prompts can be prefilled together and then decoded one token at a time.
+
+LM head at chosen positions: `Qwen3.hidden` gives the final-normed hidden states and
+`Qwen3.logits` applies the head, so the sampler's prefill takes logits at each row's last prompt
+token only, and `chunked_token_logps` / `token_logps` give the training losses per-token
+log-probs with at most [B, chunk, V] logits alive (the full [B, T, V] at a 150k vocabulary is
+gigabytes).
 """
 
 import dataclasses
@@ -303,7 +309,7 @@ class Qwen3(nnx.Module):
       self.lm_head = Proj([cfg.hidden_size], [cfg.vocab_size], ("embed", "vocab"), cfg, keys)
 
   def __call__(self, tokens, positions, *, segment_ids=None, cache=None):
-    """Logits f32 [B, T, V] and the updated cache (None without one).
+    """Logits f32 [B, T, V] and the updated cache (None without one): `logits(hidden(...))`.
 
     Args:
       tokens, positions: int32 [B, T]; positions drive RoPE.
@@ -311,6 +317,16 @@ class Qwen3(nnx.Module):
         tokens of its own segment (packed sequences stay apart). With a cache it only decides
         how far each row's `end` advances; padding must be on the right of each row.
       cache: from `init_cache`; see the module docstring for its semantics.
+    """
+    x, cache = self.hidden(tokens, positions, segment_ids=segment_ids, cache=cache)
+    return self.logits(x), cache
+
+  def hidden(self, tokens, positions, *, segment_ids=None, cache=None):
+    """The final-normed hidden states [B, T, E] (compute dtype) and the updated cache.
+
+    Same arguments as `__call__`. Callers that need logits at a few positions only (the last
+    prompt token, the answer tokens) gather those rows and apply `logits` to them, so the
+    [B, T, V] logits are never built.
     """
     cfg = self.cfg
     b, t = tokens.shape
@@ -335,26 +351,79 @@ class Qwen3(nnx.Module):
       if cache is not None:
         k_all, v_all = kv[0], kv[1]
     x = self.norm(x)
-    if cfg.tie_embeddings:
-      logits = self.embed_tokens.attend(x)
-    else:
-      logits = jnp.tensordot(x, self.lm_head.kernel[...].astype(x.dtype), axes=1,
-                             preferred_element_type=_F32)
-    logits = shard(logits.astype(_F32), ("batch", "length", "act_vocab"))
     if cache is None:
-      return logits, None
+      return x, None
     if segment_ids is None:
       advance = jnp.full((b,), t, jnp.int32)
     else:
       advance = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
     new_cache = {"k": shard(k_all, CACHE_AXES), "v": shard(v_all, CACHE_AXES),
                  "end": cache["end"] + advance}
-    return logits, new_cache
+    return x, new_cache
+
+  def logits(self, x):
+    """The LM head: f32 logits [B, T, V] of hidden states x [B, T, E] from `hidden`."""
+    if self.cfg.tie_embeddings:
+      logits = self.embed_tokens.attend(x)
+    else:
+      logits = jnp.tensordot(x, self.lm_head.kernel[...].astype(x.dtype), axes=1,
+                             preferred_element_type=_F32)
+    return shard(logits.astype(_F32), ("batch", "length", "act_vocab"))
 
 
 def apply(graphdef, state, tokens, positions, *, segment_ids=None, cache=None):
   """Pure form of `Qwen3.__call__` on split (graphdef, state), for jax.jit."""
   return nnx.merge(graphdef, state)(tokens, positions, segment_ids=segment_ids, cache=cache)
+
+
+def chunked_token_logps(hidden, head, targets, chunk, temperature=1.0):
+  """f32 [B, T]: log softmax(head(hidden) / temperature) at `targets`, `chunk` positions at a time.
+
+  The log-softmax runs over the sequence in chunks (`lax.map`), each under `jax.checkpoint`, so
+  the forward and the backward pass hold the logits of one chunk, [B, chunk, V], never
+  [B, T, V]; the backward pass recomputes each chunk's logits from its hidden rows. The values
+  and gradients are those of the unchunked computation up to float rounding.
+
+  Args:
+    hidden: [B, T, E] from `Qwen3.hidden`.
+    head: hidden rows [B, c, E] -> f32 logits [B, c, V], e.g. the model's `logits` method.
+    targets: int32 [B, T], the token whose log-prob is taken at each position.
+    chunk: positions per chunk; T is padded up to a multiple of it (chunk >= T: one chunk).
+    temperature: the logits are divided by it (1.0 leaves them as they are).
+  """
+  b, t, e = hidden.shape
+  chunk = max(1, min(int(chunk), t))
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  xs = hidden.reshape(b, n, chunk, e).swapaxes(0, 1)  # [n, B, c, E]
+  ts = targets.reshape(b, n, chunk).swapaxes(0, 1)  # [n, B, c]
+  tempered = not (isinstance(temperature, (int, float)) and temperature == 1.0)
+
+  @jax.checkpoint
+  def one(args):
+    x, tgt = args
+    logits = head(x).astype(_F32)  # [B, c, V]
+    if tempered:
+      logits = logits / temperature
+    target = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+    return target - jax.nn.logsumexp(logits, axis=-1)
+
+  out = jax.lax.map(one, (xs, ts))  # [n, B, c]
+  return out.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+
+
+def token_logps(graphdef, state, tokens, positions, targets, *, segment_ids=None, chunk=128,
+                temperature=1.0):
+  """f32 [B, T]: log p(targets[t] | tokens[:t + 1]) at `temperature`, without [B, T, V] logits.
+
+  Pure (for jax.jit and jax.grad); see `chunked_token_logps` for `chunk`.
+  """
+  model = nnx.merge(graphdef, state)
+  x, _ = model.hidden(tokens, positions, segment_ids=segment_ids)
+  return chunked_token_logps(x, model.logits, targets, chunk, temperature)
 
 
 def init_cache(cfg, batch, max_len, dtype=jnp.float32):

@@ -109,15 +109,18 @@ def pad_prompts(prompts, lengths=None, pad_id=0, multiple=1):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "cache_dtype"))
 def prefill(graphdef, state, tokens, lengths, *, cache_len, cache_dtype=jnp.float32):
-  """Runs right-padded prompts through a fresh cache; returns (last logits f32 [B, V], cache)."""
+  """Runs right-padded prompts through a fresh cache; returns (last logits f32 [B, V], cache).
+
+  The LM head runs only at each row's last prompt token: [B, V] logits, not [B, P, V].
+  """
   model = nnx.merge(graphdef, state)
   b, p = tokens.shape
   cache = qwen3.init_cache(model.cfg, b, cache_len, cache_dtype)
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
   segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
-  logits, cache = model(tokens, positions, segment_ids=segment_ids, cache=cache)
-  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-  return last, cache
+  hidden, cache = model.hidden(tokens, positions, segment_ids=segment_ids, cache=cache)
+  last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
+  return model.logits(last)[:, 0], cache
 
 
 def _tempered(logits, params):

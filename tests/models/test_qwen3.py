@@ -1,8 +1,10 @@
-"""Tests for the Qwen3 model: cache semantics, packed segments, RoPE, parameter counts."""
+"""Tests for the Qwen3 model: cache semantics, packed segments, RoPE, the LM head at chosen
+positions, chunked log-probs, parameter counts."""
 
 import functools
 
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -132,6 +134,76 @@ def test_remat_checkpoints_each_layer_in_the_backward_pass():
   assert remat_count(False) == 0
   assert remat_count(True) == 2  # one per layer of the tiny model
 
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_hidden_then_logits_is_the_call(tie):
+  cfg, graphdef, state = _tiny(tie)
+  tokens, positions, seg = _padded([[5, 6, 7, 8], [9, 10]], 4)
+  want, _ = _apply(graphdef, state, tokens, positions, segment_ids=seg)
+
+  @jax.jit
+  def two_steps(state, tokens, positions, seg):
+    model = nnx.merge(graphdef, state)
+    hidden, _ = model.hidden(tokens, positions, segment_ids=seg)
+    return hidden, model.logits(hidden[:, 1:3])
+
+  hidden, got = two_steps(state, tokens, positions, seg)
+  assert hidden.shape == (2, 4, cfg.hidden_size)
+  np.testing.assert_allclose(got, want[:, 1:3], rtol=1e-6, atol=1e-6)
+
+
+def _reference_logps(graphdef, state, tokens, positions, seg, targets, temperature):
+  """The unchunked computation: full [B, T, V] logits, then log_softmax."""
+  logits, _ = qwen3.apply(graphdef, state, tokens, positions, segment_ids=seg)
+  logp = jax.nn.log_softmax(logits / temperature, axis=-1)
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+@pytest.mark.parametrize("tie,chunk,temperature", [
+    (True, 4, 1.0), (False, 3, 1.0), (True, 5, 0.7), (False, 64, 1.0)])
+def test_chunked_token_logps_equal_unchunked_values_and_gradients(tie, chunk, temperature):
+  """T = 9: chunks of 3 divide it, 4 and 5 leave a padded last chunk, 64 is one chunk."""
+  cfg, graphdef, state = _tiny(tie)
+  rng = np.random.RandomState(2)
+  tokens, positions, seg = _padded([list(rng.randint(1, cfg.vocab_size, 9)),
+                                    list(rng.randint(1, cfg.vocab_size, 6))], 9)
+  targets = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 9)), jnp.int32)
+  weights = jnp.asarray(rng.rand(2, 9), jnp.float32) * seg
+
+  def ref(st):
+    return _reference_logps(graphdef, st, tokens, positions, seg, targets, temperature)
+
+  def chunked(st):
+    return qwen3.token_logps(graphdef, st, tokens, positions, targets, segment_ids=seg,
+                             chunk=chunk, temperature=temperature)
+
+  np.testing.assert_allclose(jax.jit(chunked)(state), jax.jit(ref)(state), rtol=1e-5,
+                             atol=1e-5)
+  loss = lambda f: jax.jit(jax.grad(lambda st: jnp.sum(f(st) * weights)))(state)
+  want, got = loss(ref), loss(chunked)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str(path))
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want)) > 1e-3  # not vacuous
+
+
+def test_chunked_token_logps_hold_one_chunk_of_logits():
+  """Forward and backward: the only arrays with a vocabulary axis are the embedding (and its
+  gradient) and one chunk of logits [B, chunk, V], never [B, T, V]."""
+  cfg, graphdef, state = _tiny(True, vocab_size=96)
+  tokens = jnp.zeros((2, 12), jnp.int32)
+  fn = lambda st: jnp.sum(qwen3.token_logps(graphdef, st, tokens, tokens, tokens, chunk=4))
+  shapes = set()
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      shapes.update(v.aval.shape for v in eqn.outvars
+                    if cfg.vocab_size in getattr(v.aval, "shape", ()))
+      for sub in jax_core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(jax.grad(fn))(state).jaxpr)
+  assert shapes == {(2, 4, cfg.vocab_size), (cfg.vocab_size, cfg.hidden_size)}
 
 # (total, non-embedding) in billions as rounded on the Qwen3 model cards.
 PUBLISHED = {

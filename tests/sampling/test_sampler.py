@@ -97,6 +97,40 @@ def test_greedy_with_cache_equals_full_recompute_and_stops(model, full_logprobs)
   assert _rows(topk) == want
 
 
+
+def test_prefill_takes_the_head_at_the_last_prompt_token_only(model):
+  """The last logits and cache equal those of the full [B, P, V] logits gathered at each row's
+  last prompt token (the previous prefill), and so do the greedy tokens after them."""
+  tokens, lengths = sampler.pad_prompts(PROMPTS, multiple=4)
+  graphdef, state = nnx.split(model)
+  last, cache = sampler.prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths),
+                                cache_len=12)
+  assert last.shape == (3, model.cfg.vocab_size)
+
+  @jax.jit
+  def full(state, tokens, lengths):
+    b, p = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
+    logits, cache = nnx.merge(graphdef, state)(
+        tokens, positions, segment_ids=segment_ids,
+        cache=qwen3.init_cache(model.cfg, b, 12))
+    return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0], cache
+
+  want, want_cache = full(state, jnp.asarray(tokens), jnp.asarray(lengths))
+  np.testing.assert_allclose(last, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.argmax(last, -1), np.argmax(want, -1))
+  for k in ("k", "v", "end"):
+    np.testing.assert_array_equal(cache[k], want_cache[k])
+  params = sampler.SamplingParams(max_new_tokens=N, greedy=True)
+  lengths = jnp.asarray(lengths)
+  out, _, _ = sampler.decode(graphdef, state, last, cache, lengths, jax.random.key(0), None,
+                             params=params)
+  ref, _, _ = sampler.decode(graphdef, state, want, want_cache, lengths, jax.random.key(0), None,
+                             params=params)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+
+
 def _log_softmax(x):
   x = np.asarray(x, np.float64)
   x = x - x.max(axis=-1, keepdims=True)
