@@ -36,6 +36,8 @@ from gr2_jax.train import metrics_log
 from gr2_jax.train import optim
 
 DEVICE_FIELDS = ("tokens", "positions", "segment_ids", "targets", "weights")
+# Sequence positions per log-softmax chunk of the loss: [B, 128, V] logits at most.
+LOSS_CHUNK = 128
 _COMPILED = {}
 
 
@@ -47,23 +49,25 @@ class Preempted(SystemExit):
     self.step = step
 
 
-def token_loss(graphdef, params, batch):
-  """(sum of weighted token NLLs, sum of weights) of one [B, T] batch."""
-  logits, _ = qwen3.apply(graphdef, params, batch["tokens"], batch["positions"],
-                          segment_ids=batch["segment_ids"])
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-  nll = logz - target_logit
+def token_loss(graphdef, params, batch, loss_chunk=LOSS_CHUNK):
+  """(sum of weighted token NLLs, sum of weights) of one [B, T] batch.
+
+  The log-softmax runs over `loss_chunk` positions at a time (`qwen3.token_logps`), so at most
+  [B, loss_chunk, V] logits are alive, in the backward pass too.
+  """
+  logp = qwen3.token_logps(graphdef, params, batch["tokens"], batch["positions"],
+                           batch["targets"], segment_ids=batch["segment_ids"], chunk=loss_chunk)
   w = batch["weights"].astype(jnp.float32)
-  return jnp.sum(nll * w), jnp.sum(w)
+  return -jnp.sum(logp * w), jnp.sum(w)
 
 
-def make_train_step(graphdef, tx, schedule):
+def make_train_step(graphdef, tx, schedule, loss_chunk=LOSS_CHUNK):
   """The pure train step (state, batch [M, B, T]) -> (state, metrics)."""
 
   def step_fn(state, batch):
     params = state["params"]
-    grad_fn = jax.value_and_grad(lambda p, mb: token_loss(graphdef, p, mb), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, mb: token_loss(graphdef, p, mb, loss_chunk),
+                                 has_aux=True)
 
     def micro(carry, mb):
       g_acc, l_acc, w_acc = carry
@@ -83,12 +87,12 @@ def make_train_step(graphdef, tx, schedule):
   return step_fn
 
 
-def accumulated_grads(graphdef, params, batch):
+def accumulated_grads(graphdef, params, batch, loss_chunk=LOSS_CHUNK):
   """(loss, grads) of the step's objective on a [M, B, T] batch, without an update (for tests)."""
 
   def total(p):
     def micro(carry, mb):
-      l, w = token_loss(graphdef, p, mb)
+      l, w = token_loss(graphdef, p, mb, loss_chunk)
       return (carry[0] + l, carry[1] + w), None
     (l, w), _ = jax.lax.scan(micro, (jnp.float32(0), jnp.float32(0)), batch)
     return l / jnp.maximum(w, 1.0)
@@ -130,6 +134,7 @@ class TrainerConfig:
   keep_checkpoints: int = 2
   peak_flops: float = 0.0  # per device; 0 = measure a large matmul once
   task_names: tuple = ()
+  loss_chunk: int = LOSS_CHUNK  # positions per log-softmax chunk (peak [B, chunk, V] logits)
 
 
 class Trainer:
@@ -161,14 +166,15 @@ class Trainer:
     self._init_params = jax.device_put(params, self.param_shardings)
     # Compiled functions are shared by trainers of the same model, optimiser and mesh (a
     # resumed phase or a second trainer in one process does not compile again).
-    key = (self.graphdef, optim_cfg, rows, mesh, sharding_lib.normalize_rules(rules))
+    key = (self.graphdef, optim_cfg, rows, mesh, sharding_lib.normalize_rules(rules),
+           cfg.loss_chunk)
     if key not in _COMPILED:
-      step_fn = make_train_step(self.graphdef, self.tx, self.schedule)
+      step_fn = make_train_step(self.graphdef, self.tx, self.schedule, cfg.loss_chunk)
       _COMPILED[key] = (
           jax.jit(step_fn, in_shardings=(self.state_shardings, None),
                   out_shardings=(self.state_shardings, None), donate_argnums=0),
           jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"]),
-          jax.jit(functools.partial(token_loss, self.graphdef)))
+          jax.jit(functools.partial(token_loss, self.graphdef, loss_chunk=cfg.loss_chunk)))
     self._step, self._opt_init, self._eval = _COMPILED[key]
     self._stop = threading.Event()
 

@@ -5,6 +5,7 @@ import signal
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -60,6 +61,32 @@ def test_accumulation_is_normalised_by_tokens_not_micro_batches():
   nll = -np.take_along_axis(logp, rows["targets"][:4, :, None], -1)[..., 0]
   w = rows["weights"][:4]
   np.testing.assert_allclose(loss_one, (nll * w).sum() / w.sum(), rtol=1e-5)
+
+
+
+@pytest.mark.parametrize("loss_chunk", [3, 8])
+def test_chunked_loss_gradient_equals_the_full_logits_one(loss_chunk):
+  """Chunks of 3 positions (the last one padded) or one chunk of 8: the loss and gradient of
+  the weighted NLL computed from full [B, T, V] logits."""
+  graphdef, state = nnx.split(_model(seed=1))
+  params = nnx.to_pure_dict(state)
+  rows = _rows(12)
+  batch = _stack(rows, [slice(0, 2), slice(2, 4)])
+
+  def full_logits_loss(p):
+    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+    logits, _ = qwen3.apply(graphdef, p, flat["tokens"], flat["positions"],
+                            segment_ids=flat["segment_ids"])
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, flat["targets"][..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * flat["weights"]) / jnp.sum(flat["weights"])
+
+  want_loss, want = jax.jit(jax.value_and_grad(full_logits_loss))(params)
+  loss, got = jax.jit(lambda p, x: trainer_lib.accumulated_grads(graphdef, p, x, loss_chunk))(
+      params, batch)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=str(path))
 
 
 def test_step_applies_clipped_adamw_on_an_8_device_mesh():
