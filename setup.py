@@ -4,8 +4,8 @@ from setuptools import find_packages, setup
 setup(
     name="gr2_jax",
     version="0.1.0",
-    description="JAX/TPU-native Generative Reasoning Re-ranker: SID tokenizer, mid-training, "
-    "reasoning traces, SFT, RL with verifiable rewards, distillation and serving.",
+    description="JAX/TPU-native Generative Reasoning Re-ranker: semantic-ID tokenizer, "
+    "mid-training, reasoning traces, SFT and RL with verifiable rewards.",
     packages=find_packages(include=["gr2_jax", "gr2_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
@@ -38,6 +38,7 @@ setup(
             "transformers>=4.51",
             "accelerate>=1.0",  # transformers needs it to load GGUF files
             "sentence-transformers>=3.0",
+            "scipy>=1.11",
         ],
     },
 )

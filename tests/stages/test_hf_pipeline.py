@@ -7,10 +7,12 @@ import os
 import re
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from gr2_jax import config_lib
 from gr2_jax import runner
+from gr2_jax.data import slates as slates_lib
 from gr2_jax.models import hf_io
 from gr2_jax.models import qwen3
 from gr2_jax.sids import tokens as sid_lib
@@ -61,7 +63,20 @@ def test_pipeline_runs_from_a_hugging_face_checkpoint(tiny_workdir, tmp_path):
                       tokenizers.HFTokenizer)
   with open(os.path.join(out, "table.json")) as f:
     result = json.load(f)
+  # Mid-training and SFT from the checkpoint lower their training loss.
+  for stage in ("midtrain", "sft"):
+    summary = runner.read_summary(runner.artifact_dir(tiny_workdir, config, stage))
+    assert summary["final_loss"] < summary["first_loss"], (stage, summary)
+  # The legacy row is the share of sampled slates whose target the legacy ranker put first;
+  # the random 1-layer model writes no valid ranking, so every model row reads as the legacy
+  # order, exactly.
+  slates = slates_lib.load_split(runner.artifact_dir(tiny_workdir, config, "legacy"), "test",
+                                 max_examples=config.rl.eval_examples, seed=config.rl.seed)
+  legacy = result["rows"]["legacy"]
+  assert legacy["R@1"]["mean"] == pytest.approx(float(np.mean(slates["target_index"] == 0)))
   for name in ("sft", "rl", "sft (constrained)", "rl (constrained)"):
     d = result["diagnostics"][name]
     assert d["num_rollouts"] == config.rl.eval_examples
-    assert np.isfinite(result["rows"][name]["R@1"]["mean"])
+    assert d["num_valid"] == 0 and d["invalid_as_legacy"] == d["num_rollouts"]
+    for metric in ("R@1", "R@3", "N@5"):
+      assert result["rows"][name][metric]["mean"] == legacy[metric]["mean"], (name, metric)
