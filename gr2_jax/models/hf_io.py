@@ -296,10 +296,12 @@ def _gather(array):
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def export_hf_checkpoint(model, cfg, path, *, dtype=None, max_shard_bytes=4 << 30):
+def export_hf_checkpoint(model, cfg, path, *, dtype=None, max_shard_bytes=4 << 30,
+                         config_overrides=None):
   """Writes config.json and safetensors (sharded with an index past `max_shard_bytes`).
 
   Parameters are gathered to the host one at a time, so the host holds at most one file's worth.
+  config_overrides: extra config.json fields (e.g. the tokenizer's eos_token_id).
   """
   dtype = np.dtype(dtype or cfg.weight_dtype)
   dtype_name = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[dtype.name]
@@ -343,7 +345,7 @@ def export_hf_checkpoint(model, cfg, path, *, dtype=None, max_shard_bytes=4 << 3
     with open(os.path.join(path, INDEX_FILE), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
-    json.dump(hf_config_dict(cfg, dtype_name), f, indent=2)
+    json.dump({**hf_config_dict(cfg, dtype_name), **(config_overrides or {})}, f, indent=2)
 
 
 def _get(state, path):
