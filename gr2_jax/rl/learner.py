@@ -86,14 +86,14 @@ def build_rows(prompts, responses, response_logps, width, pad_id):
 
 
 def token_logps(graphdef, params, batch, temperature=1.0):
-  """float32 [B, T]: log softmax(logits / temperature)[targets[t]] given tokens[:t + 1]."""
-  logits, _ = qwen3.apply(graphdef, params, batch["tokens"], batch["positions"],
-                          segment_ids=batch["segment_ids"])
-  logits = logits.astype(jnp.float32)
-  if not (isinstance(temperature, (int, float)) and temperature == 1.0):
-    logits = logits / temperature
-  target = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-  return target - jax.nn.logsumexp(logits, axis=-1)
+  """float32 [B, T]: log softmax(logits / temperature)[targets[t]] given tokens[:t + 1].
+
+  The log-softmax runs over chunks of positions (`qwen3.token_logps`), so the step never holds
+  [B, T, V] logits.
+  """
+  return qwen3.token_logps(graphdef, params, batch["tokens"], batch["positions"],
+                           batch["targets"], segment_ids=batch["segment_ids"],
+                           temperature=temperature)
 
 
 def policy_loss(graphdef, params, batch, cfg: LossConfig):
