@@ -19,7 +19,6 @@ FLOP accounting (what the code really computes, causal masking not credited):
 
 import functools
 import os
-import statistics
 import sys
 import time
 
@@ -51,28 +50,6 @@ flags.DEFINE_integer("train_steps", 3, "Training step: timed steps.")
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul that measures peak FLOP/s.")
 flags.DEFINE_string("out", common.BENCHMARKS_MD, "Markdown file the results are appended to.")
 flags.DEFINE_bool("write", True, "Append the results to --out.")
-
-
-def timed(fn, reps, setup=None):
-  """Median seconds of `fn(*setup())` over `reps` runs (setup untimed); the result of the last."""
-  times, out = [], None
-  for _ in range(reps):
-    args = setup() if setup else ()
-    jax.block_until_ready(args)
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), out
-
-
-def matmul_peak(n, dtype):
-  """FLOP/s of an n x n x n matmul in `dtype` (best of 5)."""
-  a = jnp.ones((n, n), dtype)
-  b = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=dtype)).lower(a, b).compile()
-  jax.block_until_ready(f(a, b))
-  best = min(timed(f, 1, lambda: (a, b))[0] for _ in range(5))
-  return 2 * n ** 3 / best
 
 
 def matmul_params(cfg):
@@ -117,10 +94,11 @@ def bench_sampling(model, batch, prompt_len, gen_len):
   def run_prefill():
     return sampler.prefill(graphdef, state, prompts, lengths, cache_len=cache_len)
 
-  t_prefill, _ = timed(run_prefill, FLAGS.reps + 1)  # the first call compiles; median hides it
+  # The first call compiles; the median hides it.
+  t_prefill, _ = common.timed(run_prefill, FLAGS.reps + 1)
   decode = functools.partial(sampler.decode, graphdef, state, params=params)
   jax.block_until_ready(decode(*run_prefill(), lengths, key, None))  # compile
-  t_decode, (out, _, _) = timed(
+  t_decode, (out, _, _) = common.timed(
       lambda logits, cache: decode(logits, cache, lengths, key, None), FLAGS.reps, run_prefill)
   assert int(out.lengths.min()) == gen_len
 
@@ -128,7 +106,7 @@ def bench_sampling(model, batch, prompt_len, gen_len):
   buf = jnp.zeros((batch, width), jnp.int32).at[:, :prompt_len].set(prompts)
   recompute = jax.jit(recompute_loop, static_argnums=(0, 4)).lower(
       graphdef, state, buf, lengths, gen_len).compile()
-  t_recompute, ref = timed(lambda: recompute(state, buf, lengths), FLAGS.recompute_reps)
+  t_recompute, ref = common.timed(lambda: recompute(state, buf, lengths), FLAGS.recompute_reps)
   # Same greedy tokens up to float rounding: report the agreement rather than assert it.
   agree = float(np.mean(np.asarray(ref[:, prompt_len:]) == np.asarray(out.tokens)))
   return {
@@ -181,7 +159,7 @@ def main(argv):
   machine = common.machine_description()
   print(f"# {machine}; preset {FLAGS.preset}, compute {dtype}", flush=True)
 
-  peak = matmul_peak(FLAGS.matmul_size, jnp.dtype(dtype))
+  peak = common.matmul_peak(FLAGS.matmul_size, jnp.dtype(dtype))
   print(f"matmul peak ({FLAGS.matmul_size}^3, {dtype}): {peak / 1e9:.1f} GFLOP/s", flush=True)
   rows = []
   for b in [int(x) for x in FLAGS.batch_sizes]:
