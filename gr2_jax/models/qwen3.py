@@ -388,11 +388,11 @@ def chunked_token_logps(hidden, head, targets, chunk, temperature=1.0):
     hidden: [B, T, E] from `Qwen3.hidden`.
     head: hidden rows [B, c, E] -> f32 logits [B, c, V], e.g. the model's `logits` method.
     targets: int32 [B, T], the token whose log-prob is taken at each position.
-    chunk: positions per chunk; T is padded up to a multiple of it (chunk >= T: one chunk).
+    chunk: positions per chunk; T is padded up to a multiple of it (0 or >= T: one chunk).
     temperature: the logits are divided by it (1.0 leaves them as they are).
   """
   b, t, e = hidden.shape
-  chunk = max(1, min(int(chunk), t))
+  chunk = t if chunk <= 0 else min(int(chunk), t)
   n = -(-t // chunk)
   pad = n * chunk - t
   if pad:

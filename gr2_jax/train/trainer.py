@@ -134,7 +134,7 @@ class TrainerConfig:
   keep_checkpoints: int = 2
   peak_flops: float = 0.0  # per device; 0 = measure a large matmul once
   task_names: tuple = ()
-  loss_chunk: int = LOSS_CHUNK  # positions per log-softmax chunk (peak [B, chunk, V] logits)
+  loss_chunk: int = LOSS_CHUNK  # positions per log-softmax chunk (0 = one chunk of T)
 
 
 class Trainer:

@@ -161,9 +161,9 @@ def _reference_logps(graphdef, state, tokens, positions, seg, targets, temperatu
 
 
 @pytest.mark.parametrize("tie,chunk,temperature", [
-    (True, 4, 1.0), (False, 3, 1.0), (True, 5, 0.7), (False, 64, 1.0)])
+    (True, 4, 1.0), (False, 3, 1.0), (True, 5, 0.7), (False, 64, 1.0), (True, 0, 1.0)])
 def test_chunked_token_logps_equal_unchunked_values_and_gradients(tie, chunk, temperature):
-  """T = 9: chunks of 3 divide it, 4 and 5 leave a padded last chunk, 64 is one chunk."""
+  """T = 9: chunks of 3 divide it, 4 and 5 leave a padded last chunk, 64 and 0 are one chunk."""
   cfg, graphdef, state = _tiny(tie)
   rng = np.random.RandomState(2)
   tokens, positions, seg = _padded([list(rng.randint(1, cfg.vocab_size, 9)),
