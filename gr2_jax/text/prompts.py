@@ -2,8 +2,10 @@
 
 Items are dicts with a "sid" string and metadata ("title", "year", "genres"), written in the
 unified item format of `gr2_jax.sids.tokens.format_item`. The answer is
-`{"explanation": "...", "recommendations": [SID, ...]}`, or only the recommendations in the
-no-reasoning variant.
+`{"explanation": "...", "recommendations": [...]}`, or only the recommendations in the
+no-reasoning variant. The recommendations are the candidates' SIDs (answer_format "sids", paper 1)
+or the numbers 1..K the prompt shows beside the candidates (answer_format "positions", the
+technical report), which need no copying and far fewer tokens.
 """
 
 import dataclasses
@@ -15,6 +17,7 @@ from gr2_jax.sids import tokens
 PART_ORDERS = ("system_user_candidates", "system_candidates_user")
 ITEM_FIELDS = ("sid", "title", "year", "genres")
 USER_FIELDS = ("age", "gender", "occupation")
+ANSWER_FORMATS = ("sids", "positions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +27,8 @@ class PromptConfig:
   part_order: "system_user_candidates", or "system_candidates_user" so that the system turn and
     the candidates form a prefix shared by every user who gets the same slate.
   reasoning: False renders the no-reasoning variant (the answer holds only the ranking).
+  answer_format: "sids" (the answer lists the candidates' SIDs) or "positions" (the candidates
+    are numbered 1..K and the answer lists the numbers, e.g. [3, 1, 2]).
   """
   max_history: int = 20
   item_fields: tuple = ITEM_FIELDS
@@ -31,6 +36,7 @@ class PromptConfig:
   reasoning: bool = True
   include_user: bool = True
   item_noun: str = "movies"
+  answer_format: str = "sids"
 
   def __post_init__(self):
     if self.part_order not in PART_ORDERS:
@@ -41,6 +47,9 @@ class PromptConfig:
       raise UserError(f"unknown prompt item_fields {unknown}; valid: {', '.join(ITEM_FIELDS)}")
     if "sid" not in self.item_fields:
       raise UserError("prompt item_fields must include 'sid': the answer cites items by SID")
+    if self.answer_format not in ANSWER_FORMATS:
+      raise UserError(f"prompt answer_format must be one of {', '.join(ANSWER_FORMATS)}, "
+                      f"got {self.answer_format!r}")
     if self.max_history < 1:
       raise UserError(f"prompt max_history must be >= 1, got {self.max_history}")
 
@@ -59,14 +68,15 @@ def system_text(cfg: PromptConfig) -> str:
       "user watches each next, most likely first.",
       f"Items: {item_legend(cfg)}.",
   ]
+  entry, each = (("number", "every candidate's number once") if cfg.answer_format == "positions"
+                 else ("SID", "every candidate once"))
   if cfg.reasoning:
     lines += [
         "Explain in three steps citing SIDs: history patterns, matching candidates, choice.",
-        'Answer JSON only: {"explanation": "...", "recommendations": [SID, ...]}, every '
-        "candidate once.",
+        f'Answer JSON only: {{"explanation": "...", "recommendations": [{entry}, ...]}}, {each}.',
     ]
   else:
-    lines.append('Answer JSON only: {"recommendations": [SID, ...]}, every candidate once.')
+    lines.append(f'Answer JSON only: {{"recommendations": [{entry}, ...]}}, {each}.')
   return "\n".join(lines)
 
 
@@ -92,7 +102,10 @@ def _history_block(history_items, cfg):
 
 
 def _candidates_block(slate_items, cfg):
-  return [f"Candidates ({len(slate_items)}):"] + [item_line(it, cfg) for it in slate_items]
+  lines = [item_line(it, cfg) for it in slate_items]
+  if cfg.answer_format == "positions":
+    lines = [f"{i}. {line}" for i, line in enumerate(lines, 1)]
+  return [f"Candidates ({len(slate_items)}):"] + lines
 
 
 def shown_history(history_items, cfg: PromptConfig):
@@ -114,10 +127,18 @@ def user_content(history_items, slate_items, cfg: PromptConfig, user=None) -> st
   return "\n".join(context + candidates)
 
 
-def render_answer(order_sids, explanation=None) -> str:
-  """The assistant's JSON answer; without an explanation only the recommendations."""
+def recommendations(order, slate_sids, answer_format="sids"):
+  """The answer's list for slate positions `order`: their SIDs, or their numbers 1..K."""
+  if answer_format == "positions":
+    return [int(p) + 1 for p in order]
+  return [slate_sids[int(p)] for p in order]
+
+
+def render_answer(recs, explanation=None) -> str:
+  """The assistant's JSON answer (`recs`: SIDs or numbers, see `recommendations`); without an
+  explanation only the recommendations."""
   obj = {} if explanation is None else {"explanation": explanation}
-  obj["recommendations"] = list(order_sids)
+  obj["recommendations"] = list(recs)
   return json.dumps(obj, ensure_ascii=False)
 
 

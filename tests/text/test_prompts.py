@@ -1,5 +1,6 @@
 """Tests of the re-ranking prompt rendering: hand-written expected texts."""
 
+import dataclasses
 import json
 
 import pytest
@@ -110,3 +111,39 @@ def test_system_turn_describes_the_item_fields(fields, legend):
   assert f"Items: {legend}.\n" in prompts.system_text(cfg)
   line = prompts.item_line(dict(SLATE[0]), cfg)
   assert line.startswith(S[2]) and ("Fargo" in line) == ("title" in fields)
+
+
+SYSTEM_POSITIONS = (
+    "You are a recommendation analyst. Rank the candidate movies by how likely the user "
+    "watches each next, most likely first.\n"
+    "Items: SID title (year) | genres.\n"
+    "Explain in three steps citing SIDs: history patterns, matching candidates, choice.\n"
+    'Answer JSON only: {"explanation": "...", "recommendations": [number, ...]}, every '
+    "candidate's number once.")
+
+
+def test_positions_format_numbers_the_candidates_only():
+  cfg = prompts.PromptConfig(answer_format="positions")
+  msgs = prompts.build_messages(HISTORY, SLATE, cfg, user=USER)
+  assert msgs[0]["content"] == SYSTEM_POSITIONS
+  assert msgs[1]["content"] == CONTEXT + "\n" + (
+      "Candidates (3):\n"
+      "1. <|sid_begin|><s_a_2><s_b_3><|sid_end|> Fargo (1996) | Crime, Drama\n"
+      "2. <|sid_begin|><s_a_3><s_b_4><|sid_end|> Babe (1995) | Children's\n"
+      "3. <|sid_begin|><s_a_4><s_b_5><|sid_end|> Alien (1979) | Horror, Sci-Fi")
+  plain = prompts.system_text(dataclasses.replace(cfg, reasoning=False))
+  assert plain.endswith('Answer JSON only: {"recommendations": [number, ...]}, every '
+                        "candidate's number once.")
+
+
+def test_recommendations_in_both_formats():
+  sids = [S[2], S[3], S[4]]
+  assert prompts.recommendations((2, 0, 1), sids) == [S[4], S[2], S[3]]
+  assert prompts.recommendations((2, 0, 1), sids, "positions") == [3, 1, 2]
+  ans = prompts.render_answer(prompts.recommendations((2, 0, 1), sids, "positions"), "why")
+  assert ans == '{"explanation": "why", "recommendations": [3, 1, 2]}'
+
+
+def test_unknown_answer_format_is_user_error():
+  with pytest.raises(UserError, match="answer_format must be one of sids, positions"):
+    prompts.PromptConfig(answer_format="numbers")
