@@ -2,8 +2,9 @@
 
 Omega = 1 only when the answer's last top-level JSON object (after any text the model wrote
 before it; only whitespace or chat end tokens may follow it) holds a "recommendations" list that
-is a permutation of exactly the slate's SIDs. Nothing is ever partially parsed, and no input
-string makes the parser raise.
+is a permutation of exactly the slate's SIDs (answer_format "sids"), or of the numbers 1..K the
+prompt showed beside the K candidates (answer_format "positions": JSON integers only). Nothing is
+ever partially parsed, and no input string makes the parser raise.
 """
 
 import json
@@ -13,9 +14,12 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from gr2_jax.sids import tokens
+from gr2_jax.text import prompts
 
+# bad_sid: an entry that is not one well-formed SID; non_integer: not a JSON integer (positions);
+# foreign: not a slate item, or a number outside 1..K.
 REASONS = ("ok", "no_json", "bad_json", "missing_key", "not_a_list", "bad_sid", "foreign",
-           "duplicate", "missing", "empty_slate")
+           "duplicate", "missing", "empty_slate", "non_integer")
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 _DECODER = json.JSONDecoder()
 
@@ -70,12 +74,48 @@ def canonical_sid(s):
   return s
 
 
-def parse_ranking(text, slate_sids) -> ParseResult:
-  """Parses and validates an answer against the slate's SIDs (in slate order).
+def _sid_order(recs, slate_sids):
+  """(slate positions of the leading valid entries, failure reason or None) for SIDs."""
+  free = {}  # SID -> its unused slate positions, in slate order
+  for pos, sid in enumerate(slate_sids):
+    free.setdefault(str(sid).strip(), []).append(pos)
+  order = []
+  for r in recs:
+    sid = canonical_sid(r)
+    if sid is None:
+      return order, "bad_sid"
+    if sid not in free:
+      return order, "foreign"
+    if not free[sid]:
+      return order, "duplicate"
+    order.append(free[sid].pop(0))
+  return order, None
 
-  A slate may hold two items with the same SID; the answer must then list that SID as often,
-  and its occurrences take the slate positions in slate order.
+
+def _number_order(recs, k):
+  """(slate positions of the leading valid entries, failure reason or None) for numbers 1..k."""
+  order = []
+  for r in recs:
+    if isinstance(r, bool) or not isinstance(r, int):  # JSON true is a Python int
+      return order, "non_integer"
+    if not 1 <= r <= k:
+      return order, "foreign"
+    if r - 1 in order:
+      return order, "duplicate"
+    order.append(r - 1)
+  return order, None
+
+
+def parse_ranking(text, slate_sids, answer_format="sids") -> ParseResult:
+  """Parses and validates an answer against the slate shown (its SIDs, in shown order).
+
+  answer_format "sids": a slate may hold two items with the same SID; the answer must then list
+  that SID as often, and its occurrences take the slate positions in slate order.
+  "positions": the entries are the numbers 1..K of the shown candidates (K = len(slate_sids));
+  number n is slate position n - 1.
   """
+  if answer_format not in prompts.ANSWER_FORMATS:
+    raise ValueError(f"unknown answer_format {answer_format!r}")
   if not slate_sids:
     return _fail("empty_slate")
   if not isinstance(text, str):
@@ -90,30 +130,22 @@ def parse_ranking(text, slate_sids) -> ParseResult:
   recs = obj["recommendations"]
   if not isinstance(recs, list):
     return _fail("not_a_list", explanation)
-  free = {}  # SID -> its unused slate positions, in slate order
-  for pos, sid in enumerate(slate_sids):
-    free.setdefault(str(sid).strip(), []).append(pos)
-  order = []
-  for r in recs:
-    sid = canonical_sid(r)
-    if sid is None:
-      return _fail("bad_sid", explanation, len(order))
-    if sid not in free:
-      return _fail("foreign", explanation, len(order))
-    if not free[sid]:
-      return _fail("duplicate", explanation, len(order))
-    pos = free[sid].pop(0)
-    order.append(pos)
+  if answer_format == "positions":
+    order, fault = _number_order(recs, len(slate_sids))
+  else:
+    order, fault = _sid_order(recs, slate_sids)
+  if fault is not None:
+    return _fail(fault, explanation, len(order))
   if len(order) != len(slate_sids):
     return _fail("missing", explanation, len(order))
   return ParseResult(True, tuple(order), "ok", explanation, len(order))
 
 
-def parse_batch(texts, slates_sids):
+def parse_batch(texts, slates_sids, answer_format="sids"):
   """Omega bool [N], order int32 [N, K] (identity where Omega = 0), reason codes [N] and
   valid prefix lengths int32 [N] (`ParseResult.prefix`).
 
-  All slates must have the same size K.
+  All slates must have the same size K; `answer_format` as in `parse_ranking`.
   """
   n = len(texts)
   if len(slates_sids) != n:
@@ -127,7 +159,7 @@ def parse_batch(texts, slates_sids):
   reasons = []
   prefix = np.zeros(n, np.int32)
   for i, (text, sids) in enumerate(zip(texts, slates_sids)):
-    r = parse_ranking(text, sids)
+    r = parse_ranking(text, sids, answer_format)
     reasons.append(r.reason)
     prefix[i] = r.prefix
     if r.omega:

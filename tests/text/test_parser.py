@@ -1,5 +1,7 @@
 """Tests of Omega: hand cases per reason code and a never-raises property test."""
 
+import json
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 import numpy as np
@@ -160,3 +162,104 @@ def test_never_raises_on_mutations(data):
     assert r.omega and [SLATE[i] for i in r.order] == recs
   if kind in ("dup", "delete", "foreign") and sorted(recs) != sorted(SLATE):
     assert not r.omega
+
+
+# The "positions" answer format: the numbers 1..3 of the shown candidates.
+
+
+def numbers(recs, explanation="because"):
+  return json.dumps({"explanation": explanation, "recommendations": recs})
+
+
+def positions(text, slate=SLATE):
+  return parser.parse_ranking(text, slate, "positions")
+
+
+def test_positions_ok():
+  assert positions(numbers([3, 1, 2])) == parser.ParseResult(True, (2, 0, 1), "ok", "because", 3)
+  # The SIDs themselves are not read: only the slate's size matters.
+  assert positions(numbers([2, 1]), ["x", "y"]).order == (1, 0)
+
+
+@pytest.mark.parametrize("text", [
+    "  " + numbers([3, 1, 2]) + "\n",
+    numbers([3, 1, 2]) + " <|im_end|>\n<|endoftext|>",
+    'Let me think {"recommendations": [1]}\n' + numbers([3, 1, 2]),
+    '{"recommendations": [3,1,2]}',
+    '{"recommendations": [ 3 ,\n 1 , 2 ]}',
+])
+def test_positions_accepted_forms(text):
+  assert (positions(text).omega, positions(text).order) == (True, (2, 0, 1))
+
+
+@pytest.mark.parametrize("text,reason,prefix", [
+    ("", "no_json", 0),
+    ("I rank 3, 1, 2", "no_json", 0),
+    (numbers([3, 1, 2])[:-2], "bad_json", 0),  # truncated
+    (numbers([3, 1, 2]) + " Done.", "bad_json", 0),
+    ('{"recommendations": [' + "1" * 5000 + "]}", "bad_json", 0),  # beyond Python's int limit
+    ('{"recommendations": [03, 1, 2]}', "bad_json", 0),  # JSON has no leading zeros
+    ('{"explanation": "x"}', "missing_key", 0),
+    ('{"recommendations": 3}', "not_a_list", 0),
+    ('{"recommendations": "3, 1, 2"}', "not_a_list", 0),
+    (numbers(["3", 1, 2]), "non_integer", 0),
+    (numbers([3, 1.0, 2]), "non_integer", 1),
+    ('{"recommendations": [3, 1, 2e0]}', "non_integer", 2),
+    (numbers([3, True, 2]), "non_integer", 1),
+    (numbers([3, None, 2]), "non_integer", 1),
+    (numbers([[3], 1, 2]), "non_integer", 0),
+    (numbers([C, A, B]), "non_integer", 0),  # SIDs where numbers are asked
+    (numbers([0, 1, 2]), "foreign", 0),
+    (numbers([3, -1, 2]), "foreign", 1),
+    (numbers([3, 4, 2]), "foreign", 1),
+    (numbers([3, 1, 2, 4]), "foreign", 3),
+    (numbers([3, 1, 10 ** 30]), "foreign", 2),
+    (numbers([3, 1, 1]), "duplicate", 2),
+    (numbers([3, 1, 2, 2]), "duplicate", 3),
+    (numbers([3, 1]), "missing", 2),
+    (numbers([]), "missing", 0),
+])
+def test_positions_reason_codes_and_prefix(text, reason, prefix):
+  r = positions(text)
+  assert (r.omega, r.order, r.reason, r.prefix) == (False, None, reason, prefix)
+
+
+def test_positions_empty_slate_and_explanation_on_failure():
+  assert positions(numbers([]), []).reason == "empty_slate"
+  assert positions(numbers([3, 3])).explanation == "because"
+  assert positions(None).reason == "no_json"
+  with pytest.raises(ValueError, match="answer_format"):
+    parser.parse_ranking(numbers([1]), ["x"], "numbers")
+
+
+def test_parse_batch_positions():
+  texts = [numbers([3, 1, 2]), numbers([2, 2, 1]), numbers([C, A, B])]
+  omega, order, reasons, prefix = parser.parse_batch(texts, [SLATE] * 3, "positions")
+  np.testing.assert_array_equal(omega, [True, False, False])
+  np.testing.assert_array_equal(order, [[2, 0, 1], [0, 1, 2], [0, 1, 2]])
+  np.testing.assert_array_equal(prefix, [3, 1, 0])
+  assert reasons == ["ok", "duplicate", "non_integer"]
+
+
+def _check_positions(text):
+  r = positions(text)
+  assert r.reason in parser.REASONS
+  assert r.omega == (r.reason == "ok")
+  assert (sorted(r.order) == [0, 1, 2]) if r.omega else r.order is None
+  return r
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=200))
+def test_positions_never_raise_on_random_strings(text):
+  _check_positions(text)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.permutations([1, 2, 3]), st.integers(0, 60),
+       st.text(alphabet='{}[]",:.-+eE0123456789 \\', max_size=6))
+def test_positions_never_raise_on_mutations(perm, pos, junk):
+  text = numbers(list(perm))
+  r = _check_positions(text)
+  assert r.omega and [p + 1 for p in r.order] == list(perm)
+  _check_positions(text[:pos] + junk + text[pos:])
