@@ -12,6 +12,10 @@ not a [nodes, V] table. Leaves are numbered in depth-first order, so the leaves 
 the contiguous range `leaf_lo[n] .. leaf_hi[n]`; with a per-row `remaining [B, L]` mask of
 leaves still allowed, a child is allowed iff a prefix sum says its range holds a remaining leaf.
 That gives the slate constraint (each item of a row's slate at most once) with the same code.
+Leaves may form groups (`leaf_group`): emitting one leaf uses up every leaf of its group, so an
+item written in several ways (a number with a comma or a bracket after it) is listed once. A
+leaf's `leaf_rule` can also tie it to how many groups are left: LAST (only as the last group
+left, e.g. the number that closes a list) or NOT_LAST (only while another group is left).
 
 Node 0 is FREE (any token; only used with a `trigger`), node 1 the trie's root. With a trigger
 (e.g. `<|sid_begin|>`) generation is free until the trigger, then must follow the trie, then is
@@ -29,6 +33,7 @@ import numpy as np
 from gr2_jax.errors import UserError
 
 FREE, ROOT = 0, 1
+ANY, LAST, NOT_LAST = 0, 1, 2  # leaf rules
 
 
 class Constraint:
@@ -52,11 +57,14 @@ class TrieConstraint(Constraint):
   leaf_lo: jax.Array  # int32 [N]
   leaf_hi: jax.Array  # int32 [N]
   leaf_id: jax.Array  # int32 [N], -1 for inner nodes
+  leaf_group: jax.Array  # int32 [L], leaves of one group are used up together
+  leaf_rule: jax.Array  # int32 [L]: ANY, LAST or NOT_LAST
   root_tokens: jax.Array  # int32 [R], allowed at the root (state stays at the root)
   initial_remaining: jax.Array  # bool [1 or B, L]
   vocab_size: int = flax.struct.field(pytree_node=False)
   trigger: int = flax.struct.field(pytree_node=False, default=-1)
   consume: bool = flax.struct.field(pytree_node=False, default=False)
+  ruled: bool = flax.struct.field(pytree_node=False, default=False)  # any leaf_rule not ANY
 
   @property
   def num_leaves(self):
@@ -75,6 +83,12 @@ class TrieConstraint(Constraint):
     b, v = node.shape[0], self.vocab_size
     tokens = self.child_tokens[node]  # [B, F]
     children = jnp.maximum(self.child_nodes[node], 0)
+    if self.ruled:
+      groups_left = jnp.zeros(remaining.shape, jnp.int32).at[:, self.leaf_group].max(
+          remaining.astype(jnp.int32)).sum(axis=1, keepdims=True)  # [B, 1]
+      remaining = remaining & jnp.where(
+          self.leaf_rule == LAST, groups_left == 1,
+          jnp.where(self.leaf_rule == NOT_LAST, groups_left > 1, True))
     csum = jnp.concatenate(
         [jnp.zeros((b, 1), jnp.int32), jnp.cumsum(remaining.astype(jnp.int32), axis=1)], axis=1)
     rows = jnp.arange(b)[:, None]
@@ -93,7 +107,6 @@ class TrieConstraint(Constraint):
 
   def update(self, state, tokens):
     node, remaining = state["node"], state["remaining"]
-    b = node.shape[0]
     hit = self.child_tokens[node] == tokens[:, None]  # [B, F]
     child = jnp.max(jnp.where(hit, self.child_nodes[node], -1), axis=1)
     after_leaf = FREE if self.trigger >= 0 else ROOT
@@ -109,9 +122,8 @@ class TrieConstraint(Constraint):
     # token) leaves the row where it was.
     new = jnp.where(new < 0, node, new)
     if self.consume:
-      rows = jnp.arange(b)
-      remaining = remaining.at[rows, jnp.maximum(leaf, 0)].set(
-          jnp.where(leaf >= 0, False, remaining[rows, jnp.maximum(leaf, 0)]))
+      group = jnp.where(leaf >= 0, self.leaf_group[jnp.maximum(leaf, 0)], -1)  # [B]
+      remaining = remaining & (self.leaf_group[None, :] != group[:, None])
     return {"node": new.astype(jnp.int32), "remaining": remaining}
 
 
@@ -189,6 +201,8 @@ def trie_constraint(sequences: Sequence[Sequence[int]], vocab_size: int, *,
   tables, leaves = _build_tables(sequences, vocab_size)
   return TrieConstraint(
       **{k: jnp.asarray(v) for k, v in tables.items()},
+      leaf_group=jnp.arange(len(leaves), dtype=jnp.int32),
+      leaf_rule=jnp.zeros(len(leaves), jnp.int32),
       root_tokens=jnp.asarray(list(root_tokens), jnp.int32).reshape(-1),
       initial_remaining=jnp.ones((1, len(leaves)), bool),
       vocab_size=int(vocab_size), trigger=-1 if trigger is None else int(trigger),
@@ -215,7 +229,38 @@ def slate_constraint(slates: Sequence[Sequence[Sequence[int]]], vocab_size: int,
       remaining[b, index[tuple(int(t) for t in s)]] = True
   return TrieConstraint(
       **{k: jnp.asarray(v) for k, v in tables.items()},
+      leaf_group=jnp.arange(remaining.shape[1], dtype=jnp.int32),
+      leaf_rule=jnp.zeros(remaining.shape[1], jnp.int32),
       root_tokens=jnp.asarray(list(root_tokens), jnp.int32).reshape(-1),
       initial_remaining=jnp.asarray(remaining),
       vocab_size=int(vocab_size), trigger=-1 if trigger is None else int(trigger),
       consume=True)
+
+
+def group_constraint(groups: Sequence[Sequence[Sequence[int]]], vocab_size: int, *,
+                     closing: Optional[Sequence[Sequence[Sequence[int]]]] = None,
+                     root_tokens: Sequence[int] = ()) -> TrieConstraint:
+  """Each group may be emitted once, as any one of its token sequences; the same for every row.
+
+  groups[i] holds the ways of writing item i (all sequences together prefix-free). With
+  `closing`, closing[i] holds the ways of writing item i as the last one left (a number with
+  the list's closing bracket), and those of groups[i] are allowed only while another item is
+  left. Generation starts at the root, where `root_tokens` are also allowed, and returns to it
+  after each item.
+  """
+  owner = {}
+  rule = {}
+  for ways, kind in ((groups, ANY if closing is None else NOT_LAST), (closing or (), LAST)):
+    for g, seqs in enumerate(ways):
+      for s in seqs:
+        s = tuple(int(t) for t in s)
+        if owner.setdefault(s, g) != g or rule.setdefault(s, kind) != kind:
+          raise UserError(f"constraint sequence {list(s)} is listed twice")
+  tables, leaves = _build_tables(sorted(owner), vocab_size)
+  return TrieConstraint(
+      **{k: jnp.asarray(v) for k, v in tables.items()},
+      leaf_group=jnp.asarray([owner[s] for s in leaves], jnp.int32),
+      leaf_rule=jnp.asarray([rule[s] for s in leaves], jnp.int32),
+      root_tokens=jnp.asarray(list(root_tokens), jnp.int32).reshape(-1),
+      initial_remaining=jnp.ones((1, len(leaves)), bool),
+      vocab_size=int(vocab_size), trigger=-1, consume=True, ruled=closing is not None)

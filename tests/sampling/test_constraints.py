@@ -98,3 +98,34 @@ def test_slate_constraint_shapes_do_not_depend_on_the_items():
                                    trigger=3)
   shapes = lambda c: jax.tree.map(lambda x: x.shape, c)
   assert shapes(a) == shapes(b)
+
+
+def test_group_constraint_lists_numbers_once_and_closes_with_the_last():
+  # Tokens: "1"=1, "0"=2, "2"=3, ","=4, "]"=5; 0, 6, 7 other digit-free tokens. The numbers 1, 2
+  # and 10 end with "," while another is left and with "]" as the last: "1" then "10" share
+  # their first token, and the closing token tells them apart.
+  going_on = [[[1, 4]], [[3, 4]], [[1, 2, 4]]]
+  closing = [[[1, 5]], [[3, 5]], [[1, 2, 5]]]
+  c = constraints.group_constraint(going_on, V, closing=closing, root_tokens=[0, 4, 5, 6, 7])
+  root = [0, 4, 5, 6, 7]
+  state = c.init(2)
+  assert _allowed(c, state) == [sorted(root + [1, 3])] * 2
+  # Row 0 writes "10, 1, 2]", row 1 "1, 10, 2]".
+  for tokens, want in [
+      ([1, 1], [[2, 4], [2, 4]]),  # "1" may end (",") or go on to "10"; no "]": 3 numbers left
+      ([2, 4], [[4], sorted(root + [1, 3])]),
+      ([4, 1], [sorted(root + [1, 3]), [2]]),  # row 1 listed 1: "1" must become "10"
+      ([1, 2], [[4], [4]]),  # row 0 listed 10: "1" must end
+      ([4, 4], [sorted(root + [3])] * 2),
+      ([3, 3], [[5], [5]]),  # the last number closes the list
+      ([5, 5], [root, root]),  # all listed: digits are no longer allowed
+  ]:
+    state = _step(c, state, tokens)
+    assert _allowed(c, state) == want, tokens
+
+
+def test_group_constraint_rejects_a_sequence_in_two_groups():
+  with pytest.raises(UserError, match="listed twice"):
+    constraints.group_constraint([[[1, 4]], [[1, 4]]], V)
+  with pytest.raises(UserError, match="listed twice"):
+    constraints.group_constraint([[[1, 4]]], V, closing=[[[1, 4]]])
