@@ -5,13 +5,17 @@ model answers by greedy decoding with the sampler. The unconstrained answer is p
 Omega; an invalid one counts as the legacy order (and is counted). The constrained answer
 restricts only the ranking: decoding is free up to the answer's `"recommendations"` key (the
 explanation may cite any item), and from there every SID must be one of the slate's items not
-listed yet (`constraints.slate_constraint` triggered by `<|sid_begin|>`). Greedy decoding is
+listed yet (`constraints.slate_constraint` triggered by `<|sid_begin|>`), or, in the "positions"
+answer format, every token holding a digit must belong to a number 1..K not listed yet
+(`constraints.group_constraint`; digit-free tokens stay free). Greedy decoding is
 deterministic, so the free part is the unconstrained answer's prefix and is not decoded again.
 """
 
 import dataclasses
+import functools
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -125,17 +129,91 @@ def sid_suffixes(tok, slate_sids):
   return out
 
 
+_DIGIT = re.compile(r"[0-9]")
+
+
+def _token_ends(tok, ids, text):
+  """End offset in `text` of each token of `ids` (which encode `text`)."""
+  parts = [tok.decode(ids[:j + 1]) for j in range(len(ids))]
+  if not parts or parts[-1] != text or not all(text.startswith(p) for p in parts):
+    raise UserError(f"the tokenizer does not decode {text!r} piece by piece; use "
+                    "answer_format=sids")
+  return [len(p) for p in parts]
+
+
+@functools.lru_cache(maxsize=16)
+def number_sequences(tok, k):
+  """(going_on, closing): per number 1..k, the token sequences that write it in the answer's
+  list followed by another number, and as the list's last.
+
+  Each is the tokenizer's own ids of the number as it appears in a rendered answer (first, in
+  the middle, last), closed by the token after it (the comma or bracket), unless the number's
+  last token holds that already: "1" and "10" stay apart when digits are tokens.
+  """
+  going_on, closing = [set() for _ in range(k)], [set() for _ in range(k)]
+  for n in range(1, k + 1):
+    others = [m for m in range(1, k + 1) if m != n]
+    for recs in ([n] + others, others[:1] + [n] + others[1:], others + [n]):
+      text = prompts.render_answer(recs)
+      start = text.index("[") + 1
+      for r in recs[:recs.index(n)]:
+        start += len(str(r)) + 2  # the number and ", "
+      end = start + len(str(n))
+      ids = tok.encode(text)
+      ends = _token_ends(tok, ids, text)
+      first = next(j for j, e in enumerate(ends) if e > start)
+      last = next(j for j, e in enumerate(ends) if e >= end)
+      stop = min(last + 1 if ends[last] > end else last + 2, len(ids))  # closing token included
+      lo = ends[first - 1] if first else 0
+      rest = text[lo:start] + text[end:ends[stop - 1]]
+      if ends[stop - 1] == end or _DIGIT.search(rest):
+        raise UserError(f"the tokenizer writes number {n} of the answer's list together with "
+                        "another number; use answer_format=sids")
+      (closing if recs[-1] == n else going_on)[n - 1].add(tuple(ids[first:stop]))
+  return tuple(tuple(tuple(sorted(w)) for w in ways) for ways in (going_on, closing))
+
+
+@functools.lru_cache(maxsize=16)
+def digit_free_ids(tok):
+  """Ids of the tokens whose text holds no digit."""
+  return tuple(i for i in range(tok.vocab_size) if not _DIGIT.search(tok.decode([i])))
+
+
+def ranking_constraint(tok, vocab_size, shown_sids, answer_format, batch_size):
+  """(make_constraint(start, real), token budget) of the constrained ranking of rows whose
+  prompts showed the slates `shown_sids` (all of one size K)."""
+  k = len(shown_sids[0])
+  if answer_format == "positions":
+    going_on, closing = number_sequences(tok, k)
+    cons = constraints.group_constraint(going_on, vocab_size, closing=closing,
+                                        root_tokens=digit_free_ids(tok))
+    # The numbers with their commas and brackets, spaces, the closing and the stop token.
+    longest = [max(len(w) for w in a + b) for a, b in zip(going_on, closing)]
+    return (lambda s, real: cons), sum(longest) + 2 * k + 8
+  suffixes = [sid_suffixes(tok, s) for s in shown_sids]
+  begin = tok.token_to_id(sid_lib.SID_BEGIN)
+
+  def make_constraint(s, real):
+    rows = suffixes[s:s + real]
+    rows += [rows[-1]] * (batch_size - real)
+    return constraints.slate_constraint(rows, vocab_size, trigger=begin)
+
+  # The SIDs with their quotes and separators, and the closing.
+  return make_constraint, sum(len(x) for x in suffixes[0]) + 4 * k + 8
+
+
 def rerank(model, tok, examples, items, sids, prompt_cfg, *, max_new_tokens=448, batch_size=16,
            constrained=(False, True)):
   """{False: RerankResult unconstrained, True: constrained} for the requested modes."""
   if not examples:
     raise UserError("no slates to re-rank")
   slates_sids = [[sids[int(x)] for x in ex.slate] for ex in examples]
+  fmt = prompt_cfg.answer_format
   p_ids = prompt_ids(examples, items, sids, prompt_cfg, tok)
   free = _greedy(model, tok, p_ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
   results = {}
   if False in constrained:
-    results[False] = _parse([tok.decode(g) for g in free], free, slates_sids)
+    results[False] = _parse([tok.decode(g) for g in free], free, slates_sids, fmt)
   if True in constrained:
     heads, forced = [], 0
     for g in free:
@@ -145,28 +223,20 @@ def rerank(model, tok, examples, items, sids, prompt_cfg, *, max_new_tokens=448,
         heads.append(tok.encode(FORCED_PREFIX))
       else:
         heads.append(g[:cut])
-    suffixes = [sid_suffixes(tok, s) for s in slates_sids]
-    begin = tok.token_to_id(sid_lib.SID_BEGIN)
-    k = max(len(s) for s in slates_sids)
-    tail_budget = sum(len(x) for x in suffixes[0]) + 4 * k + 8  # SIDs, quotes, commas, close
-
-    def make_constraint(s, real):
-      rows = suffixes[s:s + real]
-      rows += [rows[-1]] * (batch_size - real)
-      return constraints.slate_constraint(rows, model.cfg.vocab_size, trigger=begin)
-
+    make_constraint, tail_budget = ranking_constraint(tok, model.cfg.vocab_size, slates_sids,
+                                                      fmt, batch_size)
     tails = _greedy(model, tok, [p + h for p, h in zip(p_ids, heads)],
                     max_new_tokens=tail_budget, batch_size=batch_size,
                     make_constraint=make_constraint)
     gen = [h + t for h, t in zip(heads, tails)]
-    res = _parse([tok.decode(g) for g in gen], gen, slates_sids)
+    res = _parse([tok.decode(g) for g in gen], gen, slates_sids, fmt)
     res.forced = forced
     results[True] = res
   return results
 
 
-def _parse(texts, gen, slates_sids):
-  omega, order, reasons, prefix = parser.parse_batch(texts, slates_sids)
+def _parse(texts, gen, slates_sids, answer_format):
+  omega, order, reasons, prefix = parser.parse_batch(texts, slates_sids, answer_format)
   return RerankResult(texts=texts, omega=omega, order=order, reasons=reasons,
                       lengths=np.asarray([len(g) for g in gen], np.int32), prefix=prefix)
 

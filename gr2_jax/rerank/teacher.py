@@ -36,6 +36,8 @@ class CheckpointTeacher(base.Teacher):
                                   self.prompt_cfg, user=example.user)
     if target_visible:
       sid = self.sids[int(example.target)]
+      if self.prompt_cfg.answer_format == "positions":
+        sid = f"candidate {list(example.slate).index(example.target) + 1} ({sid})"
       msgs[1] = dict(msgs[1], content=msgs[1]["content"] + (
           f"\nThe user watched {sid} next: rank it first and explain why it fits."))
     return msgs
@@ -58,7 +60,7 @@ class CheckpointTeacher(base.Teacher):
       if gen and gen[-1] in stops:
         gen = gen[:-1]
       text = self.tok.decode(gen)
-      parsed = parser.parse_ranking(text, slate_sids)
+      parsed = parser.parse_ranking(text, slate_sids, self.prompt_cfg.answer_format)
       outs.append(base.TeacherOutput(text=text, order=parsed.order or (), meta={
           "omega": parsed.omega, "reason": parsed.reason, "targeted": bool(target_visible),
           "temperature": self.temperature, "tokens": len(gen)}))

@@ -9,12 +9,13 @@ whatever they were shown. With `shuffle=False` every sample sees the legacy orde
 
 With `constrain_ranking=True` an answer is sampled in two passes, as the constrained evaluation
 decodes: the free sample up to its `"recommendations"` key is kept, and from there each SID must
-be one of the shown slate's items not listed yet (`constraints.slate_constraint`); punctuation
-and the closing stay free, so Omega can still fail (a short list, broken JSON). A sample without
-the key keeps its free text (invalid). Log-probabilities are the policy's at the sampling
-temperature over the whole vocabulary, before the constraint's mask (see
-`gr2_jax.sampling.sampler`), so the update raises or lowers the policy's own probability of the
-SIDs it was steered to; entropies are those of the distributions actually sampled from.
+be one of the shown slate's items not listed yet (`constraints.slate_constraint`), or each
+number one of 1..K not listed yet in the "positions" answer format; punctuation and the closing
+stay free, so Omega can still fail (a short list, broken JSON). A sample without the key keeps
+its free text (invalid). Log-probabilities are the policy's at the sampling temperature over the
+whole vocabulary, before the constraint's mask (see `gr2_jax.sampling.sampler`), so the update
+raises or lowers the policy's own probability of the entries it was steered to; entropies are
+those of the distributions actually sampled from.
 """
 
 import dataclasses
@@ -24,8 +25,6 @@ import numpy as np
 
 from gr2_jax.rerank import evaluate as rerank_lib
 from gr2_jax.rl.registry import REWARDS
-from gr2_jax.sampling import constraints
-from gr2_jax.sids import tokens as sid_lib
 from gr2_jax.teachers import base
 from gr2_jax.text import parser
 
@@ -64,8 +63,8 @@ def _sample(model, tok, prompt_ids, *, key, batch_size, max_new_tokens, temperat
                              greedy=False, temperature=temperature, key=key)
 
 
-def _constrained_tails(model, tok, prompt_ids, sampled, shown_sids, *, key, batch_size,
-                       max_new_tokens, temperature):
+def _constrained_tails(model, tok, prompt_ids, sampled, shown_sids, answer_format, *, key,
+                       batch_size, max_new_tokens, temperature):
   """Resamples each answer's ranking under the slate constraint (see the module docstring)."""
   responses, logps, finished, entropies = (list(x) for x in sampled)
   heads, rows = [], []
@@ -76,18 +75,11 @@ def _constrained_tails(model, tok, prompt_ids, sampled, shown_sids, *, key, batc
       rows.append(i)
   if not rows:
     return responses, logps, finished, entropies
-  suffixes = [rerank_lib.sid_suffixes(tok, shown_sids[i]) for i in rows]
-  begin = tok.token_to_id(sid_lib.SID_BEGIN)
-
-  def make_constraint(s, real):
-    part = suffixes[s:s + real]
-    part += [part[-1]] * (batch_size - real)
-    return constraints.slate_constraint(part, model.cfg.vocab_size, trigger=begin)
-
-  # A fixed budget (the SIDs with their quotes and separators, and the closing) keeps one
+  make_constraint, budget = rerank_lib.ranking_constraint(
+      tok, model.cfg.vocab_size, [shown_sids[i] for i in rows], answer_format, batch_size)
+  # A fixed budget (the ranking's entries with their separators, and the closing) keeps one
   # compiled decode loop; the answer's overall budget is enforced below.
-  k = len(shown_sids[0])
-  budget = min(max_new_tokens, sum(len(x) + 3 for x in suffixes[0]) + k + 8)
+  budget = min(max_new_tokens, budget)
   tails, tail_lps, tail_done, tail_ents = _sample(
       model, tok, [prompt_ids[i] + h for i, h in zip(rows, heads)], key=key,
       batch_size=batch_size, max_new_tokens=budget, temperature=temperature,
@@ -123,12 +115,12 @@ def rollout(model, tok, slates, items, sids, prompt_cfg, users=None, *, group_si
                     max_new_tokens=max_new_tokens, temperature=temperature)
   if constrain_ranking:
     sampled = _constrained_tails(
-        model, tok, prompt_ids, sampled, shown_sids,
+        model, tok, prompt_ids, sampled, shown_sids, prompt_cfg.answer_format,
         key=jax.random.fold_in(key, 1 << 20), batch_size=batch_size,
         max_new_tokens=max_new_tokens, temperature=temperature)
   responses, logps, finished, entropies = sampled
   texts = [tok.decode(r[:-1] if f and r else r) for r, f in zip(responses, finished)]
-  omega, order, reasons, _ = parser.parse_batch(texts, shown_sids)
+  omega, order, reasons, _ = parser.parse_batch(texts, shown_sids, prompt_cfg.answer_format)
   return Rollouts(prompts=prompt_ids, responses=responses, logps=logps, entropies=entropies,
                   texts=texts,
                   lengths=np.asarray([len(r) for r in responses], np.int32),

@@ -9,6 +9,7 @@ from gr2_jax.rerank import evaluate
 from gr2_jax.sampling import sampler
 from gr2_jax.text import chat
 from tests.rerank.toy import ANSWER, EXAMPLE, ITEMS, PROMPT, SIDS, messages
+from tests.rerank.toy import POSITIONS_ANSWER, POSITIONS_EXAMPLE, POSITIONS_PROMPT
 
 
 def test_unconstrained_answer_is_the_greedy_sample_and_invalid_counts_as_legacy(memorised):
@@ -55,3 +56,35 @@ def test_ranking_cut_finds_the_key(memorised):
   assert evaluate.RANKING_KEY in tok.decode(ids[:j])
   assert evaluate.RANKING_KEY not in tok.decode(ids[:j - 1])
   assert evaluate.ranking_cut(tok, tok.encode('{"explanation": "x"}')) is None
+
+
+def test_number_sequences_close_each_number_with_its_own_tokens(memorised_positions):
+  _, tok = memorised_positions
+  going_on, closing = evaluate.number_sequences(tok, 12)
+  # Digits are single tokens under this tokenizer: "10" is "1", "0", so every way of writing a
+  # number ends with the comma or the closing that follows it in the answer.
+  for n in range(1, 13):
+    assert [tok.decode(s) for s in going_on[n - 1]] == [f"{n},"]
+    assert [tok.decode(s) for s in closing[n - 1]] == [f"{n}]}}"]
+    assert [len(s) for s in going_on[n - 1]] == [len(str(n)) + 1]
+  assert going_on[9][0][0] == going_on[0][0][0] == tok.encode("1")[0]
+  free = set(evaluate.digit_free_ids(tok))
+  assert tok.im_end_id in free and tok.token_to_id(",") in free
+  assert tok.encode("1")[0] not in free and tok.token_to_id("<s_a_1>") not in free
+
+
+def test_positions_constraint_gives_a_permutation_of_the_numbers(memorised_positions):
+  model, tok = memorised_positions
+  res = evaluate.rerank(model, tok, [POSITIONS_EXAMPLE], ITEMS, SIDS, POSITIONS_PROMPT,
+                        max_new_tokens=120, batch_size=1)
+  free, cons = res[False], res[True]
+  head = POSITIONS_ANSWER[:POSITIONS_ANSWER.index(evaluate.RANKING_KEY)]
+  # The free answer lists 10 twice, as memorised: one valid entry before the fault.
+  assert free.texts[0].startswith(head + '"recommendations": [10, 10, ')
+  assert free.reasons == ["duplicate"] and free.prefix.tolist() == [1]
+  # Constrained: the explanation is untouched, 10 (position 9) stays first, and the list is a
+  # permutation of 1..12 that closes after the last number.
+  assert cons.texts[0].startswith(head + '"recommendations": [10, 1')
+  assert cons.omega[0] and cons.forced == 0, cons.texts[0]
+  assert cons.order[0, 0] == 9 and sorted(cons.order[0]) == list(range(12))
+  assert cons.texts[0].endswith("]}")

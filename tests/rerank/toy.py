@@ -1,4 +1,5 @@
-"""A toy re-ranking example and a tiny model that memorised one answer to it."""
+"""A toy re-ranking example and a tiny model that memorised one answer to it (SIDs), and the
+same in the "positions" answer format on a slate of 12 (numbers of two digits)."""
 
 import jax
 import jax.numpy as jnp
@@ -23,21 +24,29 @@ EXAMPLE = base.TeacherExample(history=(0,), slate=(1, 2, 3), target=2)
 # Lists slate item 1 twice and omits 3: invalid (duplicate) unless the constraint steps in.
 ANSWER = prompts.render_answer([SIDS[1], SIDS[1], SIDS[2]], f"see {SIDS[1]}")
 
+POSITIONS_PROMPT = prompts.PromptConfig(max_history=2, include_user=False,
+                                        answer_format="positions")
+POSITIONS_EXAMPLE = base.TeacherExample(history=(0,), slate=(1, 2, 3) * 4, target=2)
+# Lists 10 twice and omits 12: invalid (duplicate) unless the constraint steps in.
+POSITIONS_ANSWER = prompts.render_answer([10, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11],
+                                         f"see {SIDS[1]}")
 
-def messages(answer=None):
-  return prompts.build_messages(prompts.with_sids(EXAMPLE.history, ITEMS, SIDS),
-                                prompts.with_sids(EXAMPLE.slate, ITEMS, SIDS), PROMPT,
+
+def messages(answer=None, prompt=PROMPT, example=EXAMPLE):
+  return prompts.build_messages(prompts.with_sids(example.history, ITEMS, SIDS),
+                                prompts.with_sids(example.slate, ITEMS, SIDS), prompt,
                                 answer=answer)
 
 
-def memorise(folder):
-  """(model, tokenizer) of a tiny Qwen3 trained to answer EXAMPLE with ANSWER."""
-  corpus = [chat.render_chat(messages(ANSWER))] * 20 + [it["title"] for it in ITEMS]
+def memorise(folder, answer=ANSWER, prompt=PROMPT, example=EXAMPLE):
+  """(model, tokenizer) of a tiny Qwen3 trained to answer `example` with `answer`."""
+  msgs = messages(answer, prompt, example)
+  corpus = [chat.render_chat(msgs)] * 20 + [it["title"] for it in ITEMS]
   tok = tokenizers.train_sentencepiece(corpus, folder, 400,
                                        user_defined_symbols=sid_lib.all_sid_tokens(2, 4))
   cfg = qwen3.get_model_config("tiny", vocab_size=-(-tok.vocab_size // 128) * 128)
   model = mesh_lib.create_sharded_model(cfg, mesh_lib.single_device_mesh(), seed=0)
-  ids, mask = chat.render_for_training(messages(ANSWER), tok)
+  ids, mask = chat.render_for_training(msgs, tok)
   rows = packing.pack([(ids, mask.astype(np.float32))], len(ids) + 1, tok.pad_id)
   batch = {k: jnp.asarray(rows[k]) for k in ("tokens", "positions", "segment_ids", "targets",
                                              "weights")}

@@ -1,6 +1,8 @@
 """Rollouts: per-sample slate shuffles, prompts showing that order, answers parsed in shown
 positions and scored in legacy positions, so that a reward does not depend on the shuffle."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -121,4 +123,38 @@ def test_constrained_ranking_lists_each_shown_item_once(memorised):
     assert set(cited) <= shown
     assert all(ranking.count(s) <= 1 for s in toy.SIDS)
     assert ro.reasons[i] not in ("duplicate", "foreign")
+  assert checked >= 2, ro.texts
+
+
+@pytest.fixture(scope="module")
+def memorised_positions(tmp_path_factory):
+  return toy.memorise(str(tmp_path_factory.mktemp("tok_positions")), toy.POSITIONS_ANSWER,
+                      toy.POSITIONS_PROMPT, toy.POSITIONS_EXAMPLE)
+
+
+def test_constrained_positions_list_each_number_once(memorised_positions):
+  model, tok = memorised_positions
+  slate = np.array([toy.POSITIONS_EXAMPLE.slate])
+  slates = {"history": np.array([[-1, 0]]), "slate": slate, "target_index": np.array([1]),
+            "target": np.array([2]), "grades": (slate == 2).astype(np.int8),
+            "labels": (slate == 2).astype(np.int8)}
+  ro = rollout_lib.rollout(model, tok, slates, toy.ITEMS, toy.SIDS, toy.POSITIONS_PROMPT,
+                           group_size=4, shuffle=True, key=jax.random.key(1),
+                           rng=np.random.default_rng(1), max_new_tokens=120, temperature=1.0,
+                           batch_size=4, constrain_ranking=True)
+  checked = 0
+  for i in range(4):
+    # The prompt numbers the candidates in the order this sample was shown.
+    text = tok.decode(ro.prompts[i])
+    first = toy.SIDS[int(slate[0, ro.perm[i][0]])]
+    assert f"Candidates (12):\n1. {first}" in text
+    if '"recommendations"' not in ro.texts[i]:
+      continue
+    checked += 1
+    listed = re.findall(r"\d+", ro.texts[i][ro.texts[i].index('"recommendations"'):])
+    # The memorised answer repeats 10; under the constraint no number repeats or strays.
+    assert len(set(listed)) == len(listed) and all(1 <= int(n) <= 12 for n in listed)
+    assert ro.reasons[i] not in ("duplicate", "foreign")
+    if ro.omega[i]:
+      assert sorted(ro.order[i]) == list(range(12))
   assert checked >= 2, ro.texts
