@@ -4,6 +4,8 @@ sampling (the teacher sees the target) and by rejection sampling (target hidden,
 
   python -m gr2_jax.main --config=configs/traces.py --workdir=W
   python -m gr2_jax.main --config=configs/traces.py:tiny --workdir=W
+  python -m gr2_jax.main --config=configs/traces.py --workdir=W \
+    --config.traces.prompt.answer_format=positions   # rank the candidates' numbers 1..K
 """
 
 import ml_collections
@@ -24,6 +26,9 @@ def prompt_section(preset="default"):
   p.part_order = "system_user_candidates"  # or "system_candidates_user" (shared prefix)
   p.reasoning = True
   p.include_user = True
+  # "sids": the answer lists the candidates' SIDs (paper 1); "positions": the prompt numbers the
+  # candidates 1..K and the answer lists the numbers (technical report), no SID copying.
+  p.answer_format = "sids"
   if preset == "tiny":
     p.max_history = 5
   return p

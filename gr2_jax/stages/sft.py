@@ -2,10 +2,11 @@
 
 The loss covers the assistant turn only (`chat.render_for_training`); within it, tokens of the
 reasoning (up to the `"recommendations"` key) weigh `lambda_r` and the ranking tokens (the key,
-the SIDs, the closing brace and `<|im_end|>`) weigh `lambda_o`. A trace that cannot be used is
-counted by reason and skipped: malformed line or conversation, SID tokens the tokenizer lacks
-(traces of another tokenizer), SIDs that are not its slate's items under the mid-trained
-model's SID table, or longer than `seq_len`.
+the SIDs or candidate numbers, the closing brace and `<|im_end|>`) weigh `lambda_o`. A trace
+that cannot be used is counted by reason and skipped: malformed line or conversation, SID tokens
+the tokenizer lacks (traces of another tokenizer), an answer that is not a ranking of its slate
+(SIDs under the mid-trained model's SID table, or numbers 1..K, in the traces' answer format),
+or longer than `seq_len`.
 
 Artifact: `model/`, `model_config.json`, `tokenizer/` (as the midtrain artifact, so
 `midtrain.load_model` reads it), `prompt.json` and `sid_table.json` (what re-ranking needs),
@@ -80,7 +81,7 @@ def weighted_example(messages, tok, lambda_r, lambda_o):
   return ids, weights
 
 
-def check_trace(rec, tok, sids):
+def check_trace(rec, tok, sids, answer_format="sids"):
   """A skip reason (SKIP_REASONS) or None for a usable trace record."""
   try:
     messages = rec["messages"]
@@ -96,12 +97,12 @@ def check_trace(rec, tok, sids):
     return "unknown_sid_tokens"
   if any(not 0 <= x < len(sids) for x in slate):
     return "sid_mismatch"
-  if not parser.parse_ranking(answer, [sids[x] for x in slate]).omega:
+  if not parser.parse_ranking(answer, [sids[x] for x in slate], answer_format).omega:
     return "sid_mismatch"
   return None
 
 
-def load_examples(path, tok, sids, c):
+def load_examples(path, tok, sids, c, answer_format="sids"):
   """Weighted examples of the usable traces in a jsonl file, and skip counts by reason."""
   examples, skipped = [], {r: 0 for r in SKIP_REASONS}
   lengths = []
@@ -114,7 +115,8 @@ def load_examples(path, tok, sids, c):
       except json.JSONDecodeError:
         skipped["malformed"] += 1
         continue
-      reason = check_trace(rec, tok, sids) if isinstance(rec, dict) else "malformed"
+      reason = (check_trace(rec, tok, sids, answer_format) if isinstance(rec, dict)
+                else "malformed")
       if reason is None:
         try:
           ids, w = weighted_example(rec["messages"], tok, c.lambda_r, c.lambda_o)
@@ -156,7 +158,10 @@ def run(ctx):
   model, tok = midtrain.load_model(mt_dir, mesh)
   table = sid_lib.load_sid_table(runner.artifact_dir(ctx.workdir, ctx.config, "sids"))
   sids = [row["sid"] for row in table["items"]]
-  examples, skipped, lengths = load_examples(path, tok, sids, c)
+  with open(os.path.join(traces_dir, "prompt.json")) as f:
+    prompt_fields = json.load(f)
+  answer_format = prompt_fields.get("answer_format", "sids")
+  examples, skipped, lengths = load_examples(path, tok, sids, c, answer_format)
   logging.info("[sft] %d usable %s traces; skipped %s", len(examples), c.mode, skipped)
   if not examples:
     raise UserError(f"no usable traces in {path} (skipped: {skipped}); too_long: raise "
@@ -179,8 +184,6 @@ def run(ctx):
   model = tr.model(params)
   midtrain.save_model(ctx.out_dir, model, tok)
   tok.save(ctx.path("tokenizer"))
-  with open(os.path.join(traces_dir, "prompt.json")) as f:
-    prompt_fields = json.load(f)
   rerank_lib.save_rerank_info(ctx.out_dir, prompt_fields, table)
   hist = summary["loss_history"]
   report = {

@@ -61,8 +61,9 @@ def _seed(seed, example_id, mode):
 
 
 def generate(teacher, examples, labels, example_ids, sids, mode, *, max_tries=8,
-             acceptance="top1", seed=0):
-  """(records, stats) of one sampling mode over TeacherExamples.
+             acceptance="top1", seed=0, answer_format="sids"):
+  """(records, stats) of one sampling mode over TeacherExamples, whose answers are parsed in
+  `answer_format`.
 
   records: accepted (example index, TeacherOutput, attempt, seed); stats: counters of drops
   by reason, attempts of accepted examples and invalid teacher answers.
@@ -92,7 +93,7 @@ def generate(teacher, examples, labels, example_ids, sids, mode, *, max_tries=8,
     kept, any_valid = None, False
     for attempt in range(1, tries + 1):
       out = teacher.sample(ex, target_visible=mode == "targeted", rng=rng)[0]
-      parsed = parser.parse_ranking(out.text, slate_sids)
+      parsed = parser.parse_ranking(out.text, slate_sids, answer_format)
       if not parsed.omega:
         invalid[parsed.reason] += 1
         continue
@@ -134,9 +135,9 @@ def summarize(n, records, stats, max_tries, trace_tokens):
   }
 
 
-def _explanation_length(text, slate_sids, tok):
+def _explanation_length(text, slate_sids, tok, answer_format):
   """Length of the answer's explanation in tokens of `tok`, or in words without one."""
-  explanation = parser.parse_ranking(text, slate_sids).explanation or ""
+  explanation = parser.parse_ranking(text, slate_sids, answer_format).explanation or ""
   return len(tok.encode(explanation)) if tok is not None else len(explanation.split())
 
 
@@ -217,12 +218,14 @@ def run(ctx):
   for mode in c.modes:
     t0 = time.time()
     records, stats = generate(teacher, examples, slates["labels"], slates["example_id"], sids,
-                              mode, max_tries=c.max_tries, acceptance=c.acceptance, seed=c.seed)
+                              mode, max_tries=c.max_tries, acceptance=c.acceptance, seed=c.seed,
+                              answer_format=prompt_cfg.answer_format)
     lengths = []
     with open(ctx.path(f"traces_{mode}.jsonl"), "w") as f:
       for i, out, attempt, seed in records:
         ex = examples[i]
-        lengths.append(_explanation_length(out.text, [sids[x] for x in ex.slate], tok))
+        lengths.append(_explanation_length(out.text, [sids[x] for x in ex.slate], tok,
+                                           prompt_cfg.answer_format))
         f.write(json.dumps({
             "example_id": int(slates["example_id"][i]), "user": int(slates["user"][i]),
             "slate": list(ex.slate), "target_index": int(slates["target_index"][i]),

@@ -272,8 +272,9 @@ class CFTeacher(base.Teacher):
     for o in orders:
       order = tuple(int(p) for p in o)
       trace, kind = self.explain(example.history, slate, order, rng, contrib)
-      sids = [self.sids[int(slate[p])] for p in order]
-      text = prompts.render_answer(sids, trace if self.prompt_cfg.reasoning else None)
+      recs = prompts.recommendations(order, [self.sids[int(x)] for x in slate],
+                                     self.prompt_cfg.answer_format)
+      text = prompts.render_answer(recs, trace if self.prompt_cfg.reasoning else None)
       outs.append(base.TeacherOutput(text=text, order=order, meta={
           "scores": [float(x) for x in s], "targeted": bool(target_visible),
           "temperature": float(self.cfg.temperature), "top_evidence": kind}))

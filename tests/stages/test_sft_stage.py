@@ -139,3 +139,22 @@ def test_eval_stage_joins_model_rows(tiny_workdir, sft_run):
 def test_bad_config_is_one_clear_error(tiny_workdir, stage, overrides, message):
   with pytest.raises(UserError, match=message):
     runner.run_stage(_config(stage, **overrides), tiny_workdir, stage)
+
+
+def test_tiny_sft_on_positions_traces(tiny_workdir):
+  config = _config()
+  config.traces.prompt.answer_format = "positions"
+  out, summary = runner.run_stage(config, tiny_workdir, "sft")
+  # Every trace is usable (parsed as numbers), and the checkpoint keeps the answer format.
+  assert summary["skipped"] == {r: 0 for r in sft.SKIP_REASONS} and summary["traces"] > 0
+  assert rerank_lib.load_rerank_info(out)[0].answer_format == "positions"
+  assert set(summary["valid_rate"]) == {"sft-rejection", "sft-rejection (constrained)"}
+  _, tok = midtrain.load_model(out)
+  msgs = _traces(tiny_workdir, config)[0]["messages"]
+  ids, w = sft.weighted_example(msgs, tok, 0.25, 1.0)
+  answer = msgs[-1]["content"]
+  # lambda_o covers the numbers: the ranking part ends with the list, the brace and im_end.
+  ranking = tok.decode(ids[w == 1.0].tolist())
+  numbers = json.dumps(json.loads(answer)["recommendations"])
+  assert ranking.endswith(numbers + "}<|im_end|>") and numbers.startswith("[")
+  assert '"recommendations"' not in tok.decode(ids[w == 0.25].tolist())

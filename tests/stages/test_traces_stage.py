@@ -31,17 +31,19 @@ def tiny_config():
 class ScriptedTeacher(base.Teacher):
   """Returns the scripted orders (slate positions) in turn; None gives a garbage answer."""
 
-  def __init__(self, script):
+  def __init__(self, script, answer_format="sids"):
     self.script = list(script)
     self.calls = 0
+    self.answer_format = answer_format
 
   def sample(self, example, *, target_visible, rng, num_samples=1):
     order = self.script[min(self.calls, len(self.script) - 1)]
     self.calls += 1
     if order is None:
       return [base.TeacherOutput(text='{"recommendations": [', order=(), meta={})]
-    text = prompts.render_answer([SIDS[example.slate[p]] for p in order], "why")
-    return [base.TeacherOutput(text=text, order=tuple(order), meta={})]
+    recs = prompts.recommendations(order, [SIDS[x] for x in example.slate], self.answer_format)
+    return [base.TeacherOutput(text=prompts.render_answer(recs, "why"), order=tuple(order),
+                               meta={})]
 
 
 @pytest.mark.parametrize("order,rule,labels,expected", [
@@ -73,6 +75,20 @@ def test_rejection_counts_attempts_drops_and_garbage():
                                    "rejection", max_tries=2)
   assert records == [] and stats["dropped"]["invalid_output"] == 1
   assert stats["invalid_answers"] == {"bad_json": 2}
+
+
+def test_answers_are_parsed_in_the_prompt_answer_format():
+  ex = base.TeacherExample(history=(5, 6), slate=(0, 1, 2), target=2)
+  labels = np.array([[0, 0, 1]])
+  teacher = ScriptedTeacher([(2, 0, 1)], answer_format="positions")
+  records, _ = traces.generate(teacher, [ex], labels, [7], SIDS, "rejection",
+                               answer_format="positions")
+  assert [(r[0], r[2]) for r in records] == [(0, 1)]
+  assert json.loads(records[0][1].text)["recommendations"] == [3, 1, 2]
+  # The same numbers read as SIDs are invalid answers.
+  records, stats = traces.generate(ScriptedTeacher([(2, 0, 1)], answer_format="positions"),
+                                   [ex], labels, [7], SIDS, "rejection", max_tries=1)
+  assert records == [] and stats["invalid_answers"] == {"bad_sid": 1}
 
 
 def test_bad_examples_are_counted_not_raised():
@@ -121,3 +137,24 @@ def test_tiny_traces_stage(tiny_workdir):
   assert report["modes"]["targeted"]["acceptance_rate"] == 1.0
   # The CF teacher beats the legacy order on validation R@1.
   assert summary["teacher_R@1"] > summary["legacy_R@1"]
+
+
+def test_tiny_traces_stage_in_positions_format(tiny_workdir):
+  config = tiny_config()
+  config.traces.prompt.answer_format = "positions"
+  out, _ = runner.run_stage(config, tiny_workdir, "traces")
+  with open(os.path.join(out, "prompt.json")) as f:
+    assert json.load(f)["answer_format"] == "positions"
+  with open(os.path.join(out, "traces_rejection.jsonl")) as f:
+    recs = [json.loads(line) for line in f]
+  assert recs
+  for r in recs:
+    system, user, answer = (m["content"] for m in r["messages"])
+    assert '"recommendations": [number, ...]' in system
+    candidates = user[user.index("Candidates (10):"):].split("\n")[1:]
+    assert [c.split(". ")[0] for c in candidates] == [str(n) for n in range(1, 11)]
+    # The answer ranks the shown numbers (the target first); the explanation cites SIDs.
+    ranked = json.loads(answer)["recommendations"]
+    assert ranked == [p + 1 for p in r["order"]] and ranked[0] == r["target_index"] + 1
+    assert "<|sid_begin|>" in json.loads(answer)["explanation"]
+    assert parser.parse_ranking(answer, r["slate"], "positions").omega

@@ -130,6 +130,20 @@ def test_traces_are_grounded_and_parse(stats, reasoning):
   assert len(explanations) > 5 or not reasoning
 
 
+def test_positions_answers_list_the_shown_numbers(stats):
+  prompt_cfg = prompts.PromptConfig(max_history=2, answer_format="positions")
+  t = cf.CFTeacher(stats, ITEMS, SIDS, cf.default_config(), prompt_cfg)
+  ex = base.TeacherExample(history=(0, 1), slate=(2, 4, 5, 6), target=5)
+  for out in t.sample(ex, target_visible=True, rng=0, num_samples=4):
+    answer = json.loads(out.text)
+    # Slate position p is written as number p + 1; the target (position 2) comes first.
+    assert answer["recommendations"] == [p + 1 for p in out.order]
+    assert answer["recommendations"][0] == 3
+    r = parser.parse_ranking(out.text, [SIDS[i] for i in ex.slate], "positions")
+    assert r.omega and r.order == out.order
+    assert SIDS[5] in answer["explanation"].split("Step 3")[1]  # the explanation cites SIDs
+
+
 @pytest.mark.parametrize("cooc_weight,kind", [(1.0, "cooc"), (0.1, "transition")])
 def test_trace_cites_evidence(stats, cooc_weight, kind):
   # Only item 2 has co-occurrences and transitions (from 1, the last item): each standardizes
