@@ -7,7 +7,7 @@ with the re-ranking table (random, popularity, legacy, SFT, RL) on test slates.
   python -m gr2_jax.main --config=configs/rl.py:full --workdir=W       # longer RL budget
   python -m gr2_jax.main --config=configs/rl.py --workdir=W --config.rl.algorithm=grpo
 
-Algorithms (`gr2_jax.rl.registry.ALGORITHMS`): dapo (default), grpo, dr_grpo, gspo; any of their
+Algorithms (`gr2_jax.rl.algorithm.ALGORITHMS`): dapo (default), grpo, dr_grpo, gspo; any of their
 fields can be overridden (`--config.rl.kl_beta=0.02`, `--config.rl.dynamic_sampling=False`).
 Rewards (`gr2_jax.rl.rewards`): rank_promotion (conditional, default), naive, auc, graded_ndcg.
 """
