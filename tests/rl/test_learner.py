@@ -15,6 +15,7 @@ from gr2_jax.parallel import mesh as mesh_lib
 from gr2_jax.rl import learner
 from gr2_jax.sampling import constraints
 from gr2_jax.sampling import sampler
+from tests.sampling.test_sampler import random_tiny
 
 PAD = 0
 STOP = 2
@@ -64,15 +65,8 @@ def test_token_logps_match_a_forward_per_row():
 
 
 def _random_model():
-  """The tiny model with host-drawn 0.4-scale weights, whose samples vary (as in the sampler
-  tests; the 0.02-scale init mostly echoes the last token)."""
-  cfg = qwen3.get_model_config("tiny", vocab_size=64)
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(
-      lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.4 if x.ndim > 1 else np.ones(x.shape),
-                            x.dtype), params)
-  return graphdef, params
+  """The sampler tests' tiny model with 0.4-scale weights, whose samples vary."""
+  return random_tiny(64)
 
 
 def _rollout_rows(graphdef, params):

@@ -18,18 +18,25 @@ N = 6
 WIDTH = 16  # reference forward width: any prompt plus every generated token
 
 
-@pytest.fixture(scope="module")
-def model():
-  cfg = qwen3.get_model_config("tiny", vocab_size=64)
-  # Weights drawn on the host (no per-shape compilations of the random ops). The 0.02-scale
-  # init would make the tied LM head echo the last token; larger weights give varied,
-  # prompt-dependent continuations.
+def random_tiny(vocab_size=64):
+  """(graphdef, params) of the tiny model with host-drawn 0.4-scale weights.
+
+  Drawn on the host: no per-shape compilations of the random ops. The 0.02-scale init would
+  make the tied LM head echo the last token; larger weights give varied, prompt-dependent
+  continuations.
+  """
+  cfg = qwen3.get_model_config("tiny", vocab_size=vocab_size)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(0)
   params = jax.tree.map(
       lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.4 if x.ndim > 1 else np.ones(x.shape),
                             x.dtype), params)
-  return nnx.merge(graphdef, params)
+  return graphdef, params
+
+
+@pytest.fixture(scope="module")
+def model():
+  return nnx.merge(*random_tiny())
 
 
 @pytest.fixture(scope="module")
