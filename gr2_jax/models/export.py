@@ -24,7 +24,6 @@ transformers reads: exporting it is a UserError unless `model_only=True` (`--mod
 which writes the weights and configs alone.
 """
 
-import dataclasses
 import json
 import os
 import re
@@ -33,21 +32,14 @@ import sys
 
 from absl import app
 from absl import flags
-from flax import nnx
-import jax
-import orbax.checkpoint as ocp
 import tokenizers as hf_tokenizers
 
 from gr2_jax.errors import UserError
+from gr2_jax.models import artifact
 from gr2_jax.models import hf_io
-from gr2_jax.models import qwen3
-from gr2_jax.parallel import mesh as mesh_lib
-from gr2_jax.parallel import sharding as sharding_lib
 from gr2_jax.sids import tokens as sid_lib
 from gr2_jax.text import tokenizers
 
-MODEL_DIR = "model"
-MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
 GENERATION_CONFIG_FILE = "generation_config.json"
 # The layout of gr2_jax.text.chat.render_chat, as a Jinja chat template.
@@ -58,30 +50,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 _SID_TOKEN = re.compile(r"<s_[a-z]_\d+>|" + re.escape(sid_lib.SID_BEGIN) + "|"
                         + re.escape(sid_lib.SID_END))
-
-
-def load_artifact_model(artifact_dir, mesh=None):
-  """The model saved in a stage artifact (`model/` + `model_config.json`), on `mesh`."""
-  path = os.path.join(artifact_dir, MODEL_CONFIG_FILE)
-  if not os.path.isfile(path) or not os.path.isdir(os.path.join(artifact_dir, MODEL_DIR)):
-    raise UserError(f"{artifact_dir} holds no model ({MODEL_CONFIG_FILE} and {MODEL_DIR}/); "
-                    "point --artifact at a finished midtrain, sft or rl artifact")
-  with open(path) as f:
-    fields = json.load(f)
-  known = {f.name for f in dataclasses.fields(qwen3.ModelConfig)}
-  unknown = sorted(set(fields) - known)
-  if unknown:
-    raise UserError(f"{path} has unknown model fields {', '.join(unknown)}; it was written by "
-                    "another version of gr2_jax")
-  cfg = qwen3.ModelConfig(**fields)
-  mesh = mesh or mesh_lib.single_device_mesh()
-  graphdef, abstract = mesh_lib.abstract_model(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)))
-  shardings = nnx.to_pure_dict(sharding_lib.state_shardings(abstract, mesh))
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nnx.to_pure_dict(abstract), shardings)
-  state = ocp.StandardCheckpointer().restore(
-      os.path.abspath(os.path.join(artifact_dir, MODEL_DIR)), target)
-  return nnx.merge(graphdef, state)
 
 
 def _non_special_sids(path):
@@ -150,7 +118,7 @@ def export_artifact(artifact_dir, out_dir, *, dtype=None, model_only=False):
     raise UserError(f"{artifact_dir} has {what}, which transformers cannot load (only an "
                     "artifact started from a Hugging Face checkpoint or a GGUF file has a "
                     "tokenizer.json); pass --model_only to export the weights alone")
-  model = load_artifact_model(artifact_dir)
+  model = artifact.load_model(artifact_dir)
   cfg = model.cfg
   ids = special_ids(tok) if tok is not None else {}
   tmp = out_dir.rstrip("/") + ".tmp"

@@ -29,6 +29,7 @@ from gr2_jax import runner
 from gr2_jax.errors import UserError
 from gr2_jax.eval import metrics
 from gr2_jax.midtrain import tasks as tasks_lib
+from gr2_jax.models import artifact
 from gr2_jax.models import gguf_io
 from gr2_jax.models import hf_io
 from gr2_jax.models import qwen3
@@ -174,23 +175,14 @@ def save_model(out_dir, model, tok):
 
 def load_model(artifact_dir, mesh=None):
   """(model, tokenizer) of a finished midtrain artifact, the model sharded on `mesh`."""
-  path = os.path.join(artifact_dir, "model_config.json")
-  if not os.path.isfile(path):
+  if not os.path.isfile(os.path.join(artifact_dir, "model_config.json")):
     raise UserError(f"{artifact_dir} holds no mid-trained model; run configs/midtrain.py")
-  with open(path) as f:
-    cfg = qwen3.ModelConfig(**json.load(f))
-  mesh = mesh or mesh_lib.single_device_mesh()
-  graphdef, abstract = mesh_lib.abstract_model(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)))
-  from gr2_jax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  shardings = nnx.to_pure_dict(sharding_lib.state_shardings(abstract, mesh))
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nnx.to_pure_dict(abstract), shardings)
-  state = ocp.StandardCheckpointer().restore(os.path.join(artifact_dir, "model"), target)
+  model = artifact.load_model(artifact_dir, mesh)
   tok = tokenizers.load_tokenizer(os.path.join(artifact_dir, "tokenizer"))
-  if tok.vocab_size > cfg.vocab_size:
+  if tok.vocab_size > model.cfg.vocab_size:
     raise UserError(f"tokenizer of {artifact_dir} has {tok.vocab_size} tokens but the model "
-                    f"{cfg.vocab_size} rows; the artifact is inconsistent, rerun midtrain")
-  return nnx.merge(graphdef, state), tok
+                    f"{model.cfg.vocab_size} rows; the artifact is inconsistent, rerun midtrain")
+  return model, tok
 
 
 # --- evaluation -------------------------------------------------------------------------
