@@ -22,10 +22,14 @@ Training: one AdamW step (value_and_grad + update, jitted, state donated) on a b
   the LM head still at every position (what a masked SFT loss costs in the trainer);
 - "last K, head at K": the hidden states of the last K positions only go through the LM head
   (`Qwen3.hidden`, then `qwen3.chunked_token_logps`);
+- "last K, head at K, layers < N frozen": that loss with `OptimConfig.frozen_layers` = N (the
+  embedding and layers 0..N-1 under stop_gradient, no AdamW state for them), for each --frozen;
 and, with --unchunked, the "all" loss from full [B, T, V] logits (the trainer before chunking).
 Model FLOPs (MaxText's accounting: the matmuls really done, causal masking not credited):
 forward per token = 2 N_layers + 4 L T H D (attention scores and mixing over T keys) + 2 V E
-for each position that goes through the LM head; a training step is 3x the forward. MFU is
+for each position that goes through the LM head; a training step is 3x the forward (with N
+frozen layers: the forward plus 2x the forward of the trained layers, plus 1x the head's for the
+gradient of its input: the tied head is frozen with the embedding). MFU is
 model FLOP/s over the float32 matmul peak, for bfloat16 compute too (on a CPU without bf16
 matrix units bf16 runs slower than f32; the bf16 peak is listed for comparison). "Temp MB" is
 XLA's compiled temporary buffer size of the step (`memory_analysis`), where the logits live.
@@ -57,6 +61,7 @@ import common  # pylint: disable=g-import-not-at-top
 from gr2_jax.models import gguf_io  # pylint: disable=g-import-not-at-top
 from gr2_jax.models import qwen3  # pylint: disable=g-import-not-at-top
 from gr2_jax.sampling import sampler  # pylint: disable=g-import-not-at-top
+from gr2_jax.train import optim  # pylint: disable=g-import-not-at-top
 from gr2_jax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -69,6 +74,8 @@ flags.DEFINE_integer("train_seq", 256, "Training: tokens per sequence.")
 flags.DEFINE_integer("answer_tokens", 32, "Training: the answer tokens of the answer-only loss.")
 flags.DEFINE_integer("train_steps", 3, "Training: timed steps (the median is reported).")
 flags.DEFINE_integer("loss_chunk", trainer_lib.LOSS_CHUNK, "Training: log-softmax chunk.")
+flags.DEFINE_list("frozen", ["24"], "Training: also time the answer loss with the embedding and "
+                  "the layers below each of these indices frozen (`OptimConfig.frozen_layers`).")
 flags.DEFINE_bool("unchunked", True, "Training: also time the loss from full [B, T, V] logits.")
 flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Sampling: batch sizes.")
 flags.DEFINE_integer("prompt_len", 256, "Sampling: prompt tokens per row.")
@@ -81,7 +88,7 @@ flags.DEFINE_bool("write", True, "Append the results to --out (never with --quic
 
 QUICK = dict(layers=1, train_batch=1, train_seq=32, answer_tokens=8, train_steps=1,
              loss_chunk=16, unchunked=False, batch_sizes=["1"], prompt_len=16, new_tokens=4,
-             reps=1, matmul_size=512, copy_mb=64)
+             reps=1, matmul_size=512, copy_mb=64, frozen=["1"])
 
 
 def with_layers_and_dtype(model, num_layers, param_dtype, dtype):
@@ -102,12 +109,18 @@ def layer_matmul_params(cfg):
   return cfg.num_layers * (2 * e * h * d + 2 * e * kvh * d + 3 * e * m)
 
 
-def train_flops(cfg, batch, seq, head_positions):
-  """Model FLOPs of one training step (module docstring)."""
-  attention = 4 * cfg.num_layers * seq * cfg.num_heads * cfg.head_dim
-  forward = (2 * layer_matmul_params(cfg) + attention) * batch * seq
-  forward += 2 * cfg.vocab_size * cfg.hidden_size * batch * head_positions
-  return 3 * forward
+def train_flops(cfg, batch, seq, head_positions, frozen=0):
+  """Model FLOPs of one training step (module docstring); with `frozen` layers the backward
+  pass (2x the forward) covers only the layers above them, and the tied LM head (frozen with
+  the embedding) only the gradient of its input."""
+  per_layer = (2 * layer_matmul_params(cfg) // cfg.num_layers
+               + 4 * seq * cfg.num_heads * cfg.head_dim) * batch * seq
+  head = 2 * cfg.vocab_size * cfg.hidden_size * batch * head_positions
+  forward = per_layer * cfg.num_layers + head
+  if not frozen:
+    return 3 * forward
+  return forward + 2 * per_layer * (cfg.num_layers - frozen) + head * (
+      1 if cfg.tie_embeddings else 2)
 
 
 def answer_loss(graphdef, params, batch, k, chunk):
@@ -129,7 +142,11 @@ def full_logits_loss(graphdef, params, batch):
   return jnp.sum(nll * w), jnp.sum(w)
 
 
-def bench_train(model, loss_fn, weights, compiled_steps):
+def frozen_loss(graphdef, params, batch, loss_fn, frozen):
+  return loss_fn(graphdef, optim.stop_frozen(params, frozen), batch)
+
+
+def bench_train(model, loss_fn, weights, compiled_steps, frozen=0):
   """Seconds per AdamW step, compile seconds and temp bytes of `loss_fn` on a random batch.
 
   compiled_steps: a dict that keeps the compiled step per loss_fn across calls (the weights
@@ -137,7 +154,8 @@ def bench_train(model, loss_fn, weights, compiled_steps):
   """
   graphdef, state = nnx.split(model)
   params = jax.tree.map(jnp.copy, nnx.to_pure_dict(state))  # the step donates its copy
-  tx = optax.adamw(1e-5)
+  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-5, clip_norm=0.0,
+                                              frozen_layers=frozen))
   b, t = FLAGS.train_batch, FLAGS.train_seq
   tokens = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (b, t + 1))
   batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
@@ -234,15 +252,19 @@ def main(argv):
       (f"last {k}, head at {k}", f"last {k}", functools.partial(answer_loss, k=k, chunk=chunk),
        last, k),
   ]
+  for n in [int(x) for x in FLAGS.frozen]:
+    losses.append((f"last {k}, head at {k}, layers < {n} frozen", f"last {k}",
+                   functools.partial(frozen_loss, loss_fn=losses[-1][2], frozen=n), last, k, n))
   if FLAGS.unchunked:
     losses.append(("all, full logits", f"all {t}", full_logits_loss, every, t))
+  losses = [x if len(x) == 6 else x + (0,) for x in losses]
   train_rows, sample_rows, bounds = [], [], []
   for dtype in FLAGS.dtypes:
     model = with_layers_and_dtype(base, num_layers, "float32", dtype)
     compiled_steps = {}
-    for name, head, loss_fn, weights, head_positions in losses:
-      r = bench_train(model, loss_fn, weights, compiled_steps)
-      flops = train_flops(model.cfg, b, t, head_positions)
+    for name, head, loss_fn, weights, head_positions, frozen in losses:
+      r = bench_train(model, loss_fn, weights, compiled_steps, frozen)
+      flops = train_flops(model.cfg, b, t, head_positions, frozen)
       r.update(dtype=dtype, loss_on=name, head=head, tok_s=b * t / r["step_s"],
                flops=flops / r["step_s"])
       print(r, flush=True)
@@ -283,27 +305,28 @@ def main(argv):
     lines.append(f"| {r['dtype']} | {r['loss_on']} | {r['head']} | {r['tok_s']:,.0f} | "
                  f"{r['step_s']:.3f} | {r['flops'] / 1e9:,.1f} | {r['flops'] / peak:.1%} | "
                  f"{compile_s} | {temp} |")
-  lines += [
-      "",
-      f"Sampling: prompts of {FLAGS.prompt_len} tokens, {FLAGS.new_tokens} greedy tokens per "
-      "row; parameters, compute and KV cache in the row's dtype.",
-      "",
-      "| dtype | batch | prefill tok/s | decode tok/s |",
-      "|---|---:|---:|---:|",
-  ]
-  for r in sample_rows:
-    lines.append(f"| {r['dtype']} | {r['batch']} | {r['prefill']:,.0f} | {r['decode']:,.1f} |")
-  lines += [
-      "",
-      "Decode bound at batch 1 = copy bandwidth / weight bytes per token:",
-      "",
-      "| dtype | weight MB | bound tok/s | decode tok/s, batch 1 | of bound |",
-      "|---|---:|---:|---:|---:|",
-  ]
-  for r in bounds:
-    got = r["decode_b1"]
-    lines.append(f"| {r['dtype']} | {r['weight_bytes'] / 2**20:,.0f} | {r['bound']:,.1f} | "
-                 + (f"{got:,.1f} | {got / r['bound']:.0%} |" if got else "n/a | n/a |"))
+  if sample_rows:  # --batch_sizes= (empty) measures training only
+    lines += [
+        "",
+        f"Sampling: prompts of {FLAGS.prompt_len} tokens, {FLAGS.new_tokens} greedy tokens per "
+        "row; parameters, compute and KV cache in the row's dtype.",
+        "",
+        "| dtype | batch | prefill tok/s | decode tok/s |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in sample_rows:
+      lines.append(f"| {r['dtype']} | {r['batch']} | {r['prefill']:,.0f} | {r['decode']:,.1f} |")
+    lines += [
+        "",
+        "Decode bound at batch 1 = copy bandwidth / weight bytes per token:",
+        "",
+        "| dtype | weight MB | bound tok/s | decode tok/s, batch 1 | of bound |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in bounds:
+      got = r["decode_b1"]
+      lines.append(f"| {r['dtype']} | {r['weight_bytes'] / 2**20:,.0f} | {r['bound']:,.1f} | "
+                   + (f"{got:,.1f} | {got / r['bound']:.0%} |" if got else "n/a | n/a |"))
   lines.append("")
   table = "\n".join(lines)
   print("\n" + table)

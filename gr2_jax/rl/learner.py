@@ -29,6 +29,7 @@ from gr2_jax.errors import UserError
 from gr2_jax.models import qwen3
 from gr2_jax.rl import losses
 from gr2_jax.rl.registry import POLICY_LOSSES
+from gr2_jax.train import optim
 
 ROW_FIELDS = ("tokens", "positions", "segment_ids", "targets", "mask", "logp_old",
               "advantages")
@@ -107,13 +108,16 @@ def policy_loss(graphdef, params, batch, cfg: LossConfig):
             max_len=cfg.max_len or None)
 
 
-def make_rl_step(graphdef, tx, schedule, cfg: LossConfig):
-  """The pure step (state, batch) -> (state, metrics); see the module docstring."""
+def make_rl_step(graphdef, tx, schedule, cfg: LossConfig, frozen_layers=0):
+  """The pure step (state, batch) -> (state, metrics); see the module docstring. With
+  `frozen_layers` (the optimiser's `OptimConfig.frozen_layers`) no gradient is computed for the
+  frozen parameters."""
 
   def step_fn(state, batch):
     params = state["params"]
     (loss, metrics), grads = jax.value_and_grad(
-        lambda p: policy_loss(graphdef, p, batch, cfg), has_aux=True)(params)
+        lambda p: policy_loss(graphdef, optim.stop_frozen(p, frozen_layers), batch, cfg),
+        has_aux=True)(params)
     signal = jnp.sum(jnp.asarray(batch["mask"], bool)
                      & (jnp.abs(batch["advantages"]) > 0)[:, None])
     ok = losses.finite_or_skip(loss, grads, num_valid=signal)

@@ -10,17 +10,23 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def model_flops_per_token(cfg, seq_len):
-  """Training FLOPs per token (forward + backward = 3x forward) of a Qwen3 config.
+def model_flops_per_token(cfg, seq_len, frozen_layers=0):
+  """Training FLOPs per token of a Qwen3 config: forward + backward (2x the forward).
 
   Counts every matmul the step really runs: the projections, the LM head (an embedding lookup
   is free) and the full [T, T] attention scores and mixing (the causal mask does not skip
-  work here).
+  work here). With `frozen_layers` (`OptimConfig.frozen_layers`) the backward pass covers only
+  the layers above them, and a tied LM head (the frozen embedding) gets the gradient of its
+  input but not of its weights.
   """
   e, h, kvh, d, m = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
   per_layer = 2 * (e * h * d * 2 + e * kvh * d * 2 + 3 * e * m) + 2 * 2 * seq_len * h * d
-  forward = cfg.num_layers * per_layer + 2 * e * cfg.vocab_size
-  return 3 * forward
+  head = 2 * e * cfg.vocab_size
+  forward = cfg.num_layers * per_layer + head
+  if frozen_layers <= 0:
+    return 3 * forward
+  head_backward = head if cfg.tie_embeddings else 2 * head
+  return forward + 2 * (cfg.num_layers - frozen_layers) * per_layer + head_backward
 
 
 def measure_peak_flops(n=1024, repeats=5):

@@ -1,4 +1,12 @@
-"""Optimiser: AdamW with linear warm-up then cosine decay, global-norm clipping, row masks."""
+"""Optimiser: AdamW with linear warm-up then cosine decay, global-norm clipping, row masks, and
+frozen lower layers.
+
+Freezing (`OptimConfig.frozen_layers` = N > 0) fixes the token embedding (with a tied LM head,
+the head too) and decoder layers 0..N-1. Two halves make it pay: the loss sees those parameters
+through `stop_frozen` (stop_gradient), so XLA drops the backward pass below layer N, and the
+optimiser gives them `optax.set_to_zero` updates and no AdamW moments. An untied LM head, the
+upper layers and the final norm train.
+"""
 
 import dataclasses
 
@@ -22,6 +30,7 @@ class OptimConfig:
   b2: float = 0.95
   eps: float = 1e-8
   clip_norm: float = 1.0  # 0 = no clipping
+  frozen_layers: int = 0  # > 0: the embedding and decoder layers below this index stay fixed
 
   def __post_init__(self):
     if self.learning_rate <= 0:
@@ -31,6 +40,8 @@ class OptimConfig:
                       f"{self.warmup_steps} >= 0")
     if self.clip_norm < 0:
       raise UserError(f"clip_norm={self.clip_norm} must be >= 0 (0 turns clipping off)")
+    if self.frozen_layers < 0:
+      raise UserError(f"frozen_layers={self.frozen_layers} must be >= 0 (0 trains every layer)")
 
 
 def lr_schedule(cfg: OptimConfig):
@@ -49,6 +60,41 @@ def _names(path):
 def _decay_mask(params):
   """Weight decay on matrices only (not on norms' scales)."""
   return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def _is_frozen(path, frozen_layers):
+  keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+  if "embed_tokens" in keys:
+    return True
+  if len(keys) > 1 and keys[0] == "layers":
+    return int(keys[1]) < frozen_layers
+  return False
+
+
+def frozen_mask(params, frozen_layers):
+  """Bool tree over `params`: True where `frozen_layers` freezes the parameter."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: frozen_layers > 0 and _is_frozen(path, frozen_layers), params)
+
+
+def num_layers(params):
+  """Decoder layers in a model's pure parameter dict."""
+  return len(params.get("layers", {})) if isinstance(params, dict) else 0
+
+
+def check_frozen_layers(params, frozen_layers):
+  n = num_layers(params)
+  if frozen_layers > n:
+    raise UserError(f"frozen_layers={frozen_layers} but the model has {n} decoder layers "
+                    f"(use 0..{n})")
+
+
+def stop_frozen(params, frozen_layers):
+  """`params` with stop_gradient on the frozen ones (identity when frozen_layers is 0)."""
+  if frozen_layers <= 0:
+    return params
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jax.lax.stop_gradient(x) if _is_frozen(path, frozen_layers) else x, params)
 
 
 def vocab_rows_mask(tree, row_ids, vocab_size):
@@ -86,12 +132,23 @@ def train_rows_only(row_ids, vocab_size):
 
 
 def make_optimizer(cfg: OptimConfig, *, trainable_rows=None, vocab_size=None):
-  """clip -> AdamW(schedule) [-> train only `trainable_rows` of the vocabulary]."""
+  """clip -> AdamW(schedule) [-> train only `trainable_rows` of the vocabulary]; with
+  `cfg.frozen_layers` the frozen parameters get zero updates and no AdamW state instead."""
   parts = []
   if cfg.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-  parts.append(optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, mask=_decay_mask))
+  adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                      weight_decay=cfg.weight_decay, mask=_decay_mask)
+  if cfg.frozen_layers > 0:
+    if trainable_rows is not None:
+      raise UserError("frozen_layers and trainable vocabulary rows cannot be combined")
+
+    def labels(params):
+      return jax.tree.map(lambda f: "frozen" if f else "train",
+                          frozen_mask(params, cfg.frozen_layers))
+
+    adamw = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
+  parts.append(adamw)
   if trainable_rows is not None:
     parts.append(train_rows_only(trainable_rows, vocab_size))
   return optax.chain(*parts)

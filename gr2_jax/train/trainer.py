@@ -61,13 +61,18 @@ def token_loss(graphdef, params, batch, loss_chunk=LOSS_CHUNK):
   return -jnp.sum(logp * w), jnp.sum(w)
 
 
-def make_train_step(graphdef, tx, schedule, loss_chunk=LOSS_CHUNK):
-  """The pure train step (state, batch [M, B, T]) -> (state, metrics)."""
+def make_train_step(graphdef, tx, schedule, loss_chunk=LOSS_CHUNK, frozen_layers=0):
+  """The pure train step (state, batch [M, B, T]) -> (state, metrics).
+
+  With `frozen_layers` the loss sees the frozen parameters through `optim.stop_frozen`, so no
+  gradient is computed below the first trained layer.
+  """
 
   def step_fn(state, batch):
     params = state["params"]
-    grad_fn = jax.value_and_grad(lambda p, mb: token_loss(graphdef, p, mb, loss_chunk),
-                                 has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda p, mb: token_loss(graphdef, optim.stop_frozen(p, frozen_layers), mb, loss_chunk),
+        has_aux=True)
 
     def micro(carry, mb):
       g_acc, l_acc, w_acc = carry
@@ -137,6 +142,25 @@ class TrainerConfig:
   loss_chunk: int = LOSS_CHUNK  # positions per log-softmax chunk (0 = one chunk of T)
 
 
+def optimizer_state_shardings(abs_opt, param_shardings, default):
+  """Shardings of an optimiser state: a moment leaf (AdamW's mu, nu) takes the sharding of the
+  parameter whose path ends its own path, the rest (counters) `default`. Works through
+  `optax.multi_transform`, whose moments cover only some parameters (frozen layers)."""
+  by_path = {tuple(k.key for k in path): s
+             for path, s in jax.tree_util.tree_leaves_with_path(param_shardings)}
+
+  def one(path, leaf):
+    tail = []
+    for k in reversed(path):
+      if not isinstance(k, jax.tree_util.DictKey):
+        break
+      tail.append(k.key)
+    s = by_path.get(tuple(reversed(tail)))
+    return s if s is not None and len(s.spec) <= len(leaf.shape) else default
+
+  return jax.tree_util.tree_map_with_path(one, abs_opt)
+
+
 class Trainer:
   """Drives the jitted step over a `batch_dataset`, with logging, evals and checkpoints."""
 
@@ -150,6 +174,8 @@ class Trainer:
     self.model_cfg = model.cfg
     self.graphdef, abs_state = nnx.split(model)
     params = nnx.to_pure_dict(abs_state)
+    optim.check_frozen_layers(params, optim_cfg.frozen_layers)
+    self.frozen_layers = optim_cfg.frozen_layers
     self.param_shardings = nnx.to_pure_dict(
         sharding_lib.state_shardings(nnx.state(model), mesh, rules))
     self.schedule = optim.lr_schedule(optim_cfg)
@@ -158,9 +184,7 @@ class Trainer:
                                    vocab_size=model.cfg.vocab_size)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     abs_opt = jax.eval_shape(self.tx.init, params)
-    opt_shardings = optax.tree_map_params(
-        self.tx, lambda _, s: s, abs_opt, self.param_shardings,
-        transform_non_params=lambda _: replicated)
+    opt_shardings = optimizer_state_shardings(abs_opt, self.param_shardings, replicated)
     self.state_shardings = {"params": self.param_shardings, "opt_state": opt_shardings,
                             "step": replicated}
     self._init_params = jax.device_put(params, self.param_shardings)
@@ -169,7 +193,8 @@ class Trainer:
     key = (self.graphdef, optim_cfg, rows, mesh, sharding_lib.normalize_rules(rules),
            cfg.loss_chunk)
     if key not in _COMPILED:
-      step_fn = make_train_step(self.graphdef, self.tx, self.schedule, cfg.loss_chunk)
+      step_fn = make_train_step(self.graphdef, self.tx, self.schedule, cfg.loss_chunk,
+                                optim_cfg.frozen_layers)
       _COMPILED[key] = (
           jax.jit(step_fn, in_shardings=(self.state_shardings, None),
                   out_shardings=(self.state_shardings, None), donate_argnums=0),
@@ -261,7 +286,8 @@ class Trainer:
         real = int((batch["segment_ids"] > 0).sum())
         if flops_per_step is None:
           t = batch["tokens"].shape
-          flops_per_step = metrics_log.model_flops_per_token(self.model_cfg, t[-1]) * np.prod(t)
+          flops_per_step = metrics_log.model_flops_per_token(
+              self.model_cfg, t[-1], self.frozen_layers) * np.prod(t)
         dev = {k: jax.device_put(batch[k], self._batch_sharding(batch[k].shape))
                for k in DEVICE_FIELDS}
         with sharding_lib.use_rules(self.mesh, self.rules):

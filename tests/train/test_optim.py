@@ -34,3 +34,24 @@ def test_train_rows_only_leaves_other_rows_unchanged():
   np.testing.assert_array_equal(emb[[0, 2, 3, 5]], 1.0)
   assert (emb[[1, 4]] < 1.0).all()
   np.testing.assert_array_equal(params["norm"]["weight"], 1.0)
+
+
+def test_model_flops_count_the_backward_of_trained_layers_only():
+  from gr2_jax.models import qwen3
+  from gr2_jax.train import metrics_log
+  cfg = qwen3.get_model_config("tiny", vocab_size=100, num_layers=3, hidden_size=8,
+                               mlp_dim=16, num_heads=2, num_kv_heads=1, head_dim=4,
+                               tie_embeddings=True)
+  # Per layer and token: q, o (8 x 8 each), k, v (8 x 4 each), gate/up/down (8 x 16 each):
+  # 2 * (64 + 64 + 32 + 32 + 384) = 1152, plus attention 2 * 2 * T * heads * head_dim = 32 T.
+  t = 10
+  layer = 1152 + 32 * t
+  head = 2 * 8 * 100
+  forward = 3 * layer + head
+  assert metrics_log.model_flops_per_token(cfg, t) == 3 * forward
+  # Two layers frozen: the backward of one layer (2x) and the tied head's input gradient (1x).
+  assert metrics_log.model_flops_per_token(cfg, t, 2) == forward + 2 * layer + head
+  untied = qwen3.get_model_config("tiny", vocab_size=100, num_layers=3, hidden_size=8,
+                                  mlp_dim=16, num_heads=2, num_kv_heads=1, head_dim=4,
+                                  tie_embeddings=False)
+  assert metrics_log.model_flops_per_token(untied, t, 2) == forward + 2 * layer + 2 * head

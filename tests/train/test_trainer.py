@@ -113,9 +113,10 @@ def test_step_applies_clipped_adamw_on_an_8_device_mesh():
   assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
 
 
-def _run(workdir, num_steps, on_step=None, seen=None):
+def _run(workdir, num_steps, on_step=None, seen=None, frozen_layers=0):
   mesh = mesh_lib.single_device_mesh()
-  ocfg = optim.OptimConfig(learning_rate=0.01, warmup_steps=2, total_steps=num_steps)
+  ocfg = optim.OptimConfig(learning_rate=0.01, warmup_steps=2, total_steps=num_steps,
+                           frozen_layers=frozen_layers)
   tcfg = trainer_lib.TrainerConfig(num_steps=num_steps, micro_batches=2, log_every=1,
                                    checkpoint_every=2, peak_flops=1e9, task_names=("a", "b"))
   tr = trainer_lib.Trainer(_model(), ocfg, tcfg, mesh=mesh, workdir=workdir)
@@ -167,3 +168,71 @@ def test_killed_and_preempted_runs_resume_exactly(tmp_path):
   for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
     np.testing.assert_array_equal(x, y)
   assert os.path.isdir(os.path.join(work, "tb"))
+
+
+def test_frozen_layers_stay_fixed_and_the_rest_takes_the_masked_adamw_step():
+  cfg = qwen3.get_model_config("tiny", vocab_size=VOCAB, num_layers=3, hidden_size=32,
+                               mlp_dim=64, num_heads=2, num_kv_heads=1)
+  model = mesh_lib.create_sharded_model(cfg, mesh_lib.single_device_mesh(), seed=2)
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  ocfg = optim.OptimConfig(learning_rate=0.01, warmup_steps=0, total_steps=10,
+                           weight_decay=0.1, clip_norm=0.5, frozen_layers=2)
+  tr = trainer_lib.Trainer(model, ocfg, trainer_lib.TrainerConfig(num_steps=1, peak_flops=1e9),
+                           mesh=mesh_lib.single_device_mesh(), workdir="/nonexistent")
+  batch = _stack(_rows(12), [slice(0, 4)])
+  # The reference: the full model's gradient with the frozen leaves zeroed, then plain AdamW
+  # with clipping (on the zeroed gradient) and weight decay applied to the trainable leaves.
+  _, grads = jax.jit(lambda p, x: trainer_lib.accumulated_grads(graphdef, p, x))(params, batch)
+  frozen = optim.frozen_mask(params, 2)
+  assert frozen["embed_tokens"]["embedding"] and not frozen["norm"]["weight"]
+  assert all(jax.tree.leaves(frozen["layers"][1])) and not any(jax.tree.leaves(frozen["layers"][2]))
+  grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen)
+  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=0.01, warmup_steps=0, total_steps=10,
+                                              weight_decay=0.1, clip_norm=0.5))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  expected = optax.apply_updates(params, updates)
+  params = jax.tree.map(np.array, params)  # the step donates the buffers it shares
+  init = tr.init_state()
+  # No AdamW moments for the frozen parameters: mu holds the trainable leaves only.
+  n_state = sum(x.size for x in jax.tree.leaves(init["opt_state"]))
+  n_train = sum(x.size for x, f in zip(jax.tree.leaves(params), jax.tree.leaves(frozen)) if not f)
+  assert n_state == 2 * n_train + 2  # mu, nu and two step counters
+  new_state, metrics = tr._step(init, batch)  # pylint: disable=protected-access
+  np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+  for (path, x), y, p, f in zip(jax.tree_util.tree_leaves_with_path(new_state["params"]),
+                                jax.tree.leaves(expected), jax.tree.leaves(params),
+                                jax.tree.leaves(frozen)):
+    if f:
+      np.testing.assert_array_equal(x, p, err_msg=str(path))
+    else:
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=5e-5, err_msg=str(path))
+      assert not np.array_equal(x, p), path
+
+
+def test_frozen_run_resumes_exactly(tmp_path):
+  ref, _ = _run(str(tmp_path / "ref"), 4, frozen_layers=1)
+
+  class Killed(Exception):
+    pass
+
+  def kill(step):
+    if step == 3:
+      raise Killed()
+
+  work = str(tmp_path / "killed")
+  with pytest.raises(Killed):
+    _run(work, 4, on_step=kill, frozen_layers=1)
+  out, summary = _run(work, 4, frozen_layers=1)
+  assert summary["resumed_from"] == 2
+  for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(out["embed_tokens"]["embedding"],
+                                nnx.to_pure_dict(nnx.state(_model()))["embed_tokens"]["embedding"])
+
+
+def test_frozen_layers_beyond_the_model_is_a_clear_error():
+  with pytest.raises(Exception, match="frozen_layers=2 but the model has 1 decoder layers"):
+    trainer_lib.Trainer(_model(), optim.OptimConfig(frozen_layers=2),
+                        trainer_lib.TrainerConfig(num_steps=1, peak_flops=1e9),
+                        mesh=mesh_lib.single_device_mesh(), workdir="/nonexistent")
