@@ -9,7 +9,7 @@ import ml_collections
 
 from gr2_jax import config_lib
 
-PRESETS = ("default", "tiny", "baselines")
+PRESETS = ("default", "tiny", "baselines", "smollm2")
 
 
 def section(preset):
@@ -27,6 +27,8 @@ def section(preset):
   c.max_new_tokens = 240  # CF-teacher answers are ~220 tokens with the demo tokenizer
   c.batch_size = 48
   c.constrained = (False, True)
+  if preset == "smollm2":
+    c.max_new_tokens = 40
   if preset == "tiny":
     c.n_boot = 200
     c.model_examples = 4

@@ -14,7 +14,7 @@ import ml_collections
 
 from gr2_jax import config_lib
 
-PRESETS = ("default", "tiny", "full")
+PRESETS = ("default", "tiny", "full", "smollm2")
 
 
 def section(preset):
@@ -50,6 +50,10 @@ def section(preset):
   c.end_lr_ratio = 0.1
   c.weight_decay = 0.01
   c.clip_norm = 1.0
+  # Layers below this index and the token embedding stay fixed in the training and caption
+  # phases (`OptimConfig.frozen_layers`): no backward pass below them, no AdamW state for them.
+  # 0 trains every layer. The warm-up always trains the SID rows of the embedding.
+  c.frozen_layers = 0
   # Caption phase (after full training): SID -> title documents, to memorise the catalogue's
   # titles, mixed with rehearsal rows of the main mix (share `caption_rehearsal`) so that the
   # other tasks are kept. 0 steps = none (the main command's budget); the `full` preset runs
@@ -73,6 +77,24 @@ def section(preset):
     # The default, then ~24 passes over the titles with 30% rehearsal (~18 min more on 2 cores);
     # `rl.py:full` starts from this model.
     c.caption_steps = 1000
+  if preset == "smollm2":
+    # SmolLM2-135M-Instruct from its wheel: the SID rows warm up, then the upper 10 of 30
+    # layers learn the SID tasks (no slates task: its answers list SIDs, and this pipeline's
+    # prompts number the candidates). Sized for ~10 minutes on 2 cores.
+    c.gguf = "smollm2"
+    c.task_mix = ml_collections.ConfigDict(
+        {"sequential": 0.5, "caption": 0.3, "persona": 0.1, "text": 0.1, "slates": 0.0})
+    c.warmup_steps = 12
+    c.steps = 24
+    c.learning_rate = 1e-4
+    c.lr_warmup_steps = 4
+    c.frozen_layers = 20
+    c.eval_every = 0
+    c.checkpoint_every = 12
+    c.eval_examples = 48
+    c.beam_width = 10
+    c.eval_batch = 16
+    c.caption_items = 24
   if preset == "tiny":
     c.model_preset = "tiny"
     c.sp_vocab_size = 1200

@@ -20,7 +20,7 @@ from ml_collections import config_dict
 from gr2_jax import config_lib
 from gr2_jax.rl import algorithm
 
-PRESETS = ("default", "tiny", "ablation", "full")
+PRESETS = ("default", "tiny", "ablation", "full", "smollm2")
 
 
 def section(preset):
@@ -62,6 +62,9 @@ def section(preset):
   c.end_lr_ratio = 1.0
   c.weight_decay = 0.0
   c.clip_norm = 1.0
+  # Layers below this index and the token embedding stay fixed (`OptimConfig.frozen_layers`):
+  # no backward pass below them, no AdamW state for them. 0 trains every layer.
+  c.frozen_layers = 0
   c.num_devices = 0  # 0 = all; the mesh is (data = devices, 1, 1)
   c.checkpoint_every = 4
   c.seed = 0
@@ -80,6 +83,15 @@ def section(preset):
   # The ablation: (name, reward, "shuffled" | "fixed") trained one after another from the same
   # SFT model with this section's seed and budget; empty = a single run with the fields above.
   c.variants = ()
+  if preset == "smollm2":
+    c.frozen_layers = 20
+    c.temperature = 1.0  # the numbered answer needs no JSON explanation to stay valid
+    c.max_new_tokens = 40
+    c.rollout_batch = 48
+    c.iterations = 4
+    c.learning_rate = 1e-5
+    c.checkpoint_every = 2
+    c.eval_examples = 192
   if preset == "tiny":
     c.group_size = 4
     c.rollout_prompts = 3

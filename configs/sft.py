@@ -10,7 +10,7 @@ import ml_collections
 
 from gr2_jax import config_lib
 
-PRESETS = ("default", "tiny")
+PRESETS = ("default", "tiny", "smollm2")
 
 
 def section(preset):
@@ -29,6 +29,9 @@ def section(preset):
   c.end_lr_ratio = 0.1
   c.weight_decay = 0.01
   c.clip_norm = 1.0
+  # Layers below this index and the token embedding stay fixed (`OptimConfig.frozen_layers`):
+  # no backward pass below them, no AdamW state for them. 0 trains every layer.
+  c.frozen_layers = 0
   c.log_every = 10
   c.checkpoint_every = 50
   c.seed = 0
@@ -38,6 +41,15 @@ def section(preset):
   c.max_new_tokens = 240  # CF-teacher answers are ~220 tokens with the demo tokenizer
   c.eval_batch = 48
   c.n_boot = 1000
+  if preset == "smollm2":
+    # The upper 10 of SmolLM2's 30 layers learn the teacher's orders (one trace per row).
+    c.seq_len = 640
+    c.epochs = 0.6  # ~70 steps of 4 traces: ~9 s each with 20 of 30 layers frozen
+    c.learning_rate = 1e-4
+    c.frozen_layers = 20
+    c.checkpoint_every = 25
+    c.eval_examples = 96
+    c.max_new_tokens = 40  # {"recommendations": [3, 1, ...]} is ~32 tokens
   if preset == "tiny":
     c.num_devices = 1
     c.seq_len = 1536

@@ -13,7 +13,7 @@ import ml_collections
 from gr2_jax import config_lib
 from gr2_jax.teachers import cf
 
-PRESETS = ("default", "tiny")
+PRESETS = ("default", "tiny", "smollm2")
 
 
 def prompt_section(preset="default"):
@@ -29,8 +29,20 @@ def prompt_section(preset="default"):
   # "sids": the answer lists the candidates' SIDs (paper 1); "positions": the prompt numbers the
   # candidates 1..K and the answer lists the numbers (technical report), no SID copying.
   p.answer_format = "sids"
+  # "evidence" in item_fields ends each candidate line with training-period counts
+  # (`gr2_jax.teachers.evidence`: co-watched with the shown history, followed the last item);
+  # this is their co-occurrence window.
+  p.evidence_window = 5
   if preset == "tiny":
     p.max_history = 5
+  if preset == "smollm2":
+    # A pretrained LLM knows films by name: titles and years beside the SIDs; the answer is the
+    # candidates' numbers and no explanation (~30 answer tokens instead of ~170 with one: the
+    # 2-core budget). `--config.traces.prompt.reasoning=True` brings the explanation back.
+    p.item_fields = ("sid", "title", "year", "genres")
+    p.max_history = 6
+    p.answer_format = "positions"
+    p.reasoning = False
   return p
 
 

@@ -20,7 +20,7 @@ from gr2_jax.errors import UserError
 
 
 # Presets that apply to every stage of a composed pipeline.
-PIPELINE_PRESETS = ("default", "tiny", "full")
+PIPELINE_PRESETS = ("default", "tiny", "full", "smollm2")
 
 
 class ConfigError(UserError):

@@ -86,3 +86,10 @@ def test_stage_presets_stay_with_their_stage():
   full = load("rl").get_config("full")
   assert full.midtrain.caption_steps == load("midtrain").section("full").caption_steps > 0
   assert full.sft.to_dict() == load("sft").section("default").to_dict()
+  # smollm2: the pretrained base and its prompt in every model stage, the data stages unchanged.
+  smol = load("rl").get_config("smollm2")
+  assert smol.midtrain.gguf == "smollm2" and smol.sft.frozen_layers == smol.rl.frozen_layers > 0
+  assert smol.traces.prompt.answer_format == "positions"
+  assert "title" in smol.traces.prompt.item_fields
+  for stage in ("data", "legacy", "sids"):
+    assert smol[stage].to_dict() == load(stage).section("default").to_dict(), stage

@@ -53,8 +53,8 @@ def prompt_ids(examples, items, sids, prompt_cfg, tok):
   out = []
   for ex in examples:
     msgs = prompts.build_messages(prompts.with_sids(ex.history, items, sids),
-                                  prompts.with_sids(ex.slate, items, sids), prompt_cfg,
-                                  user=ex.user)
+                                  prompts.with_sids(ex.slate, items, sids, ex.evidence),
+                                  prompt_cfg, user=ex.user)
     out.append(chat.encode_chat(msgs, tok, add_generation_prompt=True))
   return out
 
@@ -276,18 +276,20 @@ def load_rerank_info(checkpoint_dir):
                     "sft artifact folder")
   with open(path) as f:
     fields = json.load(f)
-  fields["item_fields"] = tuple(fields.get("item_fields", prompts.ITEM_FIELDS))
+  fields["item_fields"] = tuple(fields.get("item_fields", prompts.DEFAULT_ITEM_FIELDS))
   table = sid_lib.load_sid_table(os.path.join(checkpoint_dir, SID_TABLE_FILE))
   return prompts.PromptConfig(**fields), [row["sid"] for row in table["items"]]
 
 
 def evaluate_checkpoint(model, tok, name, slates, items, sids, prompt_cfg, users=None, *,
-                        max_new_tokens=448, batch_size=16, constrained=(False, True)):
+                        max_new_tokens=448, batch_size=16, constrained=(False, True),
+                        evidence=None):
   """Orders and diagnostics of one model on stacked slate records, per row name.
 
+  evidence: the `teachers.evidence.SlateEvidence` of a prompt that shows the "evidence" field.
   Returns ({row name: order [N, K]}, {row name: diagnostics}, {row name: first answers}).
   """
-  examples = base.examples_from_slates(slates, users)
+  examples = base.examples_from_slates(slates, users, evidence)
   results = rerank(model, tok, examples, items, sids, prompt_cfg, max_new_tokens=max_new_tokens,
                    batch_size=batch_size, constrained=constrained)
   orders, diags, samples = {}, {}, {}

@@ -32,7 +32,8 @@ class CheckpointTeacher(base.Teacher):
   def messages(self, example, target_visible):
     """The teacher's prompt: the re-ranking prompt, plus the target hint when visible."""
     msgs = prompts.build_messages(prompts.with_sids(example.history, self.items, self.sids),
-                                  prompts.with_sids(example.slate, self.items, self.sids),
+                                  prompts.with_sids(example.slate, self.items, self.sids,
+                                                    example.evidence),
                                   self.prompt_cfg, user=example.user)
     if target_visible:
       sid = self.sids[int(example.target)]

@@ -95,9 +95,11 @@ def _constrained_tails(model, tok, prompt_ids, sampled, shown_sids, answer_forma
 
 
 def rollout(model, tok, slates, items, sids, prompt_cfg, users=None, *, group_size, shuffle,
-            key, rng, max_new_tokens, temperature=1.0, batch_size=64, constrain_ranking=False):
-  """Samples `group_size` answers for each slate of the stacked records `slates`."""
-  examples = base.examples_from_slates(slates, users)
+            key, rng, max_new_tokens, temperature=1.0, batch_size=64, constrain_ranking=False,
+            evidence=None):
+  """Samples `group_size` answers for each slate of the stacked records `slates` (`evidence`:
+  the `teachers.evidence.SlateEvidence` of a prompt that shows the "evidence" field)."""
+  examples = base.examples_from_slates(slates, users, evidence)
   p, k = slates["slate"].shape
   perms = slate_permutations(p, group_size, k, shuffle, rng)
   shown, perm_rows = [], []

@@ -20,6 +20,7 @@ from gr2_jax.eval import tables
 from gr2_jax.parallel import mesh as mesh_lib
 from gr2_jax.rerank import evaluate as rerank_lib
 from gr2_jax.stages import midtrain
+from gr2_jax.teachers import evidence as evidence_lib
 
 
 def baseline_orders(slates, popularity, seed):
@@ -52,12 +53,14 @@ def parse_checkpoints(entries):
 
 
 def compare_models(slates, popularity, models, *, items, users, rankers, seed, n_boot,
-                   max_new_tokens, batch_size, constrained, log_prefix="eval"):
+                   max_new_tokens, batch_size, constrained, log_prefix="eval", evidence=None):
   """Baselines and models re-ranking the same slates: rows, diagnostics, samples, seconds.
 
   Args:
     models: (name, load) pairs; load() -> (model, tokenizer, sids, prompt config), called one
       model at a time.
+    evidence: optional function of a model's prompt config that gives its
+      `teachers.evidence.SlateEvidence` (None for prompts without the "evidence" field).
     rankers: baselines shown besides "legacy", which every table keeps for the lift.
   """
   orders = {name: o for name, o in baseline_orders(slates, popularity, seed).items()
@@ -69,7 +72,8 @@ def compare_models(slates, popularity, models, *, items, users, rankers, seed, n
     o, d, smp = rerank_lib.evaluate_checkpoint(
         model, tok, name, slates, items, sids, prompt_cfg, users,
         max_new_tokens=max_new_tokens, batch_size=batch_size,
-        constrained=tuple(bool(x) for x in constrained))
+        constrained=tuple(bool(x) for x in constrained),
+        evidence=None if evidence is None else evidence(prompt_cfg))
     seconds[name] = round(time.time() - t0, 1)
     logging.info("[%s] %s re-ranked %d slates in %.1fs", log_prefix, name,
                  len(slates["slate"]), seconds[name])
@@ -107,7 +111,8 @@ def model_table(ctx, popularity):
   return compare_models(
       slates, popularity, [(name, loader(path)) for name, path in checkpoints.items()],
       items=items, users=users, rankers=tuple(c.rankers), seed=c.seed, n_boot=c.n_boot,
-      max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, constrained=c.constrained)
+      max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, constrained=c.constrained,
+      evidence=lambda prompt_cfg: evidence_lib.for_prompt(prompt_cfg, data_dir))
 
 
 def run(ctx):

@@ -107,7 +107,7 @@ def rerank_texts():
   """System turns of every prompt variant, the answer's JSON and the CF teacher's wording."""
   texts = []
   for reasoning in (True, False):
-    for fields in (prompts.ITEM_FIELDS, ("sid", "genres")):
+    for fields in (prompts.DEFAULT_ITEM_FIELDS, ("sid", "genres")):
       cfg = prompts.PromptConfig(reasoning=reasoning, item_fields=fields)
       texts.append(prompts.system_text(cfg))
   texts += ['{"explanation": "', '", "recommendations": ["', '", "', '"]}',
@@ -421,7 +421,8 @@ def run(ctx):
                                             mesh, trainable_rows=sid_ids)
   ocfg = optim.OptimConfig(learning_rate=c.learning_rate, warmup_steps=c.lr_warmup_steps,
                            total_steps=c.steps, end_lr_ratio=c.end_lr_ratio,
-                           weight_decay=c.weight_decay, clip_norm=c.clip_norm)
+                           weight_decay=c.weight_decay, clip_norm=c.clip_norm,
+                           frozen_layers=c.frozen_layers)
   model, summary["train"] = _train_phase(ctx, "train", model, ocfg, c.steps, rows, mesh,
                                          eval_rows=eval_rows)
   if c.caption_steps:
@@ -440,7 +441,8 @@ def run(ctx):
                  n_rows / copies / (c.batch_size * c.micro_batches))
     ocfg = optim.OptimConfig(learning_rate=c.caption_lr, warmup_steps=c.lr_warmup_steps,
                              total_steps=c.caption_steps, end_lr_ratio=c.end_lr_ratio,
-                             weight_decay=c.weight_decay, clip_norm=c.clip_norm)
+                             weight_decay=c.weight_decay, clip_norm=c.clip_norm,
+                             frozen_layers=c.frozen_layers)
     model, summary["caption"] = _train_phase(ctx, "caption", model, ocfg, c.caption_steps, cap,
                                              mesh, eval_rows=eval_rows)
   save_model(ctx.out_dir, model, tok)

@@ -51,6 +51,7 @@ from gr2_jax.rl import registry
 from gr2_jax.rl import rollout as rollout_lib
 from gr2_jax.stages import eval as eval_stage
 from gr2_jax.stages import midtrain
+from gr2_jax.teachers import evidence as evidence_lib
 from gr2_jax.train import checkpoint as ckpt_lib
 from gr2_jax.train import metrics_log
 from gr2_jax.train import optim
@@ -107,7 +108,8 @@ class Policy:
     ocfg = optim.OptimConfig(learning_rate=c.learning_rate,
                              warmup_steps=min(c.lr_warmup_steps, total_updates - 1),
                              total_steps=total_updates, end_lr_ratio=c.end_lr_ratio,
-                             weight_decay=c.weight_decay, clip_norm=c.clip_norm)
+                             weight_decay=c.weight_decay, clip_norm=c.clip_norm,
+                             frozen_layers=c.frozen_layers)
     # The trainer supplies the optimiser, shardings and initial state; the step is RL's own.
     self.tr = trainer_lib.Trainer(model, ocfg, trainer_lib.TrainerConfig(num_steps=total_updates),
                                   mesh=mesh, workdir=workdir, name=name)
@@ -116,7 +118,8 @@ class Policy:
     self.loss_cfg = alg.loss_config(c.max_new_tokens, c.temperature)
     # The KL reference is the policy the run started from (the SFT model), also after a resume.
     self.ref_params = self.tr.initial_params() if alg.kl_beta else None
-    fn = learner.make_rl_step(self.tr.graphdef, self.tr.tx, self.tr.schedule, self.loss_cfg)
+    fn = learner.make_rl_step(self.tr.graphdef, self.tr.tx, self.tr.schedule, self.loss_cfg,
+                              frozen_layers=c.frozen_layers)
     shardings = self.tr.state_shardings
     self.step = jax.jit(fn, in_shardings=(shardings, None), out_shardings=(shardings, None),
                         donate_argnums=0)
@@ -143,7 +146,7 @@ class Policy:
     return self.manager.restore(self.tr.abstract_state())
 
 
-def _validation_eval(model, tok, slates, items, users, sids, prompt_cfg, c):
+def _validation_eval(model, tok, slates, items, users, sids, prompt_cfg, c, evidence=None):
   """The greedy policy against the legacy order: (scalars for the logs, markdown table).
 
   Free decoding always; with `constrain_ranking` also decoding under the slate constraint, the
@@ -153,7 +156,8 @@ def _validation_eval(model, tok, slates, items, users, sids, prompt_cfg, c):
   modes = (False, True) if c.constrain_ranking else (False,)
   orders, diags, _ = rerank_lib.evaluate_checkpoint(
       model, tok, "policy", slates, items, sids, prompt_cfg, users,
-      max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch, constrained=modes)
+      max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch, constrained=modes,
+      evidence=evidence)
   k = slates["slate"].shape[1]
   orders = {"legacy": np.tile(np.arange(k), (len(slates["slate"]), 1)), **orders}
   rows = tables.evaluate(orders, slates, n_boot=min(c.n_boot, 200), seed=c.seed)
@@ -204,7 +208,8 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
           policy_model, tok, batch, data["items"], sids, prompt_cfg, data["users"],
           group_size=g, shuffle=c.shuffle, key=jax.random.fold_in(jax.random.key(c.seed), it),
           rng=rng, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-          batch_size=c.rollout_batch, constrain_ranking=c.constrain_ranking)
+          batch_size=c.rollout_batch, constrain_ranking=c.constrain_ranking,
+          evidence=data["evidence"])
       t_roll = time.time() - t0
       comps = rollout_lib.score(ro, c.reward, alpha=c.alpha, invalid_penalty=c.invalid_penalty)
       total = algorithm.shape_rewards(comps["total"], ro.lengths, ro.finished,
@@ -276,7 +281,8 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
       done = it + 1
       if c.eval_every and (done % c.eval_every == 0 or done == c.iterations):
         ev, md = _validation_eval(pol.tr.model(state["params"]), tok, data["validation"],
-                                  data["items"], data["users"], sids, prompt_cfg, c)
+                                  data["items"], data["users"], sids, prompt_cfg, c,
+                                  data["evidence"])
         logger.write(done, ev, kind="eval")
         logging.info("[%s] validation at iteration %d:\n%s", name, done, md)
         entry["validation"] = ev
@@ -300,7 +306,7 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
   return pol.tr.model(state["params"]), report
 
 
-def _load_data(ctx, c):
+def _load_data(ctx, c, prompt_cfg):
   data_dir = runner.artifact_dir(ctx.workdir, ctx.config, "data")
   legacy_dir = runner.artifact_dir(ctx.workdir, ctx.config, "legacy")
   train = slates_lib.load_split(legacy_dir, "train")
@@ -308,7 +314,8 @@ def _load_data(ctx, c):
     raise UserError(f"no train slates in {legacy_dir}; use more data")
   val = slates_lib.load_split(legacy_dir, "validation", max_examples=c.val_examples, seed=c.seed)
   return {"train": train, "validation": val, "items": artifacts.load_items(data_dir),
-          "users": artifacts.load_users(data_dir), "legacy_dir": legacy_dir}
+          "users": artifacts.load_users(data_dir), "legacy_dir": legacy_dir,
+          "evidence": evidence_lib.for_prompt(prompt_cfg, data_dir)}
 
 
 def final_table(ctx, c, models, tok, data, sids, prompt_cfg):
@@ -324,7 +331,8 @@ def final_table(ctx, c, models, tok, data, sids, prompt_cfg):
       [(name, lambda m=model: (m, tok, sids, prompt_cfg)) for name, model in models.items()],
       items=data["items"], users=data["users"], rankers=("random", "popularity", "legacy"),
       seed=c.seed, n_boot=c.n_boot, max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch,
-      constrained=c.eval_constrained, log_prefix="rl")
+      constrained=c.eval_constrained, log_prefix="rl",
+      evidence=lambda _: data["evidence"])
   md = (f"Re-ranking on {result['slates']} seeded {c.eval_split} slates:\n\n"
         + tables.format_table(result["rows"]) + "\n\n"
         + rerank_lib.diagnostics_markdown(result["diagnostics"]))
@@ -369,7 +377,7 @@ def run(ctx):
   sft_dir = ctx.inputs["sft"]
   mesh = _mesh(c)
   prompt_cfg, sids = rerank_lib.load_rerank_info(sft_dir)
-  data = _load_data(ctx, c)
+  data = _load_data(ctx, c, prompt_cfg)
   if len(sids) != len(data["items"]):
     raise UserError(f"{sft_dir} was trained on a SID table of {len(sids)} items but the data has "
                     f"{len(data['items'])}")

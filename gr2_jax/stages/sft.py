@@ -32,6 +32,7 @@ from gr2_jax.parallel import mesh as mesh_lib
 from gr2_jax.rerank import evaluate as rerank_lib
 from gr2_jax.sids import tokens as sid_lib
 from gr2_jax.stages import midtrain
+from gr2_jax.teachers import evidence as evidence_lib
 from gr2_jax.text import chat
 from gr2_jax.text import parser
 from gr2_jax.train import optim
@@ -132,11 +133,11 @@ def load_examples(path, tok, sids, c, answer_format="sids"):
   return examples, skipped, lengths
 
 
-def evaluate(model, tok, name, slates, items, users, sids, prompt_cfg, c):
+def evaluate(model, tok, name, slates, items, users, sids, prompt_cfg, c, evidence=None):
   """Table rows of legacy vs the model (free and constrained) and their diagnostics."""
   orders, diags, samples = rerank_lib.evaluate_checkpoint(
       model, tok, name, slates, items, sids, prompt_cfg, users,
-      max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch)
+      max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch, evidence=evidence)
   n, k = slates["slate"].shape
   orders = dict({"legacy": np.tile(np.arange(k), (n, 1))}, **orders)
   rows = tables.evaluate(orders, slates, n_boot=c.n_boot, seed=c.seed)
@@ -175,7 +176,8 @@ def run(ctx):
   ocfg = optim.OptimConfig(learning_rate=c.learning_rate,
                            warmup_steps=min(c.lr_warmup_steps, steps - 1),
                            total_steps=steps, end_lr_ratio=c.end_lr_ratio,
-                           weight_decay=c.weight_decay, clip_norm=c.clip_norm)
+                           weight_decay=c.weight_decay, clip_norm=c.clip_norm,
+                           frozen_layers=c.frozen_layers)
   tcfg = trainer_lib.TrainerConfig(num_steps=steps, micro_batches=c.micro_batches,
                                    log_every=c.log_every, checkpoint_every=c.checkpoint_every)
   tr = trainer_lib.Trainer(model, ocfg, tcfg, mesh=mesh, workdir=ctx.path("train"), name="sft")
@@ -205,7 +207,8 @@ def run(ctx):
     prompt_cfg, _ = rerank_lib.load_rerank_info(ctx.out_dir)
     rows_eval, diags, samples = evaluate(
         model, tok, f"sft-{c.mode}", slates, artifacts.load_items(data_dir),
-        artifacts.load_users(data_dir), sids, prompt_cfg, c)
+        artifacts.load_users(data_dir), sids, prompt_cfg, c,
+        evidence_lib.for_prompt(prompt_cfg, data_dir))
     md = (tables.format_table(rows_eval) + "\n\n" + rerank_lib.diagnostics_markdown(diags))
     with open(ctx.path("eval.json"), "w") as f:
       json.dump({"split": c.eval_split, "rows": rows_eval, "diagnostics": diags,

@@ -30,6 +30,7 @@ from gr2_jax.stages import midtrain
 from gr2_jax.teachers import base
 from gr2_jax.teachers import cf
 from gr2_jax.teachers import cf_stats
+from gr2_jax.teachers import evidence as evidence_lib
 from gr2_jax.text import parser
 from gr2_jax.text import prompts
 from gr2_jax.text import tokenizers
@@ -42,7 +43,7 @@ DROP_REASONS = ("empty_slate", "target_not_in_slate", "invalid_output", "not_acc
 def prompt_config(section):
   """PromptConfig of a config's `prompt` section (or a plain dict of its fields)."""
   d = dict(section)
-  d["item_fields"] = tuple(d.get("item_fields", prompts.ITEM_FIELDS))
+  d["item_fields"] = tuple(d.get("item_fields", prompts.DEFAULT_ITEM_FIELDS))
   return prompts.PromptConfig(**d)
 
 
@@ -190,6 +191,7 @@ def run(ctx):
   sids = [row["sid"] for row in table["items"]]
   prompt_cfg = prompt_config(c.prompt)
   teacher = make_teacher(c, data_dir, items, sids, prompt_cfg)
+  evidence = evidence_lib.for_prompt(prompt_cfg, data_dir)
   tok = tokenizers.load_tokenizer(c.tokenizer) if c.tokenizer else None
 
   val = slates_lib.load_split(legacy_dir, "validation", max_examples=c.teacher_eval_examples,
@@ -201,7 +203,7 @@ def run(ctx):
   else:
     orders, _, _ = rerank_lib.evaluate_checkpoint(
         teacher.model, teacher.tok, "teacher", val, items, sids, prompt_cfg, users,
-        max_new_tokens=c.teacher_max_new_tokens, constrained=(False,))
+        max_new_tokens=c.teacher_max_new_tokens, constrained=(False,), evidence=evidence)
     n, k = val["slate"].shape
     rows = tables.evaluate(dict({"legacy": np.tile(np.arange(k), (n, 1))}, **orders), val,
                            n_boot=c.n_boot, seed=c.seed)
@@ -214,7 +216,7 @@ def run(ctx):
   slates = slates_lib.load_split(legacy_dir, c.split, max_examples=c.max_examples, seed=c.seed)
   if not len(slates.get("slate", ())):
     raise UserError(f"no {c.split} slates in {legacy_dir}; use more data")
-  examples = base.examples_from_slates(slates, users)
+  examples = base.examples_from_slates(slates, users, evidence)
   for mode in c.modes:
     t0 = time.time()
     records, stats = generate(teacher, examples, slates["labels"], slates["example_id"], sids,

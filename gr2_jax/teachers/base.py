@@ -16,6 +16,8 @@ class TeacherExample:
   slate: Sequence[int]
   target: Optional[int] = None  # read only when the target is visible
   user: Optional[dict] = None  # user features (age, gender, occupation)
+  # {candidate item id: text} shown with the "evidence" item field (`teachers.evidence`).
+  evidence: Optional[dict] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,16 +39,19 @@ class Teacher(abc.ABC):
     """
 
 
-def examples_from_slates(slates, users=None):
+def examples_from_slates(slates, users=None, evidence=None):
   """TeacherExamples of stacked slate records (`gr2_jax.data.slates.load_split`; -1 pads the
-  history on the left). users: the users artifact list, indexed by user id."""
+  history on the left). users: the users artifact list, indexed by user id. evidence: a
+  `teachers.evidence.SlateEvidence` (or None) that annotates each slate's candidates."""
   out = []
   for i in range(len(slates["slate"])):
     h = slates["history"][i]
     user = users[int(slates["user"][i])] if users is not None and "user" in slates else None
-    out.append(TeacherExample(history=tuple(int(x) for x in h[h >= 0]),
-                              slate=tuple(int(x) for x in slates["slate"][i]),
-                              target=int(slates["target"][i]), user=user))
+    history = tuple(int(x) for x in h[h >= 0])
+    slate = tuple(int(x) for x in slates["slate"][i])
+    out.append(TeacherExample(history=history, slate=slate, target=int(slates["target"][i]),
+                              user=user,
+                              evidence=None if evidence is None else evidence(history, slate)))
   return out
 
 
@@ -54,8 +59,8 @@ def conversation(example: TeacherExample, output: TeacherOutput, items, sids,
                  prompt_cfg: prompts.PromptConfig):
   """The training conversation: the prompt of `example` and the teacher's answer."""
   return prompts.build_messages(prompts.with_sids(example.history, items, sids),
-                                prompts.with_sids(example.slate, items, sids), prompt_cfg,
-                                user=example.user, answer=output.text)
+                                prompts.with_sids(example.slate, items, sids, example.evidence),
+                                prompt_cfg, user=example.user, answer=output.text)
 
 
 def rejection_sample(teacher: Teacher, example: TeacherExample, rng, max_tries=8):

@@ -15,7 +15,9 @@ from gr2_jax.errors import UserError
 from gr2_jax.sids import tokens
 
 PART_ORDERS = ("system_user_candidates", "system_candidates_user")
-ITEM_FIELDS = ("sid", "title", "year", "genres")
+ITEM_FIELDS = ("sid", "title", "year", "genres", "evidence")
+# Every field but the per-slate "evidence" (`gr2_jax.teachers.evidence`), which needs statistics.
+DEFAULT_ITEM_FIELDS = ("sid", "title", "year", "genres")
 USER_FIELDS = ("age", "gender", "occupation")
 ANSWER_FORMATS = ("sids", "positions")
 
@@ -31,12 +33,14 @@ class PromptConfig:
     are numbered 1..K and the answer lists the numbers, e.g. [3, 1, 2]).
   """
   max_history: int = 20
-  item_fields: tuple = ITEM_FIELDS
+  item_fields: tuple = DEFAULT_ITEM_FIELDS
   part_order: str = "system_user_candidates"
   reasoning: bool = True
   include_user: bool = True
   item_noun: str = "movies"
   answer_format: str = "sids"
+  # Co-occurrence window (steps) of the training-period statistics behind the "evidence" field.
+  evidence_window: int = 5
 
   def __post_init__(self):
     if self.part_order not in PART_ORDERS:
@@ -50,6 +54,8 @@ class PromptConfig:
     if self.answer_format not in ANSWER_FORMATS:
       raise UserError(f"prompt answer_format must be one of {', '.join(ANSWER_FORMATS)}, "
                       f"got {self.answer_format!r}")
+    if self.evidence_window < 1:
+      raise UserError(f"prompt evidence_window must be >= 1, got {self.evidence_window}")
     if self.max_history < 1:
       raise UserError(f"prompt max_history must be >= 1, got {self.max_history}")
 
@@ -153,6 +159,15 @@ def build_messages(history_items, slate_items, cfg: PromptConfig, user=None, ans
   return messages
 
 
-def with_sids(item_ids, items, sids):
-  """Item dicts of `item_ids` with their "sid" added; items[i] and sids[i] describe item i."""
-  return [dict(items[int(i)], sid=sids[int(i)]) for i in item_ids]
+def with_sids(item_ids, items, sids, evidence=None):
+  """Item dicts of `item_ids` with their "sid" added; items[i] and sids[i] describe item i.
+
+  evidence: optional {item id: text} (`gr2_jax.teachers.evidence`), added as the items'
+  "evidence" field, which the prompt shows when its `item_fields` name it.
+  """
+  out = [dict(items[int(i)], sid=sids[int(i)]) for i in item_ids]
+  if evidence:
+    for it, i in zip(out, item_ids):
+      if int(i) in evidence:
+        it["evidence"] = evidence[int(i)]
+  return out

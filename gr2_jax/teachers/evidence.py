@@ -1,0 +1,65 @@
+"""Evidence shown beside each candidate: the training-period statistics the CF teacher ranks by.
+
+With "evidence" among the prompt's `item_fields`, each candidate line ends with
+
+  `co-watched 37, followed last 4`
+
+where `co-watched` counts how often the candidate co-occurred (within the statistics' window)
+with the `recent` most recent history items shown, and `followed last` how often it directly
+followed the last history item, both over the training periods only (`cf_stats.compute_stats`,
+no validation or test interaction). The CF teacher scores candidates by normalised, recency-
+weighted forms of these counts; the prompt shows the raw counts, so that a student can learn to
+read them rather than memorise the catalogue's co-occurrences.
+"""
+
+import functools
+
+import numpy as np
+
+from gr2_jax.data import artifacts
+from gr2_jax.teachers import cf_stats
+
+
+class SlateEvidence:
+  """(history, slate) item ids -> {candidate item id: evidence text}."""
+
+  def __init__(self, stats: cf_stats.CFStats, recent: int):
+    if recent < 1:
+      raise ValueError(f"evidence needs recent >= 1 history items, got {recent}")
+    self.stats = stats
+    self.recent = int(recent)
+
+  def counts(self, history, slate):
+    """(co-watched [K], followed-last [K]) integer counts of the slate's items."""
+    slate = np.asarray(slate, np.int64)
+    hist = np.asarray(history, np.int64)[-self.recent:]
+    if not len(hist):
+      zeros = np.zeros(len(slate), np.int64)
+      return zeros, zeros
+    cooc = self.stats.cooc[hist][:, slate].sum(0)
+    follows = self.stats.transitions[hist[-1], slate]
+    return np.rint(cooc).astype(np.int64), np.rint(follows).astype(np.int64)
+
+  def __call__(self, history, slate):
+    cooc, follows = self.counts(history, slate)
+    return {int(i): f"co-watched {c}, followed last {f}"
+            for i, c, f in zip(slate, cooc, follows)}
+
+
+@functools.lru_cache(maxsize=2)
+def _stats(data_dir, window):
+  items = artifacts.load_items(data_dir)
+  return cf_stats.compute_stats(artifacts.load_interactions(data_dir), items, window=window)
+
+
+def for_prompt(prompt_cfg, data_dir):
+  """A SlateEvidence when `prompt_cfg` shows the "evidence" field, else None.
+
+  The statistics come from the data artifact `data_dir` (training periods only) with the
+  prompt's `evidence_window`, computed once per process; `recent` is the prompt's shown
+  history (`max_history`).
+  """
+  if "evidence" not in prompt_cfg.item_fields:
+    return None
+  return SlateEvidence(_stats(data_dir, prompt_cfg.evidence_window),
+                       recent=prompt_cfg.max_history)
