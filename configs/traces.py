@@ -55,6 +55,9 @@ def section(preset):
   # "top1": the teacher's first item is the target; "positives_first": every positive label of
   # the slate precedes every negative (multi-positive slates).
   c.acceptance = "top1"
+  # Show each slate in a seeded random order (labels and answers follow) instead of the legacy
+  # order, so that SFT cannot learn to rank the first shown candidate first.
+  c.shuffle_display = False
   # "cf": the collaborative-filtering teacher (no LLM); "checkpoint": a gr2_jax model (an sft or
   # midtrain artifact folder in teacher_checkpoint) sampled on device at teacher_temperature.
   c.teacher = "cf"

@@ -12,6 +12,7 @@ provenance), `prompt.json` (the prompt config the conversations were rendered wi
 """
 
 import collections
+import dataclasses
 import json
 import os
 import time
@@ -142,6 +143,23 @@ def _explanation_length(text, slate_sids, tok, answer_format):
   return len(tok.encode(explanation)) if tok is not None else len(explanation.split())
 
 
+def shuffle_display(examples, labels, seed):
+  """Each example's slate shown in a seeded random order, its labels following.
+
+  Returns (examples, labels [N, K], display [N, K]): display[i, j] is the legacy position of
+  the j-th shown candidate. The CF teacher ranks by content (its position weight is 0), so its
+  orders do not change; what changes is that the answer's first number no longer tends to be 1
+  (SASRec's top slot holds the target most often), so a student cannot learn to copy the shown
+  order.
+  """
+  rng = np.random.default_rng([int(seed), 0x5D15])
+  labels = np.asarray(labels)
+  display = np.stack([rng.permutation(len(ex.slate)) for ex in examples])
+  shown = [dataclasses.replace(ex, slate=tuple(ex.slate[j] for j in p))
+           for ex, p in zip(examples, display)]
+  return shown, np.take_along_axis(labels, display, axis=1), display
+
+
 def make_teacher(c, data_dir, items, sids, prompt_cfg):
   if c.teacher == "checkpoint":
     if not c.teacher_checkpoint or not os.path.isdir(c.teacher_checkpoint):
@@ -217,9 +235,12 @@ def run(ctx):
   if not len(slates.get("slate", ())):
     raise UserError(f"no {c.split} slates in {legacy_dir}; use more data")
   examples = base.examples_from_slates(slates, users, evidence)
+  labels, display = slates["labels"], None
+  if c.shuffle_display:
+    examples, labels, display = shuffle_display(examples, labels, c.seed)
   for mode in c.modes:
     t0 = time.time()
-    records, stats = generate(teacher, examples, slates["labels"], slates["example_id"], sids,
+    records, stats = generate(teacher, examples, labels, slates["example_id"], sids,
                               mode, max_tries=c.max_tries, acceptance=c.acceptance, seed=c.seed,
                               answer_format=prompt_cfg.answer_format)
     lengths = []
@@ -230,7 +251,8 @@ def run(ctx):
                                            prompt_cfg.answer_format))
         f.write(json.dumps({
             "example_id": int(slates["example_id"][i]), "user": int(slates["user"][i]),
-            "slate": list(ex.slate), "target_index": int(slates["target_index"][i]),
+            "slate": list(ex.slate), "target_index": list(ex.slate).index(ex.target),
+            **({} if display is None else {"display": [int(j) for j in display[i]]}),
             "order": list(out.order),
             "teacher": c.teacher, "mode": mode, "attempt": attempt, "seed": seed,
             "messages": base.conversation(ex, out, items, sids, prompt_cfg),

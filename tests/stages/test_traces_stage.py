@@ -158,3 +158,35 @@ def test_tiny_traces_stage_in_positions_format(tiny_workdir):
     assert ranked == [p + 1 for p in r["order"]] and ranked[0] == r["target_index"] + 1
     assert "<|sid_begin|>" in json.loads(answer)["explanation"]
     assert parser.parse_ranking(answer, r["slate"], "positions").omega
+
+
+def test_shuffled_display_shows_the_slate_in_the_recorded_order(tiny_workdir):
+  config = tiny_config()
+  config.traces.prompt.answer_format = "positions"
+  config.traces.shuffle_display = True
+  out, _ = runner.run_stage(config, tiny_workdir, "traces")
+  legacy = slates_lib.load_split(runner.artifact_dir(tiny_workdir, config, "legacy"), "train",
+                                 max_examples=config.traces.max_examples, seed=config.traces.seed)
+  by_id = {int(e): i for i, e in enumerate(legacy["example_id"])}
+  with open(os.path.join(out, "traces_targeted.jsonl")) as f:
+    recs = [json.loads(line) for line in f]
+  firsts = []
+  for r in recs:
+    i = by_id[r["example_id"]]
+    # display[j] is the legacy position of the j-th shown candidate.
+    assert sorted(r["display"]) == list(range(10))
+    assert r["slate"] == [int(legacy["slate"][i][j]) for j in r["display"]]
+    assert r["display"][r["target_index"]] == int(legacy["target_index"][i])
+    ranked = json.loads(r["messages"][2]["content"])["recommendations"]
+    assert ranked[0] == r["target_index"] + 1
+    firsts.append(r["display"][0])
+  # Not the legacy order: the first shown candidate is SASRec's top slot only by chance.
+  assert np.mean(np.asarray(firsts) == 0) < 0.5
+
+
+def test_shuffle_display_permutes_labels_with_the_slate():
+  ex = [base.TeacherExample(history=(1,), slate=(10, 11, 12), target=12)]
+  shown, labels, display = traces.shuffle_display(ex, np.array([[0, 1, 2]]), seed=3)
+  assert shown[0].slate == tuple((10, 11, 12)[j] for j in display[0])
+  np.testing.assert_array_equal(labels[0], display[0])  # label j was j
+  assert shown[0].target == 12 and shown[0].history == (1,)
