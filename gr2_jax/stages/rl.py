@@ -209,7 +209,7 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
           group_size=g, shuffle=c.shuffle, key=jax.random.fold_in(jax.random.key(c.seed), it),
           rng=rng, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
           batch_size=c.rollout_batch, constrain_ranking=c.constrain_ranking,
-          evidence=data["evidence"])
+          evidence=data.get("evidence"))
       t_roll = time.time() - t0
       comps = rollout_lib.score(ro, c.reward, alpha=c.alpha, invalid_penalty=c.invalid_penalty)
       total = algorithm.shape_rewards(comps["total"], ro.lengths, ro.finished,
@@ -282,7 +282,7 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
       if c.eval_every and (done % c.eval_every == 0 or done == c.iterations):
         ev, md = _validation_eval(pol.tr.model(state["params"]), tok, data["validation"],
                                   data["items"], data["users"], sids, prompt_cfg, c,
-                                  data["evidence"])
+                                  data.get("evidence"))
         logger.write(done, ev, kind="eval")
         logging.info("[%s] validation at iteration %d:\n%s", name, done, md)
         entry["validation"] = ev
@@ -332,7 +332,7 @@ def final_table(ctx, c, models, tok, data, sids, prompt_cfg):
       items=data["items"], users=data["users"], rankers=("random", "popularity", "legacy"),
       seed=c.seed, n_boot=c.n_boot, max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch,
       constrained=c.eval_constrained, log_prefix="rl",
-      evidence=lambda _: data["evidence"])
+      evidence=lambda _: data.get("evidence"))
   md = (f"Re-ranking on {result['slates']} seeded {c.eval_split} slates:\n\n"
         + tables.format_table(result["rows"]) + "\n\n"
         + rerank_lib.diagnostics_markdown(result["diagnostics"]))
