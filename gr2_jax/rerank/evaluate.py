@@ -3,7 +3,8 @@
 Each slate's prompt is the chat of `gr2_jax.text.prompts` with an open assistant turn; the
 model answers by greedy decoding with the sampler. The unconstrained answer is parsed with
 Omega; an invalid one counts as the legacy order (and is counted). The constrained answer
-restricts only the ranking: decoding is free up to the answer's `"recommendations"` key (the
+restricts only the ranking (and runs only for slates whose free answer is invalid: a valid one
+is its own constrained answer): decoding is free up to the answer's `"recommendations"` key (the
 explanation may cite any item), and from there every SID must be one of the slate's items not
 listed yet (`constraints.slate_constraint` triggered by `<|sid_begin|>`), or, in the "positions"
 answer format, every token holding a digit must belong to a number 1..K not listed yet
@@ -211,24 +212,32 @@ def rerank(model, tok, examples, items, sids, prompt_cfg, *, max_new_tokens=448,
   fmt = prompt_cfg.answer_format
   p_ids = prompt_ids(examples, items, sids, prompt_cfg, tok)
   free = _greedy(model, tok, p_ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
+  free_res = _parse([tok.decode(g) for g in free], free, slates_sids, fmt)
   results = {}
   if False in constrained:
-    results[False] = _parse([tok.decode(g) for g in free], free, slates_sids, fmt)
+    results[False] = free_res
   if True in constrained:
-    heads, forced = [], 0
-    for g in free:
-      cut = ranking_cut(tok, g)
+    # A free answer that is already a valid ranking never meets the constraint's mask, so
+    # greedy decoding under the constraint writes the same tokens: only the others are decoded
+    # again.
+    redo = [i for i in range(len(free)) if not free_res.omega[i]]
+    gen, forced, heads = list(free), 0, []
+    for i in redo:
+      cut = ranking_cut(tok, free[i])
       if cut is None:
         forced += 1
         heads.append(tok.encode(FORCED_PREFIX))
       else:
-        heads.append(g[:cut])
-    make_constraint, tail_budget = ranking_constraint(tok, model.cfg.vocab_size, slates_sids,
-                                                      fmt, batch_size)
-    tails = _greedy(model, tok, [p + h for p, h in zip(p_ids, heads)],
-                    max_new_tokens=tail_budget, batch_size=batch_size,
-                    make_constraint=make_constraint)
-    gen = [h + t for h, t in zip(heads, tails)]
+        heads.append(free[i][:cut])
+    if redo:
+      redo_sids = [slates_sids[i] for i in redo]
+      make_constraint, tail_budget = ranking_constraint(tok, model.cfg.vocab_size, redo_sids,
+                                                        fmt, batch_size)
+      tails = _greedy(model, tok, [p_ids[i] + h for i, h in zip(redo, heads)],
+                      max_new_tokens=tail_budget, batch_size=batch_size,
+                      make_constraint=make_constraint)
+      for i, h, t in zip(redo, heads, tails):
+        gen[i] = h + t
     res = _parse([tok.decode(g) for g in gen], gen, slates_sids, fmt)
     res.forced = forced
     results[True] = res

@@ -88,3 +88,29 @@ def test_positions_constraint_gives_a_permutation_of_the_numbers(memorised_posit
   assert cons.omega[0] and cons.forced == 0, cons.texts[0]
   assert cons.order[0, 0] == 9 and sorted(cons.order[0]) == list(range(12))
   assert cons.texts[0].endswith("]}")
+
+
+def test_only_invalid_free_answers_are_decoded_again_under_the_constraint(memorised,
+                                                                           monkeypatch):
+  """The real model's free answer (a duplicate SID) is decoded again, a valid one is kept."""
+  model, tok = memorised
+  valid = evaluate.prompts.render_answer([SIDS[3], SIDS[1], SIDS[2]])
+  real = evaluate._greedy  # pylint: disable=protected-access
+  calls = []
+
+  def greedy(m, t, prompts_ids, **kw):
+    calls.append((len(prompts_ids), kw.get("make_constraint") is not None))
+    out = real(m, t, prompts_ids, **kw)
+    if kw.get("make_constraint") is None:
+      out[1] = tok.encode(valid)  # the second slate's free answer is a valid ranking
+    return out
+
+  monkeypatch.setattr(evaluate, "_greedy", greedy)
+  res = evaluate.rerank(model, tok, [EXAMPLE, EXAMPLE], ITEMS, SIDS, PROMPT,
+                        max_new_tokens=80, batch_size=1)
+  free, cons = res[False], res[True]
+  assert calls == [(2, False), (1, True)]
+  assert free.omega.tolist() == [False, True]
+  # The valid free answer is its own constrained answer; the invalid one was repaired.
+  assert cons.texts[1] == valid and cons.order[1].tolist() == [2, 0, 1]
+  assert cons.omega.tolist() == [True, True] and cons.texts[0] != free.texts[0]
