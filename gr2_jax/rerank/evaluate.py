@@ -143,17 +143,18 @@ def _token_ends(tok, ids, text):
 
 
 @functools.lru_cache(maxsize=16)
-def number_sequences(tok, k):
-  """(going_on, closing): per number 1..k, the token sequences that write it in the answer's
-  list followed by another number, and as the list's last.
+def number_sequences(tok, k, first=1):
+  """(going_on, closing): per number first..first + k - 1, the token sequences that write it in
+  the answer's list followed by another number, and as the list's last.
 
   Each is the tokenizer's own ids of the number as it appears in a rendered answer (first, in
   the middle, last), closed by the token after it (the comma or bracket), unless the number's
   last token holds that already: "1" and "10" stay apart when digits are tokens.
   """
   going_on, closing = [set() for _ in range(k)], [set() for _ in range(k)]
-  for n in range(1, k + 1):
-    others = [m for m in range(1, k + 1) if m != n]
+  numbers = range(first, first + k)
+  for n in numbers:
+    others = [m for m in numbers if m != n]
     for recs in ([n] + others, others[:1] + [n] + others[1:], others + [n]):
       text = prompts.render_answer(recs)
       start = text.index("[") + 1
@@ -170,7 +171,7 @@ def number_sequences(tok, k):
       if ends[stop - 1] == end or _DIGIT.search(rest):
         raise UserError(f"the tokenizer writes number {n} of the answer's list together with "
                         "another number; use answer_format=sids")
-      (closing if recs[-1] == n else going_on)[n - 1].add(tuple(ids[first:stop]))
+      (closing if recs[-1] == n else going_on)[n - numbers[0]].add(tuple(ids[first:stop]))
   return tuple(tuple(tuple(sorted(w)) for w in ways) for ways in (going_on, closing))
 
 
@@ -184,8 +185,8 @@ def ranking_constraint(tok, vocab_size, shown_sids, answer_format, batch_size):
   """(make_constraint(start, real), token budget) of the constrained ranking of rows whose
   prompts showed the slates `shown_sids` (all of one size K)."""
   k = len(shown_sids[0])
-  if answer_format == "positions":
-    going_on, closing = number_sequences(tok, k)
+  if prompts.first_number(answer_format) is not None:
+    going_on, closing = number_sequences(tok, k, prompts.first_number(answer_format))
     cons = constraints.group_constraint(going_on, vocab_size, closing=closing,
                                         root_tokens=digit_free_ids(tok))
     # The numbers with their commas and brackets, spaces, the closing and the stop token.

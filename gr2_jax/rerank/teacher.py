@@ -37,8 +37,9 @@ class CheckpointTeacher(base.Teacher):
                                   self.prompt_cfg, user=example.user)
     if target_visible:
       sid = self.sids[int(example.target)]
-      if self.prompt_cfg.answer_format == "positions":
-        sid = f"candidate {list(example.slate).index(example.target) + 1} ({sid})"
+      first = prompts.first_number(self.prompt_cfg.answer_format)
+      if first is not None:
+        sid = f"candidate {list(example.slate).index(example.target) + first} ({sid})"
       msgs[1] = dict(msgs[1], content=msgs[1]["content"] + (
           f"\nThe user watched {sid} next: rank it first and explain why it fits."))
     return msgs

@@ -92,17 +92,18 @@ def _sid_order(recs, slate_sids):
   return order, None
 
 
-def _number_order(recs, k):
-  """(slate positions of the leading valid entries, failure reason or None) for numbers 1..k."""
+def _number_order(recs, k, first=1):
+  """(slate positions of the leading valid entries, failure reason or None) for numbers
+  first..first + k - 1."""
   order = []
   for r in recs:
     if isinstance(r, bool) or not isinstance(r, int):  # JSON true is a Python int
       return order, "non_integer"
-    if not 1 <= r <= k:
+    if not first <= r < first + k:
       return order, "foreign"
-    if r - 1 in order:
+    if r - first in order:
       return order, "duplicate"
-    order.append(r - 1)
+    order.append(r - first)
   return order, None
 
 
@@ -130,8 +131,9 @@ def parse_ranking(text, slate_sids, answer_format="sids") -> ParseResult:
   recs = obj["recommendations"]
   if not isinstance(recs, list):
     return _fail("not_a_list", explanation)
-  if answer_format == "positions":
-    order, fault = _number_order(recs, len(slate_sids))
+  first = prompts.first_number(answer_format)
+  if first is not None:
+    order, fault = _number_order(recs, len(slate_sids), first)
   else:
     order, fault = _sid_order(recs, slate_sids)
   if fault is not None:

@@ -19,7 +19,14 @@ ITEM_FIELDS = ("sid", "title", "year", "genres", "evidence")
 # Every field but the per-slate "evidence" (`gr2_jax.teachers.evidence`), which needs statistics.
 DEFAULT_ITEM_FIELDS = ("sid", "title", "year", "genres")
 USER_FIELDS = ("age", "gender", "occupation")
-ANSWER_FORMATS = ("sids", "positions")
+ANSWER_FORMATS = ("sids", "positions", "positions0")
+
+
+def first_number(answer_format):
+  """The number of the first candidate in a numbered answer format (None for "sids"):
+  "positions" numbers the candidates 1..K, "positions0" 0..K-1 (one token each for K <= 10
+  with digit-level tokenizers, so the answer's first token is the whole first choice)."""
+  return {"positions": 1, "positions0": 0}.get(answer_format)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +81,8 @@ def system_text(cfg: PromptConfig) -> str:
       "user watches each next, most likely first.",
       f"Items: {item_legend(cfg)}.",
   ]
-  entry, each = (("number", "every candidate's number once") if cfg.answer_format == "positions"
+  entry, each = (("number", "every candidate's number once")
+                 if first_number(cfg.answer_format) is not None
                  else ("SID", "every candidate once"))
   if cfg.reasoning:
     lines += [
@@ -109,8 +117,9 @@ def _history_block(history_items, cfg):
 
 def _candidates_block(slate_items, cfg):
   lines = [item_line(it, cfg) for it in slate_items]
-  if cfg.answer_format == "positions":
-    lines = [f"{i}. {line}" for i, line in enumerate(lines, 1)]
+  first = first_number(cfg.answer_format)
+  if first is not None:
+    lines = [f"{i}. {line}" for i, line in enumerate(lines, first)]
   return [f"Candidates ({len(slate_items)}):"] + lines
 
 
@@ -135,8 +144,9 @@ def user_content(history_items, slate_items, cfg: PromptConfig, user=None) -> st
 
 def recommendations(order, slate_sids, answer_format="sids"):
   """The answer's list for slate positions `order`: their SIDs, or their numbers 1..K."""
-  if answer_format == "positions":
-    return [int(p) + 1 for p in order]
+  first = first_number(answer_format)
+  if first is not None:
+    return [int(p) + first for p in order]
   return [slate_sids[int(p)] for p in order]
 
 

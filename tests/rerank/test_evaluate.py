@@ -71,6 +71,10 @@ def test_number_sequences_close_each_number_with_its_own_tokens(memorised_positi
   free = set(evaluate.digit_free_ids(tok))
   assert tok.im_end_id in free and tok.token_to_id(",") in free
   assert tok.encode("1")[0] not in free and tok.token_to_id("<s_a_1>") not in free
+  # Numbered from 0 ("positions0"), 0..9 are single tokens: each is its own first token.
+  going_on, closing = evaluate.number_sequences(tok, 10, 0)
+  assert [tok.decode(going_on[n][0]) for n in range(10)] == [f"{n}," for n in range(10)]
+  assert len({going_on[n][0][0] for n in range(10)}) == 10
 
 
 def test_positions_constraint_gives_a_permutation_of_the_numbers(memorised_positions):

@@ -263,3 +263,10 @@ def test_positions_never_raise_on_mutations(perm, pos, junk):
   r = _check_positions(text)
   assert r.omega and [p + 1 for p in r.order] == list(perm)
   _check_positions(text[:pos] + junk + text[pos:])
+
+
+def test_positions0_reads_numbers_from_zero():
+  res = parser.parse_ranking(numbers([2, 0, 1]), SLATE, "positions0")
+  assert (res.omega, res.order) == (True, (2, 0, 1))
+  bad = parser.parse_ranking(numbers([3, 1, 2]), SLATE, "positions0")
+  assert (bad.omega, bad.reason, bad.prefix) == (False, "foreign", 0)

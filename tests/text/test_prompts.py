@@ -145,5 +145,17 @@ def test_recommendations_in_both_formats():
 
 
 def test_unknown_answer_format_is_user_error():
-  with pytest.raises(UserError, match="answer_format must be one of sids, positions"):
+  with pytest.raises(UserError, match="answer_format must be one of sids, positions, positions0"):
     prompts.PromptConfig(answer_format="numbers")
+
+
+def test_positions0_numbers_the_candidates_from_zero():
+  cfg = prompts.PromptConfig(answer_format="positions0")
+  msgs = prompts.build_messages(HISTORY, SLATE, cfg, user=USER)
+  assert msgs[0]["content"] == SYSTEM_POSITIONS
+  assert msgs[1]["content"].endswith(
+      "Candidates (3):\n"
+      "0. <|sid_begin|><s_a_2><s_b_3><|sid_end|> Fargo (1996) | Crime, Drama\n"
+      "1. <|sid_begin|><s_a_3><s_b_4><|sid_end|> Babe (1995) | Children's\n"
+      "2. <|sid_begin|><s_a_4><s_b_5><|sid_end|> Alien (1979) | Horror, Sci-Fi")
+  assert prompts.recommendations((2, 0, 1), [S[2], S[3], S[4]], "positions0") == [2, 0, 1]
