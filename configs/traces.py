@@ -27,7 +27,8 @@ def prompt_section(preset="default"):
   p.reasoning = True
   p.include_user = True
   # "sids": the answer lists the candidates' SIDs (paper 1); "positions": the prompt numbers the
-  # candidates 1..K and the answer lists the numbers (technical report), no SID copying.
+  # candidates 1..K and the answer lists the numbers (technical report), no SID copying;
+  # "positions0": numbered 0..K-1 (one token per number for K <= 10 with digit tokenizers).
   p.answer_format = "sids"
   # "evidence" in item_fields ends each candidate line with training-period counts
   # (`gr2_jax.teachers.evidence`: co-watched with the shown history, followed the last item);

@@ -36,8 +36,9 @@ class PromptConfig:
   part_order: "system_user_candidates", or "system_candidates_user" so that the system turn and
     the candidates form a prefix shared by every user who gets the same slate.
   reasoning: False renders the no-reasoning variant (the answer holds only the ranking).
-  answer_format: "sids" (the answer lists the candidates' SIDs) or "positions" (the candidates
-    are numbered 1..K and the answer lists the numbers, e.g. [3, 1, 2]).
+  answer_format: "sids" (the answer lists the candidates' SIDs), "positions" (the candidates
+    are numbered 1..K and the answer lists the numbers, e.g. [3, 1, 2]) or "positions0" (the
+    same numbered 0..K-1).
   """
   max_history: int = 20
   item_fields: tuple = DEFAULT_ITEM_FIELDS
