@@ -185,8 +185,9 @@ def ranking_constraint(tok, vocab_size, shown_sids, answer_format, batch_size):
   """(make_constraint(start, real), token budget) of the constrained ranking of rows whose
   prompts showed the slates `shown_sids` (all of one size K)."""
   k = len(shown_sids[0])
-  if prompts.first_number(answer_format) is not None:
-    going_on, closing = number_sequences(tok, k, prompts.first_number(answer_format))
+  first = prompts.first_number(answer_format)
+  if first is not None:
+    going_on, closing = number_sequences(tok, k, first)
     cons = constraints.group_constraint(going_on, vocab_size, closing=closing,
                                         root_tokens=digit_free_ids(tok))
     # The numbers with their commas and brackets, spaces, the closing and the stop token.

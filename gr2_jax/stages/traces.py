@@ -171,8 +171,8 @@ def make_teacher(c, data_dir, items, sids, prompt_cfg):
                                          max_new_tokens=c.teacher_max_new_tokens)
   if c.teacher != "cf":
     raise UserError(f"unknown teacher {c.teacher!r}; valid: cf, checkpoint")
-  stats = cf_stats.compute_stats(artifacts.load_interactions(data_dir), items, window=c.cf_window)
-  return cf.CFTeacher(stats, items, sids, config=c.cf, prompt_cfg=prompt_cfg)
+  return cf.CFTeacher(cf_stats.load_stats(data_dir, c.cf_window), items, sids, config=c.cf,
+                      prompt_cfg=prompt_cfg)
 
 
 def _markdown(report):

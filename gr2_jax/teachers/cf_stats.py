@@ -35,6 +35,14 @@ class CFStats:
     return self.transitions.sum(1)
 
 
+@functools.lru_cache(maxsize=2)
+def load_stats(data_dir, window=5):
+  """`compute_stats` of a data artifact folder, once per (folder, window) in a process: the CF
+  teacher and the prompt's evidence field read the same matrices."""
+  return compute_stats(artifacts.load_interactions(data_dir), artifacts.load_items(data_dir),
+                       window=window)
+
+
 def genre_matrix(items):
   """Multi-hot [N, G] genres of items (ids 0..N-1) and the sorted genre names."""
   genres = tuple(sorted({g for it in items for g in it.get("genres", ())}))

@@ -12,11 +12,8 @@ weighted forms of these counts; the prompt shows the raw counts, so that a stude
 read them rather than memorise the catalogue's co-occurrences.
 """
 
-import functools
-
 import numpy as np
 
-from gr2_jax.data import artifacts
 from gr2_jax.teachers import cf_stats
 
 
@@ -46,20 +43,14 @@ class SlateEvidence:
             for i, c, f in zip(slate, cooc, follows)}
 
 
-@functools.lru_cache(maxsize=2)
-def _stats(data_dir, window):
-  items = artifacts.load_items(data_dir)
-  return cf_stats.compute_stats(artifacts.load_interactions(data_dir), items, window=window)
-
-
 def for_prompt(prompt_cfg, data_dir):
   """A SlateEvidence when `prompt_cfg` shows the "evidence" field, else None.
 
   The statistics come from the data artifact `data_dir` (training periods only) with the
-  prompt's `evidence_window`, computed once per process; `recent` is the prompt's shown
+  prompt's `evidence_window` (`cf_stats.load_stats`, shared with the CF teacher); `recent` is the prompt's shown
   history (`max_history`).
   """
   if "evidence" not in prompt_cfg.item_fields:
     return None
-  return SlateEvidence(_stats(data_dir, prompt_cfg.evidence_window),
+  return SlateEvidence(cf_stats.load_stats(data_dir, prompt_cfg.evidence_window),
                        recent=prompt_cfg.max_history)

@@ -53,8 +53,13 @@ def lr_schedule(cfg: OptimConfig):
       end_value=cfg.learning_rate * cfg.end_lr_ratio)
 
 
+def _keys(path):
+  """The keys of a pytree path, e.g. ["layers", 3, "mlp", "up_proj", "kernel"]."""
+  return [getattr(k, "key", getattr(k, "name", k)) for k in path]
+
+
 def _names(path):
-  return {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
+  return {str(k) for k in _keys(path)}
 
 
 def _decay_mask(params):
@@ -63,7 +68,7 @@ def _decay_mask(params):
 
 
 def _is_frozen(path, frozen_layers):
-  keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+  keys = _keys(path)
   if "embed_tokens" in keys:
     return True
   if len(keys) > 1 and keys[0] == "layers":
@@ -77,13 +82,8 @@ def frozen_mask(params, frozen_layers):
       lambda path, _: frozen_layers > 0 and _is_frozen(path, frozen_layers), params)
 
 
-def num_layers(params):
-  """Decoder layers in a model's pure parameter dict."""
-  return len(params.get("layers", {})) if isinstance(params, dict) else 0
-
-
 def check_frozen_layers(params, frozen_layers):
-  n = num_layers(params)
+  n = len(params.get("layers", {}))
   if frozen_layers > n:
     raise UserError(f"frozen_layers={frozen_layers} but the model has {n} decoder layers "
                     f"(use 0..{n})")

@@ -131,20 +131,27 @@ def _run(workdir, num_steps, on_step=None, seen=None, frozen_layers=0):
   return tr.fit(ds, on_step=record)
 
 
+class Killed(Exception):
+  pass
+
+
+def _killed_at(workdir, num_steps, at, **kw):
+  """Runs `_run` until step `at` finishes, then raises as a hard kill would."""
+
+  def kill(step):
+    if step == at:
+      raise Killed()
+
+  with pytest.raises(Killed):
+    _run(workdir, num_steps, on_step=kill, **kw)
+
+
 def test_killed_and_preempted_runs_resume_exactly(tmp_path):
   ref, ref_summary = _run(str(tmp_path / "ref"), 7)
 
   # A hard kill after step 5 (checkpoints every 2 steps): resumes at 4, redoes step 5.
-  class Killed(Exception):
-    pass
-
-  def kill(step):
-    if step == 5:
-      raise Killed()
-
   work = str(tmp_path / "killed")
-  with pytest.raises(Killed):
-    _run(work, 7, on_step=kill)
+  _killed_at(work, 7, 5)
   seen = []
   out, summary = _run(work, 7, seen=seen)
   assert summary["resumed_from"] == 4 and seen == [5, 6, 7]
@@ -212,17 +219,8 @@ def test_frozen_layers_stay_fixed_and_the_rest_takes_the_masked_adamw_step():
 
 def test_frozen_run_resumes_exactly(tmp_path):
   ref, _ = _run(str(tmp_path / "ref"), 4, frozen_layers=1)
-
-  class Killed(Exception):
-    pass
-
-  def kill(step):
-    if step == 3:
-      raise Killed()
-
   work = str(tmp_path / "killed")
-  with pytest.raises(Killed):
-    _run(work, 4, on_step=kill, frozen_layers=1)
+  _killed_at(work, 4, 3, frozen_layers=1)
   out, summary = _run(work, 4, frozen_layers=1)
   assert summary["resumed_from"] == 2
   for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
