@@ -8,10 +8,13 @@ import dataclasses
 import functools
 import time
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
@@ -155,7 +158,7 @@ def sample_batch(seqs, batch_size, max_len, rng):
 
 
 def train(cfg, interactions, mask, *, steps, batch_size, learning_rate, num_negatives, seed,
-          log_every=100):
+          log_every=100, log_prefix="[legacy]"):
   """Trains SASRec on the masked (legacy-period) interactions; returns the model."""
   shuffled = shuffle_ties({**interactions, "mask": mask}, seed)
   seqs = _user_sequences(shuffled["user"], shuffled["item"], shuffled["mask"])
@@ -172,7 +175,7 @@ def train(cfg, interactions, mask, *, steps, batch_size, learning_rate, num_nega
     seen += int((y > 0).sum())
     if step % log_every == 0 or step == steps:
       elapsed = time.time() - start
-      logging.info("[legacy] sasrec step %d/%d  loss %.4f  %.0f targets/s", step, steps,
+      logging.info("%s sasrec step %d/%d  loss %.4f  %.0f targets/s", log_prefix, step, steps,
                    float(loss), seen / max(elapsed, 1e-9))
   return model
 
@@ -197,3 +200,53 @@ def rank_and_top_k(model, history, excluded, targets, popularity, k, batch_size=
     out = _rank_and_top_k(model, *map(jnp.asarray, parts), pop, k)
     outs.append([np.asarray(o)[:batch_size - pad] for o in out])
   return [np.concatenate(col) for col in zip(*outs)]
+
+
+def config_of(section, num_items):
+  """SASRecConfig of a legacy config section (`configs/legacy.py`)."""
+  return SASRecConfig(num_items=num_items, max_len=section.max_len, dim=section.dim,
+                      num_blocks=section.num_blocks, num_heads=section.num_heads,
+                      dropout=section.dropout)
+
+
+def restore(path, cfg):
+  """The SASRec saved at `path` (orbax, its nnx.Param state)."""
+  abstract = nnx.eval_shape(lambda: SASRec(cfg, rngs=nnx.Rngs(0)))
+  state = ocp.StandardCheckpointer().restore(path, nnx.state(abstract, nnx.Param))
+  model = SASRec(cfg, rngs=nnx.Rngs(0))
+  nnx.update(model, state)
+  return model
+
+
+def train_or_restore(path, cfg, interactions, mask, section, log_prefix="[legacy]"):
+  """Restores the SASRec at `path`, or trains one on the masked interactions with the
+  section's steps, batch size, learning rate, negatives and seed, and saves it there."""
+  if os.path.isdir(path):
+    logging.info("%s restoring SASRec from %s", log_prefix, path)
+    return restore(path, cfg)
+  model = train(cfg, interactions, mask, steps=section.steps, batch_size=section.batch_size,
+                learning_rate=section.learning_rate, num_negatives=section.num_negatives,
+                seed=section.seed, log_prefix=log_prefix)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, nnx.state(model, nnx.Param))
+  checkpointer.wait_until_finished()
+  return model
+
+
+@nnx.jit
+def _slate_scores(model, seq, slate):
+  return jnp.take_along_axis(model.scores(seq), slate, axis=1)
+
+
+def slate_scores(model, history, slate, batch_size=1024):
+  """SASRec's scores [N, K] of the slate items after right-aligned histories (-1 = pad)."""
+  tokens = history_tokens(history, model.cfg.max_len)
+  out = []
+  for i in range(0, len(tokens), batch_size):
+    t, s = tokens[i:i + batch_size], np.asarray(slate[i:i + batch_size], np.int32)
+    pad = batch_size - len(t)
+    if pad:  # one compiled shape for every batch
+      t = np.concatenate([t, np.zeros((pad,) + t.shape[1:], t.dtype)])
+      s = np.concatenate([s, np.zeros((pad,) + s.shape[1:], s.dtype)])
+    out.append(np.asarray(_slate_scores(model, jnp.asarray(t), jnp.asarray(s)))[:batch_size - pad])
+  return np.concatenate(out) if out else np.zeros(np.shape(slate), np.float32)

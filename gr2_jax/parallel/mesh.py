@@ -30,6 +30,14 @@ def make_mesh(shape=(1, 1, 1), devices=None, axis_names=sharding_lib.MESH_AXES):
   return Mesh(grid, tuple(axis_names), axis_types=(AxisType.Auto,) * len(axis_names))
 
 
+def data_parallel_mesh(num_devices=0):
+  """A (devices, 1, 1) mesh over the first `num_devices` devices (0 = all)."""
+  devices = jax.devices()
+  if num_devices:
+    devices = devices[:num_devices]
+  return make_mesh((len(devices), 1, 1), devices=devices)
+
+
 def single_device_mesh(device=None):
   """A (1, 1, 1) mesh on one device, for code that always wants a mesh."""
   return make_mesh((1, 1, 1), devices=[device or jax.devices()[0]])

@@ -5,9 +5,7 @@ import os
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
-from flax import nnx
 
 from gr2_jax.data import artifacts
 from gr2_jax.data import preprocess
@@ -15,27 +13,6 @@ from gr2_jax.data import sasrec
 from gr2_jax.data import slates as slates_lib
 from gr2_jax.errors import UserError
 from gr2_jax.eval import metrics
-
-
-def _train_or_restore(ctx, cfg, inter):
-  c = ctx.section
-  ckpt = ctx.path("sasrec")
-  abstract = nnx.eval_shape(lambda: sasrec.SASRec(cfg, rngs=nnx.Rngs(0)))
-  abstract_state = nnx.state(abstract, nnx.Param)
-  checkpointer = ocp.StandardCheckpointer()
-  if os.path.isdir(ckpt):
-    logging.info("[legacy] restoring SASRec from %s", ckpt)
-    state = checkpointer.restore(ckpt, abstract_state)
-    model = sasrec.SASRec(cfg, rngs=nnx.Rngs(0))
-    nnx.update(model, state)
-    return model
-  mask = inter["period"] == artifacts.PERIODS.index("legacy")
-  model = sasrec.train(cfg, inter, mask, steps=c.steps, batch_size=c.batch_size,
-                       learning_rate=c.learning_rate, num_negatives=c.num_negatives,
-                       seed=c.seed)
-  checkpointer.save(ckpt, nnx.state(model, nnx.Param))
-  checkpointer.wait_until_finished()
-  return model
 
 
 def _subsample(examples, max_examples, seed):
@@ -65,10 +42,10 @@ def run(ctx):
   num_items = len(artifacts.load_items(data_dir))
   if c.slate_size < 2 or c.slate_size >= num_items:
     raise UserError(f"legacy.slate_size must be in [2, {num_items - 1}], got {c.slate_size}")
-  cfg = sasrec.SASRecConfig(num_items=num_items, max_len=c.max_len, dim=c.dim,
-                            num_blocks=c.num_blocks, num_heads=c.num_heads, dropout=c.dropout)
+  cfg = sasrec.config_of(c, num_items)
   start = time.time()
-  model = _train_or_restore(ctx, cfg, inter)
+  model = sasrec.train_or_restore(ctx.path("sasrec"), cfg, inter,
+                                  inter["period"] == artifacts.PERIODS.index("legacy"), c)
   train_seconds = time.time() - start
   pop = slates_lib.popularity(inter)
   np.save(ctx.path("popularity.npy"), pop)

@@ -17,7 +17,6 @@ import time
 from absl import logging
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -48,13 +47,6 @@ from gr2_jax.train import packing
 from gr2_jax.train import trainer as trainer_lib
 
 TOP_K = 10
-
-
-def _mesh(c):
-  devices = jax.devices()
-  if c.num_devices:
-    devices = devices[:c.num_devices]
-  return mesh_lib.make_mesh((len(devices), 1, 1), devices=devices)
 
 
 def _pretrained(c, mesh):
@@ -266,14 +258,7 @@ def _slate_answers(model, tok, slates, sids, c):
 def _legacy_ranks(ctx, examples, inter, rows, num_items):
   lc = ctx.config.legacy
   legacy_dir = ctx.inputs["legacy"]
-  cfg = sasrec.SASRecConfig(num_items=num_items, max_len=lc.max_len, dim=lc.dim,
-                            num_blocks=lc.num_blocks, num_heads=lc.num_heads,
-                            dropout=lc.dropout)
-  abstract = nnx.eval_shape(lambda: sasrec.SASRec(cfg, rngs=nnx.Rngs(0)))
-  state = ocp.StandardCheckpointer().restore(os.path.join(legacy_dir, "sasrec"),
-                                             nnx.state(abstract, nnx.Param))
-  model = sasrec.SASRec(cfg, rngs=nnx.Rngs(0))
-  nnx.update(model, state)
+  model = sasrec.restore(os.path.join(legacy_dir, "sasrec"), sasrec.config_of(lc, num_items))
   pop = np.load(os.path.join(legacy_dir, "popularity.npy"))
   excluded = slates_lib.exclusion_lists({k: v[rows] for k, v in examples.items()}, inter)
   _, _, r_sas, r_pop = sasrec.rank_and_top_k(model, examples["history"][rows], excluded,
@@ -392,7 +377,7 @@ def run(ctx):
   # The re-ranking turns later stages write (system turns, JSON keys, trace wording) weigh like
   # frequent text, so their words become whole pieces rather than letters.
   corpus += _RERANK_TEXT_REPEATS * rerank_texts()
-  mesh = _mesh(c)
+  mesh = mesh_lib.data_parallel_mesh(c.num_devices)
   model, tok, sid_ids = _model_and_tokenizer(ctx, mesh, sid_token_strs, corpus)
   logging.info("[midtrain] model %s: %d parameters (vocab %d, %d SID tokens)",
                c.hf_checkpoint or c.gguf or c.model_preset, qwen3.param_counts(model)[0],

@@ -20,7 +20,6 @@ import re
 import time
 
 from absl import logging
-import jax
 import numpy as np
 
 from gr2_jax.data import artifacts
@@ -41,13 +40,6 @@ from gr2_jax.train import trainer as trainer_lib
 
 SKIP_REASONS = ("malformed", "unknown_sid_tokens", "sid_mismatch", "too_long")
 _SID_TOKEN_RE = re.compile(r"<\|sid_begin\|>|<\|sid_end\|>|<s_[a-z]_\d+>")
-
-
-def _mesh(c):
-  devices = jax.devices()
-  if c.num_devices:
-    devices = devices[:c.num_devices]
-  return mesh_lib.make_mesh((len(devices), 1, 1), devices=devices)
 
 
 def _first_token_at(tok, ids, char_index):
@@ -155,7 +147,7 @@ def run(ctx):
   if not os.path.isfile(path):
     raise UserError(f"{path} does not exist; sft.mode must be one of the traces stage's modes "
                     f"({', '.join(ctx.config.traces.modes)})")
-  mesh = _mesh(c)
+  mesh = mesh_lib.data_parallel_mesh(c.num_devices)
   model, tok = midtrain.load_model(mt_dir, mesh)
   table = sid_lib.load_sid_table(runner.artifact_dir(ctx.workdir, ctx.config, "sids"))
   sids = [row["sid"] for row in table["items"]]

@@ -72,8 +72,13 @@ class MetricsLogger:
   def progress(self, step, metrics, eta_seconds=None):
     m = metrics
     line = (f"{self.prefix}step {step}/{self.total_steps} loss {m.get('loss', float('nan')):.4f}"
-            f" lr {m.get('lr', 0):.2e} gnorm {m.get('grad_norm', 0):.3f}"
-            f" tok/s {m.get('tokens_per_sec', 0):,.0f} mfu {100 * m.get('mfu', 0):.2f}%")
+            f" lr {m.get('lr', 0):.2e} gnorm {m.get('grad_norm', 0):.3f}")
+    rates = [k for k in m if k.endswith("_per_sec")] or ["tokens_per_sec"]
+    for k in rates:  # tokens_per_sec -> "tok/s", slates_per_sec -> "slates/s"
+      unit = "tok" if k == "tokens_per_sec" else k[:-len("_per_sec")]
+      line += f" {unit}/s {m.get(k, 0):,.0f}"
+    if "mfu" in m or rates == ["tokens_per_sec"]:
+      line += f" mfu {100 * m.get('mfu', 0):.2f}%"
     if eta_seconds is not None:
       line += f" eta {eta_seconds / 60:.1f}m"
     logging.info(line)

@@ -61,18 +61,21 @@ def token_loss(graphdef, params, batch, loss_chunk=LOSS_CHUNK):
   return -jnp.sum(logp * w), jnp.sum(w)
 
 
-def make_train_step(graphdef, tx, schedule, loss_chunk=LOSS_CHUNK, frozen_layers=0):
+def make_train_step(graphdef, tx, schedule, loss_chunk=LOSS_CHUNK, frozen_layers=0,
+                    loss_fn=None):
   """The pure train step (state, batch [M, B, T]) -> (state, metrics).
 
   With `frozen_layers` the loss sees the frozen parameters through `optim.stop_frozen`, so no
-  gradient is computed below the first trained layer.
+  gradient is computed below the first trained layer. `loss_fn` (an `Objective.loss`) replaces
+  the token loss.
   """
+  if loss_fn is None:
+    loss_fn = functools.partial(token_loss, loss_chunk=loss_chunk)
 
   def step_fn(state, batch):
     params = state["params"]
     grad_fn = jax.value_and_grad(
-        lambda p, mb: token_loss(graphdef, optim.stop_frozen(p, frozen_layers), mb, loss_chunk),
-        has_aux=True)
+        lambda p, mb: loss_fn(graphdef, optim.stop_frozen(p, frozen_layers), mb), has_aux=True)
 
     def micro(carry, mb):
       g_acc, l_acc, w_acc = carry
@@ -111,7 +114,7 @@ def batch_dataset(rows, batch_size, micro_batches=1, seed=0, shuffle=True):
   Each pass over the rows is a fresh seeded shuffle; batch k is a pure function of (rows,
   seed, k), which is what makes resuming exact.
   """
-  n = len(rows["tokens"])
+  n = len(next(iter(rows.values())))
   per_step = batch_size * micro_batches
   if n < per_step:
     raise UserError(f"{n} packed rows cannot fill one step of {micro_batches} x {batch_size} "
@@ -126,6 +129,24 @@ def batch_dataset(rows, batch_size, micro_batches=1, seed=0, shuffle=True):
     return {k: v[idx].reshape((micro_batches, batch_size) + v.shape[1:]) for k, v in rows.items()}
 
   return ds.map(gather)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What a step minimises, for models other than the decoder's next-token loss.
+
+  loss: (graphdef, params, micro-batch) -> (sum of weighted losses, sum of weights); the step
+    divides the sums over its micro-batches once, as for tokens.
+  fields: the batch fields put on the devices.
+  count: numpy batch [M, B, ...] -> units processed (the throughput's numerator).
+  unit: what `count` counts ("tokens", "slates"): the log's `<unit>_per_sec`.
+  flops: batch shape [M, B, ...] -> model FLOPs of one step, for the MFU (None: not logged).
+  """
+  loss: Callable
+  fields: tuple
+  count: Callable
+  unit: str = "tokens"
+  flops: Optional[Callable] = None
 
 
 @dataclasses.dataclass
@@ -164,9 +185,13 @@ def optimizer_state_shardings(abs_opt, param_shardings, default):
 class Trainer:
   """Drives the jitted step over a `batch_dataset`, with logging, evals and checkpoints."""
 
-  def __init__(self, model: qwen3.Qwen3, optim_cfg: optim.OptimConfig, cfg: TrainerConfig, *,
-               mesh, workdir: str, rules=None, trainable_rows=None, name: str = "train"):
+  def __init__(self, model: nnx.Module, optim_cfg: optim.OptimConfig, cfg: TrainerConfig, *,
+               mesh, workdir: str, rules=None, trainable_rows=None, name: str = "train",
+               objective: Optional[Objective] = None):
+    """`model` is a `qwen3.Qwen3` trained on packed token rows, or any nnx module with an
+    `objective` saying how its batches are scored."""
     self.cfg = cfg
+    self.objective = objective
     self.mesh = mesh
     self.rules = rules
     self.workdir = workdir
@@ -180,8 +205,9 @@ class Trainer:
         sharding_lib.state_shardings(nnx.state(model), mesh, rules))
     self.schedule = optim.lr_schedule(optim_cfg)
     rows = None if trainable_rows is None else tuple(int(r) for r in np.unique(trainable_rows))
-    self.tx = optim.make_optimizer(optim_cfg, trainable_rows=rows,
-                                   vocab_size=model.cfg.vocab_size)
+    self.tx = optim.make_optimizer(
+        optim_cfg, trainable_rows=rows,
+        vocab_size=None if rows is None else model.cfg.vocab_size)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     abs_opt = jax.eval_shape(self.tx.init, params)
     opt_shardings = optimizer_state_shardings(abs_opt, self.param_shardings, replicated)
@@ -191,21 +217,48 @@ class Trainer:
     # Compiled functions are shared by trainers of the same model, optimiser and mesh (a
     # resumed phase or a second trainer in one process does not compile again).
     key = (self.graphdef, optim_cfg, rows, mesh, sharding_lib.normalize_rules(rules),
-           cfg.loss_chunk)
+           cfg.loss_chunk, objective)
     if key not in _COMPILED:
+      loss_fn = (functools.partial(token_loss, loss_chunk=cfg.loss_chunk) if objective is None
+                 else objective.loss)
       step_fn = make_train_step(self.graphdef, self.tx, self.schedule, cfg.loss_chunk,
-                                optim_cfg.frozen_layers)
+                                optim_cfg.frozen_layers, loss_fn=loss_fn)
       _COMPILED[key] = (
           jax.jit(step_fn, in_shardings=(self.state_shardings, None),
                   out_shardings=(self.state_shardings, None), donate_argnums=0),
           jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"]),
-          jax.jit(functools.partial(token_loss, self.graphdef, loss_chunk=cfg.loss_chunk)))
+          jax.jit(functools.partial(loss_fn, self.graphdef)))
     self._step, self._opt_init, self._eval = _COMPILED[key]
     self._stop = threading.Event()
 
   def _batch_sharding(self, shape):
-    spec = sharding_lib.logical_to_spec((None, "batch", "length"), self.rules, self.mesh, shape)
+    """[M, B, T] token fields split over "batch" and "length"; other fields over "batch"."""
+    axes = ((None, "batch", "length") if self.objective is None
+            else (None, "batch") + (None,) * (len(shape) - 2))
+    spec = sharding_lib.logical_to_spec(axes[:len(shape)], self.rules, self.mesh, shape)
     return jax.sharding.NamedSharding(self.mesh, spec)
+
+  @property
+  def fields(self):
+    return DEVICE_FIELDS if self.objective is None else tuple(self.objective.fields)
+
+  @property
+  def unit(self):
+    return "tokens" if self.objective is None else self.objective.unit
+
+  def _count(self, batch):
+    if self.objective is None:
+      return int((batch["segment_ids"] > 0).sum())
+    return int(self.objective.count(batch))
+
+  def _step_flops(self, batch):
+    if self.objective is None:
+      t = batch["tokens"].shape
+      return metrics_log.model_flops_per_token(self.model_cfg, t[-1],
+                                               self.frozen_layers) * np.prod(t)
+    if self.objective.flops is None:
+      return None
+    return self.objective.flops(batch[self.objective.fields[0]].shape)
 
   def init_state(self):
     with sharding_lib.use_rules(self.mesh, self.rules):
@@ -227,12 +280,12 @@ class Trainer:
     return nnx.merge(self.graphdef, params)
 
   def evaluate_loss(self, params, rows, batch_size):
-    """Token-weighted mean loss of packed `rows` (dict of [N, T])."""
+    """Weight-averaged mean loss of `rows` (dict of [N, ...]: packed tokens by default)."""
     total = weight = 0.0
-    n = len(rows["tokens"])
+    n = len(rows[self.fields[0]])
     with sharding_lib.use_rules(self.mesh, self.rules):
       for i in range(0, n - batch_size + 1, batch_size):
-        b = {k: jnp.asarray(rows[k][i:i + batch_size]) for k in DEVICE_FIELDS}
+        b = {k: jnp.asarray(rows[k][i:i + batch_size]) for k in self.fields}
         l, w = self._eval(params, b)
         total += float(l)
         weight += float(w)
@@ -283,13 +336,11 @@ class Trainer:
         if names:
           for k, n in enumerate(names):
             task_tokens[n] += float(batch["weights"][batch["task"] == k].sum())
-        real = int((batch["segment_ids"] > 0).sum())
-        if flops_per_step is None:
-          t = batch["tokens"].shape
-          flops_per_step = metrics_log.model_flops_per_token(
-              self.model_cfg, t[-1], self.frozen_layers) * np.prod(t)
+        real = self._count(batch)
+        if step == start:
+          flops_per_step = self._step_flops(batch)
         dev = {k: jax.device_put(batch[k], self._batch_sharding(batch[k].shape))
-               for k in DEVICE_FIELDS}
+               for k in self.fields}
         with sharding_lib.use_rules(self.mesh, self.rules):
           state, metrics = self._step(state, dev)
         done = step + 1
@@ -304,8 +355,9 @@ class Trainer:
           now = time.time()
           if steps_window:
             dt = now - t_window
-            m["tokens_per_sec"] = tok_window / dt
-            m["mfu"] = flops_per_step * steps_window / dt / (peak * self.mesh.size)
+            m[f"{self.unit}_per_sec"] = tok_window / dt
+            if flops_per_step is not None:
+              m["mfu"] = flops_per_step * steps_window / dt / (peak * self.mesh.size)
             m["step_seconds"] = dt / steps_window
             train_seconds += dt
             train_tokens += tok_window
@@ -340,9 +392,9 @@ class Trainer:
     summary = {
         "steps": cfg.num_steps, "resumed_from": start,
         "wall_seconds": round(time.time() - t_start, 1),
-        "tokens_per_sec": train_tokens / train_seconds if train_seconds else None,
+        f"{self.unit}_per_sec": train_tokens / train_seconds if train_seconds else None,
         "mfu": (flops_per_step * train_steps / train_seconds / (peak * self.mesh.size)
-                if train_seconds else None),
+                if train_seconds and flops_per_step is not None else None),
         "task_tokens": task_tokens, "loss_history": history,
         "peak_flops_per_device": peak,
     }
