@@ -63,15 +63,17 @@ def standardize(f):
   return np.where(sd > 0, (f - mu) / np.where(sd > 0, sd, 1.0), 0.0)
 
 
-def cooc_norm(stats, a, b):
-  """Cosine-normalised co-occurrence of items a and b (broadcasting index arrays)."""
+def cooc_norm(stats, a, b, minus=0.0):
+  """Cosine-normalised co-occurrence of items a and b (broadcasting index arrays); `minus`
+  (counts, e.g. a user's own, `cf_stats.OwnCounts`) is taken off the pair counts first."""
   deg = stats.cooc_degree + 1.0
-  return stats.cooc[a, b] / np.sqrt(deg[a] * deg[b])
+  return (stats.cooc[a, b] - minus) / np.sqrt(deg[a] * deg[b])
 
 
-def transition_prob(stats, a, b):
-  """Estimated P(next = b | a) from the transition counts (add-one on the denominator)."""
-  return stats.transitions[a, b] / (stats.transitions_out[a] + 1.0)
+def transition_prob(stats, a, b, minus=0.0):
+  """Estimated P(next = b | a) from the transition counts (add-one on the denominator), with
+  `minus` taken off the counts as in `cooc_norm`."""
+  return (stats.transitions[a, b] - minus) / (stats.transitions_out[a] + 1.0)
 
 
 def genre_profile(stats, history, decay):
@@ -82,30 +84,43 @@ def genre_profile(stats, history, decay):
   return g / np.where(tot > 0, tot, 1.0)
 
 
-def features(stats, history, slate, cfg):
-  """Raw features {name: [N, K]} of slate items; history int [N, H] right-aligned, -1 pads."""
+def features(stats, history, slate, cfg, own=None, users=None):
+  """Raw features {name: [N, K]} of slate items; history int [N, H] right-aligned, -1 pads.
+
+  With `own` (`cf_stats.OwnCounts`) and `users` [N] (-1 = no correction), each row's counts
+  leave out its user's own interactions (leave-user-out, for training-period examples).
+  """
   history = np.asarray(history)
   slate = np.asarray(slate)
+  if own is None:
+    users = np.full(len(slate), -1)
+  u = np.asarray(users)[:, None, None]
   recent = history[:, -cfg.recent:]
   w = _recency_weights(recent >= 0, cfg.decay)
   hc = np.maximum(recent, 0)[:, :, None]
-  cooc = (w[:, :, None] * cooc_norm(stats, hc, slate[:, None, :])).sum(1)
+  s = slate[:, None, :]
+  minus = 0.0 if own is None else own.cooc(u, hc, s)
+  cooc = (w[:, :, None] * cooc_norm(stats, hc, s, minus)).sum(1)
   last = history[:, -cfg.last_n:]
   wl = _recency_weights(last >= 0, cfg.decay)
-  trans = (wl[:, :, None] * transition_prob(stats, np.maximum(last, 0)[:, :, None],
-                                            slate[:, None, :])).sum(1)
+  lc = np.maximum(last, 0)[:, :, None]
+  minus = 0.0 if own is None else own.transitions(u, lc, s)
+  trans = (wl[:, :, None] * transition_prob(stats, lc, s, minus)).sum(1)
   profile = genre_profile(stats, history, cfg.genre_decay)  # [N, G]
   cand = stats.item_genres[slate]  # [N, K, G]
   genre = (cand * profile[:, None, :]).sum(-1) / np.maximum(cand.sum(-1), 1.0)
   k = slate.shape[1]
+  pop = stats.popularity[slate]
+  if own is not None:
+    pop = pop - own.popularity(np.asarray(users)[:, None], slate)
   return {"cooc": cooc, "transition": trans, "genre": genre,
-          "popularity": np.log1p(stats.popularity[slate]),
+          "popularity": np.log1p(pop),
           "position": np.broadcast_to(1.0 / np.log2(np.arange(k) + 2.0), slate.shape)}
 
 
-def scores(stats, history, slate, cfg):
-  """Weighted sum of standardized features: [N, K]."""
-  f = features(stats, history, slate, cfg)
+def scores(stats, history, slate, cfg, own=None, users=None):
+  """Weighted sum of standardized features: [N, K] (`own`, `users`: as in `features`)."""
+  f = features(stats, history, slate, cfg, own, users)
   return sum(cfg.weights[name] * standardize(f[name]) for name in FEATURES)
 
 

@@ -58,6 +58,21 @@ def _pair_counts(a, b, n):
   return np.bincount(a.astype(np.int64) * n + b, minlength=n * n).reshape(n, n)
 
 
+def _training_sequences(interactions):
+  """(user, item) of the training-period interactions in (user, timestamp, item) order."""
+  keep = artifacts.training_mask(interactions)
+  user = interactions["user"][keep].astype(np.int64)
+  item = interactions["item"][keep].astype(np.int64)
+  order = np.lexsort((item, interactions["timestamp"][keep], user))
+  return user[order], item[order]
+
+
+def _pairs(user, item, d):
+  """(user, a, b) of the items `d` steps apart (a first) in one user's sequence."""
+  same = user[d:] == user[:-d]
+  return user[:-d][same], item[:-d][same], item[d:][same]
+
+
 def compute_stats(interactions, items, window=5):
   """Statistics from the interactions of the training periods (`artifacts.training_mask`).
 
@@ -67,16 +82,11 @@ def compute_stats(interactions, items, window=5):
   if window < 1:
     raise ValueError(f"co-occurrence window must be >= 1, got {window}")
   n = len(items)
-  keep = artifacts.training_mask(interactions)
-  user = interactions["user"][keep]
-  item = interactions["item"][keep].astype(np.int64)
-  order = np.lexsort((item, interactions["timestamp"][keep], user))
-  user, item = user[order], item[order]
+  user, item = _training_sequences(interactions)
   cooc = np.zeros((n, n), np.float32)
   transitions = np.zeros((n, n), np.float32)
   for d in range(1, window + 1):
-    same = user[d:] == user[:-d]
-    a, b = item[:-d][same], item[d:][same]
+    _, a, b = _pairs(user, item, d)
     counts = _pair_counts(a, b, n)
     cooc += counts + counts.T
     if d == 1:
@@ -85,3 +95,54 @@ def compute_stats(interactions, items, window=5):
   item_genres, genres = genre_matrix(items)
   return CFStats(popularity=np.bincount(item, minlength=n).astype(np.float32), cooc=cooc,
                  transitions=transitions, item_genres=item_genres, genres=genres, window=window)
+
+
+def lookup_counts(table, keys, user):
+  """Values of `keys` in a (sorted unique keys, values) table, 0 where absent or user < 0."""
+  uniq, counts = table
+  if not len(uniq):
+    return np.zeros(np.shape(keys), np.float32)
+  pos = np.minimum(np.searchsorted(uniq, keys), len(uniq) - 1)
+  found = (uniq[pos] == keys) & (np.asarray(user) >= 0)
+  return np.where(found, counts[pos], 0).astype(np.float32)
+
+
+class OwnCounts:
+  """Each user's own share of the `compute_stats` counts, for leave-user-out statistics.
+
+  A feature of a training-period example must not see the example's own future: the target
+  and later positives are in the training periods, so the user's own pairs would tell the
+  model which candidate comes next. Subtracting the user's own counts gives the statistics of
+  every other user (validation and test examples need no such correction: their users' training
+  interactions all precede them). Stored as sorted int64 keys with counts.
+  """
+
+  def __init__(self, interactions, num_items, window=5):
+    n = self.n = int(num_items)
+    user, item = _training_sequences(interactions)
+    cooc, trans = [], []
+    for d in range(1, window + 1):
+      u, a, b = _pairs(user, item, d)
+      keep = a != b  # the matrices' diagonal is zero
+      cooc += [self._key(u[keep], a[keep], b[keep]), self._key(u[keep], b[keep], a[keep])]
+      if d == 1:
+        trans.append(self._key(u, a, b))
+    self._cooc = np.unique(np.concatenate(cooc), return_counts=True)
+    self._trans = np.unique(np.concatenate(trans), return_counts=True)
+    self._pop = np.unique(user * n + item, return_counts=True)
+
+  def _key(self, user, a, b):
+    return (np.asarray(user, np.int64) * self.n + a) * self.n + b
+
+  def cooc(self, user, a, b):
+    """User `user`'s own contribution to cooc[a, b] (broadcasting; user -1 = none)."""
+    user, a, b = np.broadcast_arrays(np.asarray(user), np.asarray(a), np.asarray(b))
+    return lookup_counts(self._cooc, self._key(np.maximum(user, 0), a, b), user)
+
+  def transitions(self, user, a, b):
+    user, a, b = np.broadcast_arrays(np.asarray(user), np.asarray(a), np.asarray(b))
+    return lookup_counts(self._trans, self._key(np.maximum(user, 0), a, b), user)
+
+  def popularity(self, user, item):
+    user, item = np.broadcast_arrays(np.asarray(user), np.asarray(item))
+    return lookup_counts(self._pop, np.maximum(user, 0).astype(np.int64) * self.n + item, user)

@@ -67,3 +67,30 @@ def test_genre_matrix():
 def test_bad_window():
   with pytest.raises(ValueError):
     cf_stats.compute_stats(LOG, ITEMS, window=0)
+
+
+def _random_log(seed, users=6, items=7, per_user=9):
+  rng = np.random.default_rng(seed)
+  rows = []
+  for u in range(users):
+    ts = np.sort(rng.integers(0, 40, per_user))  # same-second ties included
+    for t in ts:
+      rows.append((u, int(rng.integers(0, items)), int(t), int(min(3, t // 10))))  # re-watches too
+  return log(rows), [{"id": i, "genres": []} for i in range(items)]
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_own_counts_leave_the_user_out(window):
+  inter, items = _random_log(window)
+  full = cf_stats.compute_stats(inter, items, window=window)
+  own = cf_stats.OwnCounts(inter, len(items), window=window)
+  a, b = np.meshgrid(np.arange(len(items)), np.arange(len(items)), indexing="ij")
+  for u in range(6):
+    # Reference: the statistics recomputed without user u's rows.
+    rest = {k: v[inter["user"] != u] for k, v in inter.items()}
+    ref = cf_stats.compute_stats(rest, items, window=window)
+    np.testing.assert_array_equal(full.cooc - own.cooc(u, a, b), ref.cooc)
+    np.testing.assert_array_equal(full.transitions - own.transitions(u, a, b), ref.transitions)
+    np.testing.assert_array_equal(full.popularity - own.popularity(u, np.arange(len(items))),
+                                  ref.popularity)
+  assert (own.cooc(-1, a, b) == 0).all()  # user -1: no correction
