@@ -27,6 +27,8 @@ setup(
         "tokenizers>=0.19",
         "gguf>=0.10",  # llama.cpp's GGUF reader (gr2_jax.models.gguf_io)
         "tensorboardX>=2.6",
+        "lightgbm>=4.3",  # LambdaMART baseline (gr2_jax.rankers.lambdamart)
+        "rax>=0.4",  # listwise losses of the PRM baseline (gr2_jax.rankers.prm)
     ],
     extras_require={
         "test": [

@@ -1,4 +1,5 @@
-"""Eval stage: the re-ranking table (random, popularity and legacy order, and model rows).
+"""Eval stage: the re-ranking table (random, popularity, legacy order, the learned re-rankers
+of the rankers stage, and model rows).
 
   python -m gr2_jax.main --config=configs/eval.py:baselines --workdir=W
   python -m gr2_jax.main --config=configs/eval.py --workdir=W \
@@ -15,7 +16,9 @@ PRESETS = ("default", "tiny", "baselines", "smollm2")
 def section(preset):
   c = ml_collections.ConfigDict()
   c.split = "test"
-  c.rankers = ("random", "popularity", "legacy")
+  # Baselines: random, popularity, legacy, and the rankers stage's legacy_refreshed, cf,
+  # lambdamart, prm (configs/rankers.py).
+  c.rankers = ("random", "popularity", "legacy", "legacy_refreshed", "cf", "lambdamart", "prm")
   c.max_examples = 0  # 0 = every slate of the split
   c.n_boot = 1000
   c.seed = 0

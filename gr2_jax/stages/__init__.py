@@ -9,11 +9,12 @@ REQUIRES = {
     "data": (),
     "legacy": ("data",),
     "sids": ("data",),
-    "eval": ("legacy",),
+    "rankers": ("data", "legacy", "sids"),
+    "eval": ("legacy", "rankers"),
     "midtrain": ("sids", "legacy"),
     "traces": ("data", "legacy", "sids"),
     "sft": ("traces", "midtrain"),
-    "rl": ("sft",),
+    "rl": ("sft", "rankers"),
 }
 
 # Bumped when a stage's code changes what its artifact holds, so the fingerprint changes and old

@@ -18,24 +18,43 @@ from gr2_jax import runner
 from gr2_jax.errors import UserError
 from gr2_jax.eval import tables
 from gr2_jax.parallel import mesh as mesh_lib
+from gr2_jax.rankers import scores as scores_lib
 from gr2_jax.rerank import evaluate as rerank_lib
 from gr2_jax.stages import midtrain
 from gr2_jax.teachers import evidence as evidence_lib
 
 
-def baseline_orders(slates, popularity, seed):
+SIMPLE = ("random", "popularity", "legacy")
+BASELINES = SIMPLE + scores_lib.RANKERS
+
+
+def check_rankers(rankers):
+  unknown = [r for r in rankers if r not in BASELINES]
+  if unknown:
+    raise UserError(f"unknown ranker(s) {', '.join(unknown)}; valid: {', '.join(BASELINES)}")
+
+
+def baseline_orders(slates, popularity, seed, rankers=BASELINES, rankers_dir=None, split=None):
+  """{name: order [N, K]} of the named baselines on `slates`, in `BASELINES` order: the simple
+  ones, and the learned ones from the rankers artifact `rankers_dir` (its `split` scores)."""
+  check_rankers(rankers)
   n, k = slates["slate"].shape
-  return {
-      "random": tables.random_orders(n, k, seed),
-      "popularity": tables.order_by_scores(popularity[slates["slate"]]),
-      "legacy": np.tile(np.arange(k), (n, 1)),
+  simple = {
+      "random": lambda: tables.random_orders(n, k, seed),
+      "popularity": lambda: tables.order_by_scores(popularity[slates["slate"]]),
+      "legacy": lambda: np.tile(np.arange(k), (n, 1)),
   }
+  learned = [r for r in scores_lib.RANKERS if r in rankers]
+  if learned and rankers_dir is None:
+    raise UserError(f"rankers {', '.join(learned)} need the rankers stage's artifact")
+  learned = scores_lib.orders(rankers_dir, split, slates, learned) if learned else {}
+  return {name: simple[name]() if name in simple else learned[name]
+          for name in BASELINES if name in rankers}
 
 
-def baseline_rows(slates, popularity, rankers, seed, n_boot):
-  """Table rows of the named baselines ("random", "popularity", "legacy") on `slates`."""
-  orders = {name: o for name, o in baseline_orders(slates, popularity, seed).items()
-            if name in rankers}
+def baseline_rows(slates, popularity, rankers, seed, n_boot, rankers_dir=None, split=None):
+  """Table rows of the named baselines on `slates` (see `baseline_orders`)."""
+  orders = baseline_orders(slates, popularity, seed, rankers, rankers_dir, split)
   return tables.evaluate(orders, slates, n_boot=n_boot, seed=seed)
 
 
@@ -46,25 +65,28 @@ def parse_checkpoints(entries):
     name, sep, path = str(e).partition("=")
     if not sep or not name.strip() or not path.strip():
       raise UserError(f"eval.checkpoints entries must read name=folder, got {e!r}")
-    if name.strip() in out or name.strip() in ("random", "popularity", "legacy"):
+    if name.strip() in out or name.strip() in BASELINES:
       raise UserError(f"eval.checkpoints names must be unique and not a baseline's: {e!r}")
     out[name.strip()] = path.strip()
   return out
 
 
 def compare_models(slates, popularity, models, *, items, users, rankers, seed, n_boot,
-                   max_new_tokens, batch_size, constrained, log_prefix="eval", evidence=None):
-  """Baselines and models re-ranking the same slates: rows, diagnostics, samples, seconds.
+                   max_new_tokens, batch_size, constrained, log_prefix="eval", evidence=None,
+                   rankers_dir=None, split=None):
+  """Baselines and models re-ranking the same slates: rows, diagnostics, samples, seconds, and
+  the paired lift of the best model row over the best learned baseline.
 
   Args:
     models: (name, load) pairs; load() -> (model, tokenizer, sids, prompt config), called one
       model at a time.
     evidence: optional function of a model's prompt config that gives its
       `teachers.evidence.SlateEvidence` (None for prompts without the "evidence" field).
-    rankers: baselines shown besides "legacy", which every table keeps for the lift.
+    rankers: baselines shown besides "legacy", which every table keeps for the lift; the
+      learned ones come from `rankers_dir`'s `split` scores.
   """
-  orders = {name: o for name, o in baseline_orders(slates, popularity, seed).items()
-            if name in rankers or name == "legacy"}
+  wanted = tuple(rankers) + (() if "legacy" in rankers else ("legacy",))
+  orders = baseline_orders(slates, popularity, seed, wanted, rankers_dir, split)
   diags, samples, seconds = {}, {}, {}
   for name, load in models:
     model, tok, sids, prompt_cfg = load()
@@ -81,8 +103,18 @@ def compare_models(slates, popularity, models, *, items, users, rankers, seed, n
     diags.update(d)
     samples.update(smp)
   rows = tables.evaluate(orders, slates, n_boot=n_boot, seed=seed)
+  best = scores_lib.best_vs_best(orders, slates, list(diags), list(scores_lib.RANKERS),
+                                 n_boot=n_boot, seed=seed)
   return {"slates": int(len(slates["slate"])), "rows": rows, "diagnostics": diags,
-          "samples": samples, "seconds": seconds}
+          "samples": samples, "seconds": seconds, "best_vs_best": best}
+
+
+def models_markdown(result):
+  """The model table, its diagnostics and the best-vs-best line of a `compare_models` result."""
+  md = tables.format_table(result["rows"]) + "\n\n"
+  if result.get("best_vs_best"):
+    md += scores_lib.best_vs_best_markdown(result["best_vs_best"]) + "\n\n"
+  return md + rerank_lib.diagnostics_markdown(result["diagnostics"])
 
 
 def model_table(ctx, popularity):
@@ -112,7 +144,8 @@ def model_table(ctx, popularity):
       slates, popularity, [(name, loader(path)) for name, path in checkpoints.items()],
       items=items, users=users, rankers=tuple(c.rankers), seed=c.seed, n_boot=c.n_boot,
       max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, constrained=c.constrained,
-      evidence=lambda prompt_cfg: evidence_lib.for_prompt(prompt_cfg, data_dir))
+      evidence=lambda prompt_cfg: evidence_lib.for_prompt(prompt_cfg, data_dir),
+      rankers_dir=ctx.inputs["rankers"], split=c.split)
 
 
 def run(ctx):
@@ -125,18 +158,19 @@ def run(ctx):
   if not len(slates.get("slate", ())):
     raise UserError(f"no {c.split} slates in {legacy_dir}; use more data")
   popularity = np.load(os.path.join(legacy_dir, "popularity.npy"))
-  unknown = [r for r in c.rankers if r not in ("random", "popularity", "legacy")]
-  if unknown:
-    raise UserError(f"unknown ranker(s) {', '.join(unknown)}; valid: random, popularity, legacy")
-  rows = baseline_rows(slates, popularity, c.rankers, c.seed, c.n_boot)
+  check_rankers(c.rankers)
+  if c.split == "train" and set(c.rankers) & set(scores_lib.RANKERS):
+    raise UserError("the learned rankers are scored on the validation and test splits only; "
+                    "drop them from eval.rankers to evaluate train slates")
+  rows = baseline_rows(slates, popularity, c.rankers, c.seed, c.n_boot,
+                       ctx.inputs["rankers"], c.split)
   table = tables.format_table(rows)
   result = {"split": c.split, "rows": rows}
   if c.checkpoints:
     result["models"] = model_table(ctx, popularity)
     table += (f"\n\nModels on {result['models']['slates']} seeded {c.split} slates (baselines "
               "scored again on them):\n\n"
-              + tables.format_table(result["models"]["rows"]) + "\n\n"
-              + rerank_lib.diagnostics_markdown(result["models"]["diagnostics"]))
+              + models_markdown(result["models"]))
   with open(ctx.path("table.json"), "w") as f:
     json.dump(result, f, indent=2)
   with open(ctx.path("table.md"), "w") as f:

@@ -43,6 +43,7 @@ from gr2_jax.errors import UserError
 from gr2_jax.eval import tables
 from gr2_jax.parallel import mesh as mesh_lib
 from gr2_jax.parallel import sharding as sharding_lib
+from gr2_jax.rankers import scores as scores_lib
 from gr2_jax.rerank import evaluate as rerank_lib
 from gr2_jax.rl import algorithm
 from gr2_jax.rl import diagnostics as diag_lib
@@ -80,13 +81,6 @@ def check_config(c):
   if problems:
     raise UserError("rl config: " + "; ".join(problems))
   return alg
-
-
-def _mesh(c):
-  devices = jax.devices()
-  if c.num_devices:
-    devices = devices[:c.num_devices]
-  return mesh_lib.make_mesh((len(devices), 1, 1), devices=devices)
 
 
 def _round_up(x, m):
@@ -326,16 +320,17 @@ def final_table(ctx, c, models, tok, data, sids, prompt_cfg):
   if not len(slates.get("slate", ())):
     raise UserError(f"no {c.eval_split} slates in {legacy_dir}; use more data")
   popularity = np.load(os.path.join(legacy_dir, "popularity.npy"))
+  rankers_dir = ctx.inputs["rankers"]
+  rankers = eval_stage.SIMPLE + tuple(scores_lib.names(rankers_dir, c.eval_split))
   result = eval_stage.compare_models(
       slates, popularity,
       [(name, lambda m=model: (m, tok, sids, prompt_cfg)) for name, model in models.items()],
-      items=data["items"], users=data["users"], rankers=("random", "popularity", "legacy"),
+      items=data["items"], users=data["users"], rankers=rankers,
       seed=c.seed, n_boot=c.n_boot, max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch,
       constrained=c.eval_constrained, log_prefix="rl",
-      evidence=lambda _: data.get("evidence"))
+      evidence=lambda _: data.get("evidence"), rankers_dir=rankers_dir, split=c.eval_split)
   md = (f"Re-ranking on {result['slates']} seeded {c.eval_split} slates:\n\n"
-        + tables.format_table(result["rows"]) + "\n\n"
-        + rerank_lib.diagnostics_markdown(result["diagnostics"]))
+        + eval_stage.models_markdown(result))
   out = {"split": c.eval_split, **result}
   # The baselines cost nothing to score on every slate of the split: their rows there show
   # how far the sampled slates above sit from the whole split.
@@ -343,8 +338,8 @@ def final_table(ctx, c, models, tok, data, sids, prompt_cfg):
   if len(every["slate"]) > result["slates"]:
     out["baselines_all_slates"] = {
         "slates": int(len(every["slate"])),
-        "rows": eval_stage.baseline_rows(every, popularity, ("random", "popularity", "legacy"),
-                                         c.seed, c.n_boot)}
+        "rows": eval_stage.baseline_rows(every, popularity, rankers, c.seed, c.n_boot,
+                                         rankers_dir, c.eval_split)}
     md += (f"\n\nThe baselines on all {len(every['slate'])} {c.eval_split} slates, for scale:"
            "\n\n" + tables.format_table(out["baselines_all_slates"]["rows"]))
   return out, md
@@ -375,7 +370,7 @@ def run(ctx):
   check_config(c)
   t_start = time.time()
   sft_dir = ctx.inputs["sft"]
-  mesh = _mesh(c)
+  mesh = mesh_lib.data_parallel_mesh(c.num_devices)
   prompt_cfg, sids = rerank_lib.load_rerank_info(sft_dir)
   data = _load_data(ctx, c, prompt_cfg)
   if len(sids) != len(data["items"]):

@@ -16,6 +16,8 @@ from gr2_jax import config_lib
 from gr2_jax import runner
 from gr2_jax.data import slates as slates_lib
 from gr2_jax.errors import UserError
+from gr2_jax.rankers import scores as scores_lib
+from gr2_jax.stages import eval as eval_stage
 from gr2_jax.stages import midtrain
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -59,12 +61,18 @@ def test_tiny_rl_end_to_end(rl_run, tiny_workdir):
   with open(os.path.join(out, "table.json")) as f:
     table = json.load(f)
   models = {"sft", "rl", "sft (constrained)", "rl (constrained)"}
-  assert set(table["rows"]) == {"random", "popularity", "legacy"} | models
+  assert set(table["rows"]) == set(eval_stage.BASELINES) | models
+  # The best model row against the best learned baseline, on the same slates.
+  best = table["best_vs_best"]
+  r1 = {name: table["rows"][name]["R@1"]["mean"] for name in table["rows"]}
+  assert r1[best["llm"]] == max(r1[m] for m in models)
+  assert r1[best["baseline"]] == max(r1[b] for b in scores_lib.RANKERS)
+  assert best["diff"] == pytest.approx(r1[best["llm"]] - r1[best["baseline"]])
   assert table["slates"] == c.eval_examples
   # The baselines also on every test slate of the split.
   every = table["baselines_all_slates"]
   assert every["slates"] > c.eval_examples
-  assert set(every["rows"]) == {"random", "popularity", "legacy"}
+  assert set(every["rows"]) == set(eval_stage.BASELINES)
   test = slates_lib.load_split(runner.artifact_dir(tiny_workdir, config, "legacy"), "test")
   assert every["slates"] == len(test["slate"])
   # The legacy order's R@1 is the share of slates whose target the legacy ranker put first.

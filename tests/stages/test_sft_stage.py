@@ -12,6 +12,7 @@ from gr2_jax import runner
 from gr2_jax.data import slates as slates_lib
 from gr2_jax.errors import UserError
 from gr2_jax.rerank import evaluate as rerank_lib
+from gr2_jax.stages import eval as eval_stage
 from gr2_jax.stages import midtrain
 from gr2_jax.stages import sft
 from gr2_jax.text import chat
@@ -118,7 +119,8 @@ def test_eval_stage_joins_model_rows(tiny_workdir, sft_run):
   models = table["models"]
   n = config.eval.model_examples
   assert models["slates"] == n
-  assert set(models["rows"]) == {"random", "popularity", "legacy", "sft", "sft (constrained)"}
+  assert set(models["rows"]) == set(eval_stage.BASELINES) | {"sft", "sft (constrained)"}
+  assert models["best_vs_best"]["llm"] in ("sft", "sft (constrained)")
   sub = slates_lib.load_split(legacy_dir, "test", max_examples=n, seed=config.eval.seed)
   # By hand: the legacy order hits R@1 where the legacy ranker put the target first.
   assert models["rows"]["legacy"]["R@1"]["mean"] == pytest.approx(
