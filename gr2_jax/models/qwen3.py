@@ -415,6 +415,42 @@ def chunked_token_logps(hidden, head, targets, chunk, temperature=1.0):
   return out.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
 
 
+def chunked_distill_stats(hidden, head, teacher_hidden, teacher_head, targets, chunk,
+                          temperature=1.0, full=True):
+  """Student and teacher per-token statistics, `chunk` positions at a time.
+
+  Returns f32 [B, T] arrays (logp, teacher_logp, kl): the student's and the teacher's
+  log softmax(logits / temperature) at `targets`, and, with `full`, the exact reverse
+  KL(student || teacher) over the whole vocabulary at each position (else zeros). As in
+  `chunked_token_logps`, each chunk runs under `jax.checkpoint`: the passes hold one chunk's
+  [B, chunk, V] logits of each model, never [B, T, V].
+  """
+  b, t, e = hidden.shape
+  et = teacher_hidden.shape[-1]
+  chunk = t if chunk <= 0 else min(int(chunk), t)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    teacher_hidden = jnp.pad(teacher_hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  xs = hidden.reshape(b, n, chunk, e).swapaxes(0, 1)
+  xt = teacher_hidden.reshape(b, n, chunk, et).swapaxes(0, 1)
+  ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(args):
+    x, y, tgt = args
+    lp = jax.nn.log_softmax(head(x).astype(_F32) / temperature, axis=-1)
+    lq = jax.nn.log_softmax(teacher_head(y).astype(_F32) / temperature, axis=-1)
+    take = lambda l: jnp.take_along_axis(l, tgt[..., None], axis=-1)[..., 0]
+    kl = jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1) if full else jnp.zeros(tgt.shape, _F32)
+    return take(lp), take(lq), kl
+
+  outs = jax.lax.map(one, (xs, xt, ts))
+  return tuple(o.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for o in outs)
+
+
 def token_logps(graphdef, state, tokens, positions, targets, *, segment_ids=None, chunk=128,
                 temperature=1.0):
   """f32 [B, T]: log p(targets[t] | tokens[:t + 1]) at `temperature`, without [B, T, V] logits.

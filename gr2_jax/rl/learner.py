@@ -20,6 +20,7 @@ group without reward variance): a bad batch never turns into a silent NaN update
 import dataclasses
 import functools
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,6 +122,74 @@ def make_rl_step(graphdef, tx, schedule, cfg: LossConfig, frozen_layers=0):
     signal = jnp.sum(jnp.asarray(batch["mask"], bool)
                      & (jnp.abs(batch["advantages"]) > 0)[:, None])
     ok = losses.finite_or_skip(loss, grads, num_valid=signal)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+           "step": state["step"] + 1}
+    new = losses.select_if(ok, new, state)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   lr=schedule(state["step"]), skipped=1.0 - ok.astype(jnp.float32),
+                   signal_tokens=signal.astype(jnp.float32))
+    return new, metrics
+
+  return step_fn
+
+
+def check_teacher(student_cfg, teacher_cfg, student_tok=None, teacher_tok=None):
+  """One clear error, before any compute, when the teacher cannot score the student's tokens."""
+  if student_cfg.vocab_size != teacher_cfg.vocab_size:
+    raise UserError(f"the teacher's vocabulary ({teacher_cfg.vocab_size} tokens) differs from the "
+                    f"student's ({student_cfg.vocab_size}); distillation needs one tokenizer")
+  if student_tok is not None and teacher_tok is not None:
+    vs, vt = student_tok.vocab_size, teacher_tok.vocab_size
+    if vs != vt or any(student_tok.id_to_token(i) != teacher_tok.id_to_token(i)
+                       for i in range(vs)):
+      raise UserError("the teacher's tokenizer differs from the student's; distillation needs "
+                      "one tokenizer")
+
+
+def distill_stats(graphdef, params, teacher_graphdef, teacher_params, batch, temperature=1.0,
+                  full=True, chunk=128):
+  """(logp, teacher_logp, kl) [B, T] of rows under the student and the frozen teacher, in one
+  pass: the teacher's parameters go through stop_gradient (it never trains)."""
+  student = nnx.merge(graphdef, params)
+  teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+  kw = dict(segment_ids=batch["segment_ids"])
+  xs, _ = student.hidden(batch["tokens"], batch["positions"], **kw)
+  xt, _ = teacher.hidden(batch["tokens"], batch["positions"], **kw)
+  logp, logq, kl = qwen3.chunked_distill_stats(xs, student.logits, jax.lax.stop_gradient(xt),
+                                                teacher.logits, batch["targets"], chunk,
+                                                temperature, full)
+  return logp, jax.lax.stop_gradient(logq), kl
+
+
+def opd_loss(graphdef, params, teacher_graphdef, teacher_params, batch, cfg: LossConfig):
+  """(loss, metrics) of `losses.opd` with the teacher's log-probs computed in the same pass."""
+  full = cfg.kl_estimator == "full"
+  logp, logq, kl = distill_stats(graphdef, params, teacher_graphdef, teacher_params, batch,
+                                 cfg.temperature, full)
+  return POLICY_LOSSES.get("opd")(
+      logp, batch["logp_old"], batch["advantages"], batch["mask"], logp_ref=logq,
+      kl_full=kl if full else None, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+      clip_ratio_c=cfg.clip_ratio_c, kl_beta=cfg.kl_beta, kl_estimator=cfg.kl_estimator,
+      aggregation=cfg.aggregation, max_len=cfg.max_len or None)
+
+
+def make_opd_step(graphdef, teacher_graphdef, tx, schedule, cfg: LossConfig, frozen_layers=0):
+  """The pure OPD step (state, teacher_params, batch) -> (state, metrics).
+
+  Like `make_rl_step`, but every response token carries signal (the KL), so only a non-finite
+  loss or gradient (a NaN or infinite KL included) or an empty batch skips the update; the
+  teacher's parameters are an input, never part of the optimiser state.
+  """
+
+  def step_fn(state, teacher_params, batch):
+    params = state["params"]
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda p: opd_loss(graphdef, optim.stop_frozen(p, frozen_layers), teacher_graphdef,
+                           teacher_params, batch, cfg), has_aux=True)(params)
+    signal = jnp.sum(jnp.asarray(batch["mask"], bool))
+    ok = losses.finite_or_skip(loss, grads, num_valid=signal)
+    ok = ok & jnp.isfinite(metrics["kl_teacher"])
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
            "step": state["step"] + 1}
