@@ -37,6 +37,12 @@ def rloo(rewards):
   return (r - jnp.mean(r, axis=-1, keepdims=True)) * (g / (g - 1))
 
 
+@ADVANTAGES.register("zero")
+def zero(rewards):
+  """No reward advantage: with the OPD loss, distillation from the teacher's KL alone."""
+  return jnp.zeros_like(jnp.asarray(rewards, jnp.float32))
+
+
 def opd_advantages(advantages, logp, logp_teacher, mask, *, beta=1.0):
   """On-policy distillation: float32 [B, T] per-token advantages for `losses.ppo_clip`.
 

@@ -44,8 +44,13 @@ class AlgorithmConfig:
     ADVANTAGES.get(self.advantage)
     POLICY_LOSSES.get(self.policy_loss)
     LOSS_AGGREGATIONS.get(self.aggregation)
-    KL_ESTIMATORS.get(self.kl_estimator)
     problems = []
+    if self.kl_estimator == "full":
+      if self.policy_loss != "opd":
+        problems.append("kl_estimator 'full' (the exact KL over the vocabulary) needs the "
+                        "teacher's logits: policy_loss 'opd' only")
+    else:
+      KL_ESTIMATORS.get(self.kl_estimator)
     if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
       problems.append(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, "
                       f"{self.eps_high}")
@@ -74,7 +79,12 @@ DR_GRPO = dataclasses.replace(GRPO, advantage="dr_grpo", aggregation="seq_mean_t
 DAPO = dataclasses.replace(GRPO, eps_high=0.28, aggregation="token_mean", kl_beta=0.0,
                            dynamic_sampling=True, overlong_buffer=64)
 GSPO = dataclasses.replace(GRPO, policy_loss="gspo", eps_low=3e-4, eps_high=4e-4, kl_beta=0.0)
-ALGORITHMS = {"grpo": GRPO, "dr_grpo": DR_GRPO, "dapo": DAPO, "gspo": GSPO}
+# On-policy distillation: the reward's group advantage plus beta x the exact reverse KL to a
+# frozen teacher on the student's own rollouts (`losses.opd`); every group trains (the KL is a
+# signal even where the rewards do not vary). advantage="zero" is beta-only OPD.
+OPD = dataclasses.replace(GRPO, policy_loss="opd", eps_high=0.28, aggregation="token_mean",
+                          kl_beta=1.0, kl_estimator="full")
+ALGORITHMS = {"grpo": GRPO, "dr_grpo": DR_GRPO, "dapo": DAPO, "gspo": GSPO, "opd": OPD}
 
 
 def get(name: str) -> AlgorithmConfig:

@@ -163,10 +163,18 @@ def distill_stats(graphdef, params, teacher_graphdef, teacher_params, batch, tem
 
 
 def opd_loss(graphdef, params, teacher_graphdef, teacher_params, batch, cfg: LossConfig):
-  """(loss, metrics) of `losses.opd` with the teacher's log-probs computed in the same pass."""
+  """(loss, metrics) of `losses.opd` with the teacher's log-probs computed in the same pass, or,
+  with `teacher_graphdef` None, read from `batch["logp_ref"]` (a teacher on its own devices,
+  `teacher_logps`; sampled-token estimators only)."""
   full = cfg.kl_estimator == "full"
-  logp, logq, kl = distill_stats(graphdef, params, teacher_graphdef, teacher_params, batch,
-                                 cfg.temperature, full)
+  if teacher_graphdef is None:
+    if full:
+      raise UserError("kl_estimator 'full' needs the teacher in the student's pass; use k1 or "
+                      "k3 with a teacher on its own devices")
+    logp, logq, kl = token_logps(graphdef, params, batch, cfg.temperature), batch["logp_ref"], None
+  else:
+    logp, logq, kl = distill_stats(graphdef, params, teacher_graphdef, teacher_params, batch,
+                                   cfg.temperature, full)
   return POLICY_LOSSES.get("opd")(
       logp, batch["logp_old"], batch["advantages"], batch["mask"], logp_ref=logq,
       kl_full=kl if full else None, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
@@ -200,6 +208,24 @@ def make_opd_step(graphdef, teacher_graphdef, tx, schedule, cfg: LossConfig, fro
     return new, metrics
 
   return step_fn
+
+
+def teacher_logps(teacher_graphdef, teacher_params, rows, temperature, teacher_mesh,
+                  student_mesh):
+  """The teacher's per-token log-probs [N, T] of numpy rows, computed on `teacher_mesh` (the
+  teacher's own devices, rows split over its "data" axis) and moved to `student_mesh`,
+  replicated, for the student's step."""
+  put = lambda mesh, x, spec: jax.device_put(jnp.asarray(x), jax.sharding.NamedSharding(mesh,
+                                                                                        spec))
+  n = np.shape(rows["tokens"])[0]
+  data = teacher_mesh.shape["data"]
+  row_spec = (jax.sharding.PartitionSpec("data") if n % data == 0
+              else jax.sharding.PartitionSpec())
+  batch = {k: put(teacher_mesh, rows[k], row_spec)
+           for k in ("tokens", "positions", "segment_ids", "targets")}
+  logq = _logps_jit(teacher_graphdef, teacher_params, batch, float(temperature))
+  return jax.device_put(logq, jax.sharding.NamedSharding(student_mesh,
+                                                         jax.sharding.PartitionSpec()))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

@@ -15,6 +15,7 @@ REQUIRES = {
     "traces": ("data", "legacy", "sids"),
     "sft": ("traces", "midtrain"),
     "rl": ("sft", "rankers"),
+    "opd": ("rl", "rankers"),
 }
 
 # Bumped when a stage's code changes what its artifact holds, so the fingerprint changes and old

@@ -98,7 +98,7 @@ def _skip_reason(ro, keep):
 class Policy:
   """The train state of the policy with its jitted RL step and checkpoints."""
 
-  def __init__(self, model, c, alg, mesh, workdir, name, total_updates):
+  def __init__(self, model, c, alg, mesh, workdir, name, total_updates, teacher=None):
     ocfg = optim.OptimConfig(learning_rate=c.learning_rate,
                              warmup_steps=min(c.lr_warmup_steps, total_updates - 1),
                              total_steps=total_updates, end_lr_ratio=c.end_lr_ratio,
@@ -110,13 +110,34 @@ class Policy:
     self.mesh = mesh
     self.temperature = float(c.temperature)
     self.loss_cfg = alg.loss_config(c.max_new_tokens, c.temperature)
-    # The KL reference is the policy the run started from (the SFT model), also after a resume.
-    self.ref_params = self.tr.initial_params() if alg.kl_beta else None
-    fn = learner.make_rl_step(self.tr.graphdef, self.tr.tx, self.tr.schedule, self.loss_cfg,
-                              frozen_layers=c.frozen_layers)
     shardings = self.tr.state_shardings
-    self.step = jax.jit(fn, in_shardings=(shardings, None), out_shardings=(shardings, None),
-                        donate_argnums=0)
+    self.opd = alg.policy_loss == "opd"
+    self.teacher_logps = None
+    if self.opd:
+      # OPD: kl_beta weighs the KL to the frozen teacher, whose log-probs the step computes.
+      if teacher is None:
+        raise UserError("policy_loss 'opd' needs a teacher model (the opd stage)")
+      t_graphdef, t_params, t_mesh = teacher
+      self.ref_params = None
+      if t_mesh is not None:
+        # The teacher on its own devices: its log-probs of each update's rows are computed
+        # there and moved to the student's devices (`learner.teacher_logps`).
+        self.teacher_logps = lambda rows: np.asarray(learner.teacher_logps(
+            t_graphdef, t_params, rows, self.temperature, t_mesh, mesh))
+        t_graphdef, t_params = None, None
+      fn = learner.make_opd_step(self.tr.graphdef, t_graphdef, self.tr.tx, self.tr.schedule,
+                                 self.loss_cfg, frozen_layers=c.frozen_layers)
+      jitted = jax.jit(fn, in_shardings=(shardings, None, None),
+                       out_shardings=(shardings, None), donate_argnums=0)
+      self.step = lambda state, batch: jitted(state, t_params, batch)
+    else:
+      # The KL reference is the policy the run started from (the SFT model), also after a
+      # resume.
+      self.ref_params = self.tr.initial_params() if alg.kl_beta else None
+      fn = learner.make_rl_step(self.tr.graphdef, self.tr.tx, self.tr.schedule, self.loss_cfg,
+                                frozen_layers=c.frozen_layers)
+      self.step = jax.jit(fn, in_shardings=(shardings, None), out_shardings=(shardings, None),
+                          donate_argnums=0)
     self.manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "ckpt"), max_to_keep=2)
 
   def put(self, rows):
@@ -163,15 +184,17 @@ def _validation_eval(model, tok, slates, items, users, sids, prompt_cfg, c, evid
   return scalars, tables.format_table(rows) + "\n\n" + rerank_lib.diagnostics_markdown(diags)
 
 
-def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
-  """Runs the RL iterations of one variant; returns (model, report)."""
+def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh, teacher=None):
+  """Runs the RL iterations of one variant; returns (model, report). `teacher`: (graphdef,
+  params, mesh or None) of the frozen teacher of the OPD loss (`algorithm: opd`); with a mesh
+  the teacher runs on those devices, else inside the student's step."""
   alg = check_config(c)
   g, p_roll, p_train = c.group_size, c.rollout_prompts, c.train_groups
   total_updates = c.iterations * c.ppo_epochs * c.minibatches
   # DAPO's soft overlong buffer, at most a quarter of the response budget.
   buffer = min(int(alg.overlong_buffer), c.max_new_tokens // 4)
   workdir = ctx.path(name)
-  pol = Policy(model, c, alg, mesh, workdir, name, total_updates)
+  pol = Policy(model, c, alg, mesh, workdir, name, total_updates, teacher)
   state, meta = pol.restore_or_init()
   start = 0 if meta is None else int(meta["step"])
   history = [] if meta is None else meta["history"]
@@ -214,7 +237,9 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
       width = (_round_up(max(len(x) for x in ro.prompts), rerank_lib.PROMPT_MULTIPLE)
                + c.max_new_tokens)
       rows = algorithm.update_rows(ro.prompts, ro.responses, ro.logps, plan, g, width,
-                                   tok.pad_id, pol.reference_logps if alg.kl_beta else None)
+                                   tok.pad_id,
+                                   pol.reference_logps if pol.ref_params is not None
+                                   else pol.teacher_logps)
       step_metrics = []
       n_rows = len(rows["tokens"])
       mb = n_rows // c.minibatches
@@ -249,8 +274,8 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
           "clip_frac_high": float(np.mean([x["clip_frac_high"] for x in step_metrics])),
           "clip_frac_low": float(np.mean([x["clip_frac_low"] for x in step_metrics])),
           "approx_kl": float(np.mean([x["approx_kl"] for x in step_metrics])),
-          **({"kl_ref": float(np.mean([x["kl_ref"] for x in step_metrics]))}
-             if alg.kl_beta else {}),
+          **{k: float(np.mean([x[k] for x in step_metrics]))
+             for k in ("kl_ref", "kl_teacher", "kl_teacher_k1") if k in step_metrics[0]},
           "lr": float(step_metrics[-1]["lr"]), "skipped_updates": n_skipped,
           "applied_updates": len(step_metrics) - n_skipped,
           "rollout_tokens_per_sec": gen_tokens / max(t_roll, 1e-9),
@@ -270,7 +295,8 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, mesh):
       entry = {"iteration": it + 1, **{k: m[k] for k in (
           "reward", "valid_rate", "groups_kept", "identity_rate", "kendall_tau",
           "response_length", "entropy", "truncated_rate", "applied_updates", "approx_kl",
-          "rollout_tokens_per_sec", "iteration_seconds", "rollout_seconds", "kl_ref")
+          "rollout_tokens_per_sec", "iteration_seconds", "rollout_seconds", "kl_ref",
+          "kl_teacher", "kl_teacher_k1")
           if k in m}, "top_input_position_hist": hist}
       done = it + 1
       if c.eval_every and (done % c.eval_every == 0 or done == c.iterations):

@@ -141,3 +141,35 @@ def test_teacher_with_another_vocabulary_is_refused():
   with pytest.raises(UserError, match="vocabulary"):
     learner.check_teacher(small, big)
   learner.check_teacher(small, small)
+
+
+def test_teacher_on_its_own_devices_matches_the_in_pass_teacher():
+  """8 fake CPU devices split 4 + 4: the teacher's log-probs computed on its half and moved to
+  the student's equal a one-device forward, and the OPD step (k1) fed with them equals the step
+  that runs the teacher in its own pass."""
+  assert jax.device_count() >= 8
+  student_mesh, teacher_mesh = mesh_lib.split_data_parallel(4, 8)
+  assert not set(student_mesh.devices.flat) & set(teacher_mesh.devices.flat)
+  gs, ps = _model(1)
+  gt, pt = _model(2)
+  rows = {k: np.concatenate([v, v[::-1]]) for k, v in _rows().items()}  # 4 rows: 1 per device
+  b = {k: jnp.asarray(v) for k, v in rows.items()}
+  b["logp_old"] = learner.token_logps(gs, ps, b, 1.0) * b["mask"]
+  rep = lambda mesh, tree: jax.device_put(tree, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
+  logq = learner.teacher_logps(gt, rep(teacher_mesh, pt), rows, 1.0, teacher_mesh, student_mesh)
+  assert set(logq.sharding.device_set) == set(student_mesh.devices.flat)
+  np.testing.assert_allclose(logq, learner.token_logps(gt, pt, b, 1.0), rtol=1e-5, atol=1e-5)
+
+  tx = optax.sgd(1e-1)  # (Adam's normalisation would magnify rounding in near-zero gradients)
+  cfg = learner.LossConfig(policy_loss="opd", kl_beta=0.5, kl_estimator="k1")
+  in_pass = jax.jit(learner.make_opd_step(gs, gt, tx, lambda s: 1e-2, cfg))
+  split = jax.jit(learner.make_opd_step(gs, None, tx, lambda s: 1e-2, cfg))
+  state = {"params": ps, "opt_state": tx.init(ps), "step": jnp.int32(0)}
+  s1, m1 = in_pass(jax.tree.map(jnp.copy, state), pt, b)
+  s2, m2 = split(rep(student_mesh, state), None, rep(student_mesh, dict(b, logp_ref=logq)))
+  assert float(m2["skipped"]) == 0
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["kl_teacher"], m2["kl_teacher"], rtol=1e-5, atol=1e-7)
+  for a, r in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s2["params"])):
+    np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)

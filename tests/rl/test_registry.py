@@ -42,8 +42,8 @@ def test_duplicate_registration_fails():
 
 def test_every_variant_is_registered():
   assert registry.REWARDS.names() == ["auc", "graded_ndcg", "naive", "rank_promotion"]
-  assert registry.ADVANTAGES.names() == ["dr_grpo", "grpo", "rloo"]
-  assert registry.POLICY_LOSSES.names() == ["gspo", "ppo_clip"]
+  assert registry.ADVANTAGES.names() == ["dr_grpo", "grpo", "rloo", "zero"]
+  assert registry.POLICY_LOSSES.names() == ["gspo", "opd", "ppo_clip"]
   assert registry.LOSS_AGGREGATIONS.names() == [
       "seq_mean_token_mean", "seq_mean_token_sum_norm", "token_mean"]
   assert registry.KL_ESTIMATORS.names() == ["k1", "k2", "k3"]
@@ -57,7 +57,7 @@ def test_algorithm_presets_name_registered_variants():
   assert dapo.aggregation == "token_mean" and dapo.dynamic_sampling
   with pytest.raises(dataclasses.FrozenInstanceError):
     dapo.eps_high = 1.0  # frozen: a preset cannot be changed by accident
-  with pytest.raises(UserError, match="choose one of dapo, dr_grpo, grpo, gspo"):
+  with pytest.raises(UserError, match="choose one of dapo, dr_grpo, grpo, gspo, opd"):
     algorithm.get("ppo")
 
 
@@ -73,3 +73,10 @@ def test_section_overrides_and_bad_values():
   c.clip_ratio_c, c.aggregation = None, "sum"
   with pytest.raises(UserError, match="unknown loss aggregation 'sum'"):
     algorithm.from_section(c)
+
+
+def test_the_exact_kl_needs_the_opd_loss():
+  with pytest.raises(UserError, match="policy_loss 'opd' only"):
+    dataclasses.replace(algorithm.GRPO, kl_estimator="full").validate()
+  opd = algorithm.get("opd")
+  assert (opd.policy_loss, opd.kl_estimator, opd.dynamic_sampling) == ("opd", "full", False)

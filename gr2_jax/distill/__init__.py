@@ -1,0 +1,1 @@
+"""On-policy distillation helpers: depth-pruned students."""
