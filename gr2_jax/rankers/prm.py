@@ -7,8 +7,8 @@ element-wise product, and a learned embedding of its slot in the incoming (legac
 transformer encoder over the K candidates (no mask: every candidate sees the whole slate) and a
 linear head give one score per candidate. The loss is the listwise softmax cross-entropy on the
 multi-positive labels (`rax.softmax_loss`: -sum_i y_i log softmax(s)_i, one term per positive);
-slates without a positive get weight 0 and are counted. Training goes through the project's trainer (`train.trainer.Trainer` with an
-`Objective`): checkpoints, exact resume, logging.
+slates without a positive get weight 0 and are counted. Training goes through the project's
+trainer (`train.trainer.Trainer` with an `Objective`): checkpoints, exact resume, logging.
 """
 
 import dataclasses

@@ -100,9 +100,18 @@ def run(ctx):
     report["valid_rate"] = {n: d["valid_rate"] for n, d in result["diagnostics"].items()}
     report["rerank_seconds"] = secs
     report["decode_speedup"] = result["decode_speedup"]
-    lift = {n: report["table"].get(n, {}).get("R@1_lift") or {} for n in ("teacher", "opd")}
-    if lift["teacher"].get("diff"):
-      report["share_of_teacher_lift_kept"] = lift["opd"].get("diff", 0.0) / lift["teacher"]["diff"]
+    # Per decoding mode: the student's R@1 gain over legacy as a share of the teacher's.
+    report["share_of_teacher_lift_kept"] = {}
+    diags = result["diagnostics"]
+    report["answer_tokens_per_sec"] = {
+        name: sum(d.get("mean_response_length", 0.0) * d["num_rollouts"]
+                  for row, d in diags.items() if row.startswith(name)) / secs[name]
+        for name in secs if secs.get(name)}
+    for cons in (False, True):
+      t, o = rerank_lib.row_name("teacher", cons), rerank_lib.row_name("opd", cons)
+      lift = {n: report["table"].get(n, {}).get("R@1_lift") or {} for n in (t, o)}
+      if lift[t].get("diff"):
+        report["share_of_teacher_lift_kept"][o] = lift[o].get("diff", 0.0) / lift[t]["diff"]
   report["wall_seconds"] = round(time.time() - t_start, 1)
   with open(ctx.path("report.json"), "w") as f:
     json.dump(report, f, indent=2)

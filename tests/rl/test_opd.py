@@ -50,7 +50,8 @@ def test_distill_stats_match_an_unchunked_forward(chunk):
   b = _batch()
   logp, logq, kl = learner.distill_stats(gs, ps, gt, pt, b, TEMPERATURE, True, chunk)
   lp, lq = _reference(gs, ps, b), _reference(gt, pt, b)
-  take = lambda l: np.take_along_axis(np.asarray(l), np.asarray(b["targets"])[..., None], -1)[..., 0]
+  tgt = np.asarray(b["targets"])[..., None]
+  take = lambda l: np.take_along_axis(np.asarray(l), tgt, -1)[..., 0]
   np.testing.assert_allclose(logp, take(lp), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(logq, take(lq), rtol=1e-5, atol=1e-5)
   ref_kl = np.sum(np.exp(lp) * (lp - lq), -1)

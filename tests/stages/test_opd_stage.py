@@ -73,6 +73,9 @@ def test_tiny_opd_pruned_student(tiny_workdir):
   for name in ("teacher", "student (before)", "opd"):
     assert name in table["rows"] and table["seconds"][name] > 0
   assert table["decode_speedup"]["teacher"] == pytest.approx(1.0)
+  assert set(report["answer_tokens_per_sec"]) == {"teacher", "student (before)", "opd"}
+  assert all(v > 0 for v in report["answer_tokens_per_sec"].values())
+  assert set(report["share_of_teacher_lift_kept"]) <= {"opd", "opd (constrained)"}
   # The teacher is the RL model, unchanged: its rows equal a fresh evaluation's in the rl table.
   with open(os.path.join(rl_dir, "table.json")) as f:
     rl_table = json.load(f)
