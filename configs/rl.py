@@ -66,6 +66,9 @@ def section(preset):
   # no backward pass below them, no AdamW state for them. 0 trains every layer.
   c.frozen_layers = 0
   c.num_devices = 0  # 0 = all; the mesh is (data = devices, 1, 1)
+  # Start from this artifact folder's model instead of the SFT model (e.g. an opd artifact:
+  # RL-OPD); its prompt and SID table must be those of the pipeline. "" = the SFT model.
+  c.init_from = ""
   c.checkpoint_every = 4
   c.seed = 0
   # Evaluation: greedy re-ranking of val_examples validation slates every eval_every iterations

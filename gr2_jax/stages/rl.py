@@ -396,6 +396,11 @@ def run(ctx):
   check_config(c)
   t_start = time.time()
   sft_dir = ctx.inputs["sft"]
+  if c.init_from:  # e.g. an opd artifact: RL-OPD
+    if not os.path.isfile(os.path.join(c.init_from, "model_config.json")):
+      raise UserError(f"rl.init_from={c.init_from} holds no model (model_config.json); name a "
+                      "finished sft, rl or opd artifact folder")
+    sft_dir = c.init_from
   mesh = mesh_lib.data_parallel_mesh(c.num_devices)
   prompt_cfg, sids = rerank_lib.load_rerank_info(sft_dir)
   data = _load_data(ctx, c, prompt_cfg)
@@ -437,7 +442,8 @@ def run(ctx):
         "rollout_tokens_per_sec", "iteration_seconds", "wall_seconds")})
     if c.eval_examples:
       t0 = time.time()
-      result, md = final_table(ctx, c, {"sft": sft_model, "rl": model}, tok, data, sids,
+      start = "start" if c.init_from else "sft"
+      result, md = final_table(ctx, c, {start: sft_model, "rl": model}, tok, data, sids,
                                prompt_cfg)
       with open(ctx.path("table.json"), "w") as f:
         json.dump(result, f, indent=2)

@@ -124,7 +124,24 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_workdir, rl_run):
     ({"variants": (("x", "naive", "sorted"),)}, "shuffled or fixed"),
     ({"rollout_prompts": 2, "train_groups": 2}, "rollout_prompts \\(2\\) must exceed"),
     ({"clip_ratio_c": 0.5}, "clip_ratio_c 0.5 must be > 1"),
+    ({"init_from": "/nonexistent/opd"}, "holds no model"),
 ])
 def test_bad_config_is_one_clear_error(tiny_workdir, overrides, message):
   with pytest.raises(UserError, match=message):
     runner.run_stage(_config(**overrides), tiny_workdir, "rl")
+
+
+def test_rl_starts_from_another_artifact(tiny_workdir, rl_run):
+  """RL from a given artifact (here the RL model itself, as RL-OPD starts from an opd one):
+  its first policy is that model, shown as the "start" row."""
+  _, rl_out, _ = rl_run
+  config = _config(init_from=rl_out, iterations=1, eval_every=0)
+  out, summary = runner.run_stage(config, tiny_workdir, "rl")
+  assert summary["sft"] == rl_out
+  with open(os.path.join(out, "table.json")) as f:
+    table = json.load(f)
+  assert "start" in table["rows"] and "sft" not in table["rows"]
+  with open(os.path.join(rl_out, "table.json")) as f:
+    before = json.load(f)
+  # The start row is the earlier run's RL model on the same seeded slates.
+  assert table["rows"]["start"]["R@1"]["mean"] == before["rows"]["rl"]["R@1"]["mean"]
