@@ -122,16 +122,22 @@ def make_rl_step(graphdef, tx, schedule, cfg: LossConfig, frozen_layers=0):
     signal = jnp.sum(jnp.asarray(batch["mask"], bool)
                      & (jnp.abs(batch["advantages"]) > 0)[:, None])
     ok = losses.finite_or_skip(loss, grads, num_valid=signal)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-           "step": state["step"] + 1}
-    new = losses.select_if(ok, new, state)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                   lr=schedule(state["step"]), skipped=1.0 - ok.astype(jnp.float32),
-                   signal_tokens=signal.astype(jnp.float32))
-    return new, metrics
+    return _guarded_update(tx, schedule, state, grads, ok, signal, dict(metrics, loss=loss))
 
   return step_fn
+
+
+def _guarded_update(tx, schedule, state, grads, ok, signal, metrics):
+  """The optimiser update where `ok`, else the state unchanged (bit-identical), with the step's
+  metrics: gradient norm, learning rate, skipped (0 / 1) and the tokens that carried signal."""
+  params = state["params"]
+  updates, opt_state = tx.update(grads, state["opt_state"], params)
+  new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+         "step": state["step"] + 1}
+  new = losses.select_if(ok, new, state)
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]),
+                 skipped=1.0 - ok.astype(jnp.float32), signal_tokens=signal.astype(jnp.float32))
+  return new, metrics
 
 
 def check_teacher(student_cfg, teacher_cfg, student_tok=None, teacher_tok=None):
@@ -198,14 +204,7 @@ def make_opd_step(graphdef, teacher_graphdef, tx, schedule, cfg: LossConfig, fro
     signal = jnp.sum(jnp.asarray(batch["mask"], bool))
     ok = losses.finite_or_skip(loss, grads, num_valid=signal)
     ok = ok & jnp.isfinite(metrics["kl_teacher"])
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-           "step": state["step"] + 1}
-    new = losses.select_if(ok, new, state)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                   lr=schedule(state["step"]), skipped=1.0 - ok.astype(jnp.float32),
-                   signal_tokens=signal.astype(jnp.float32))
-    return new, metrics
+    return _guarded_update(tx, schedule, state, grads, ok, signal, dict(metrics, loss=loss))
 
   return step_fn
 

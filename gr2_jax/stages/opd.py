@@ -88,12 +88,7 @@ def run(ctx):
     secs = result["seconds"]
     result["decode_speedup"] = {name: secs["teacher"] / secs[name] for name in secs
                                 if secs.get(name)}
-    with open(ctx.path("table.json"), "w") as f:
-      json.dump(result, f, indent=2)
-    with open(ctx.path("table.md"), "w") as f:
-      f.write(md + "\n")
-    logging.info("[opd] final table:\n%s", md)
-    print(md)
+    rl_stage.write_table(ctx, result, md, "opd")
     report["eval_seconds"] = round(time.time() - t0, 1)
     report["table"] = {n: {"R@1": r["R@1"]["mean"], "R@1_lift": r.get("lift", {}).get("R@1")}
                        for n, r in result["rows"].items()}

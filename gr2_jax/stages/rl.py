@@ -371,6 +371,16 @@ def final_table(ctx, c, models, tok, data, sids, prompt_cfg):
   return out, md
 
 
+def write_table(ctx, result, md, log_prefix):
+  """`table.json` and `table.md` of a final table in the stage's folder, logged and printed."""
+  with open(ctx.path("table.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  with open(ctx.path("table.md"), "w") as f:
+    f.write(md + "\n")
+  logging.info("[%s] final table:\n%s", log_prefix, md)
+  print(md)
+
+
 def ablation_markdown(reports):
   """Per variant: first and last iteration's order-copying diagnostics and reward."""
   lines = ["| variant | reward | slate order | identity rate (first -> last 3 iters) | "
@@ -445,12 +455,7 @@ def run(ctx):
       start = "start" if c.init_from else "sft"
       result, md = final_table(ctx, c, {start: sft_model, "rl": model}, tok, data, sids,
                                prompt_cfg)
-      with open(ctx.path("table.json"), "w") as f:
-        json.dump(result, f, indent=2)
-      with open(ctx.path("table.md"), "w") as f:
-        f.write(md + "\n")
-      logging.info("[rl] final table:\n%s", md)
-      print(md)
+      write_table(ctx, result, md, "rl")
       report["eval_seconds"] = round(time.time() - t0, 1)
       report["table"] = {n: {"R@1": r["R@1"]["mean"],
                              "R@1_lift": r.get("lift", {}).get("R@1")}
