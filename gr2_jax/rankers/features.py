@@ -102,12 +102,7 @@ class FeatureBuilder:
     count = self.stats.popularity[slate] - own_count
     mean_rating = ((self.rating_sum[slate] - own_sum + _RATING_PRIOR * self.global_rating)
                    / (count + _RATING_PRIOR))
-    recent_hist = history[:, -self.cf_config.recent:]
-    hc = np.maximum(recent_hist, 0)[:, :, None]
-    pairs = self.stats.cooc[hc, slate[:, None, :]]
-    if leave_user_out:
-      pairs = pairs - self.own.cooc(loo[:, None, None], hc, slate[:, None, :])
-    cowatched = np.log1p((pairs * (recent_hist >= 0)[:, :, None]).sum(1))
+    cowatched = np.log1p(f["cooc_count"])
     year = 1970.0 + np.asarray(slates["timestamp"], np.float64) / _SECONDS_PER_YEAR
     item_age = year[:, None] - self.item_year[slate]
     hist_len = np.log1p((history >= 0).sum(1)).astype(np.float32)

@@ -16,6 +16,8 @@ import time
 
 from absl import logging
 from flax import nnx
+import jax
+import jax.numpy as jnp
 
 from gr2_jax import runner
 from gr2_jax.distill import prune as prune_lib
@@ -63,9 +65,9 @@ def run(ctx):
   prompt_cfg, sids = rerank_lib.load_rerank_info(rl_dir)
   data = rl_stage._load_data(ctx, c, prompt_cfg)  # pylint: disable=protected-access
   t_graphdef, t_state = nnx.split(teacher)
-  before = (prune_lib.prune(teacher, keep, mesh) if c.recipe == "pruned"
-            else midtrain.load_model(runner.artifact_dir(ctx.workdir, ctx.config, "midtrain"),
-                                     mesh)[0])
+  # The student as it starts, for the table (a copy: training donates the student's buffers).
+  s_graphdef, s_state = nnx.split(student)
+  before = nnx.merge(s_graphdef, jax.tree.map(jnp.copy, s_state))
   model, train_report = rl_stage.train_policy(
       ctx, c, "train", student, tok, data, sids, prompt_cfg, mesh,
       teacher=(t_graphdef, nnx.to_pure_dict(t_state),

@@ -184,7 +184,8 @@ def run(ctx):
     scores_lib.save(ctx.out_dir, split, s["example_id"], scores[split])
     n = len(s["slate"])
     orders = {"legacy": np.tile(np.arange(k), (n, 1))}
-    orders.update(scores_lib.orders(ctx.out_dir, split, s))
+    orders.update({r: tables.order_by_scores(scores[split][r]) for r in scores_lib.RANKERS
+                   if r in scores[split]})
     rows = tables.evaluate(orders, s, n_boot=c.n_boot, seed=c.seed)
     table_json[split] = rows
     md.append(f"Re-rankers on all {n} {split} slates:\n\n" + tables.format_table(rows))

@@ -85,7 +85,8 @@ def genre_profile(stats, history, decay):
 
 
 def features(stats, history, slate, cfg, own=None, users=None):
-  """Raw features {name: [N, K]} of slate items; history int [N, H] right-aligned, -1 pads.
+  """Raw features {name: [N, K]} of slate items (`FEATURES`, and `cooc_count`, the unweighted
+  co-occurrence count with the recent history); history int [N, H] right-aligned, -1 pads.
 
   With `own` (`cf_stats.OwnCounts`) and `users` [N] (-1 = no correction), each row's counts
   leave out its user's own interactions (leave-user-out, for training-period examples).
@@ -101,6 +102,9 @@ def features(stats, history, slate, cfg, own=None, users=None):
   s = slate[:, None, :]
   minus = 0.0 if own is None else own.cooc(u, hc, s)
   cooc = (w[:, :, None] * cooc_norm(stats, hc, s, minus)).sum(1)
+  # The unweighted pair counts with the recent history (padding excluded): the evidence
+  # field's "co-watched" number, a feature of the learned re-rankers.
+  cooc_count = ((stats.cooc[hc, s] - minus) * (recent >= 0)[:, :, None]).sum(1)
   last = history[:, -cfg.last_n:]
   wl = _recency_weights(last >= 0, cfg.decay)
   lc = np.maximum(last, 0)[:, :, None]
@@ -113,7 +117,7 @@ def features(stats, history, slate, cfg, own=None, users=None):
   pop = stats.popularity[slate]
   if own is not None:
     pop = pop - own.popularity(np.asarray(users)[:, None], slate)
-  return {"cooc": cooc, "transition": trans, "genre": genre,
+  return {"cooc": cooc, "transition": trans, "genre": genre, "cooc_count": cooc_count,
           "popularity": np.log1p(pop),
           "position": np.broadcast_to(1.0 / np.log2(np.arange(k) + 2.0), slate.shape)}
 

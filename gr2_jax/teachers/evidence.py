@@ -47,8 +47,8 @@ def for_prompt(prompt_cfg, data_dir):
   """A SlateEvidence when `prompt_cfg` shows the "evidence" field, else None.
 
   The statistics come from the data artifact `data_dir` (training periods only) with the
-  prompt's `evidence_window` (`cf_stats.load_stats`, shared with the CF teacher); `recent` is the prompt's shown
-  history (`max_history`).
+  prompt's `evidence_window` (`cf_stats.load_stats`, shared with the CF teacher); `recent` is
+  the prompt's shown history (`max_history`).
   """
   if "evidence" not in prompt_cfg.item_fields:
     return None

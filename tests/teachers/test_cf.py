@@ -48,6 +48,7 @@ def test_features_by_hand(stats):
   np.testing.assert_allclose(f["genre"], [[0.4, 0, 0]])
   np.testing.assert_allclose(f["popularity"], [[np.log(3), 0, 0]])
   np.testing.assert_allclose(f["position"], [[1, 1 / np.log2(3), 0.5]])
+  np.testing.assert_allclose(f["cooc_count"], [[1 + 1, 0, 0]])  # cooc[0, 2] + cooc[1, 2]
 
 
 def test_zero_temperature_gives_score_order():
