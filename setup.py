@@ -29,6 +29,9 @@ setup(
         "tensorboardX>=2.6",
         "lightgbm>=4.3",  # LambdaMART baseline (gr2_jax.rankers.lambdamart)
         "rax>=0.4",  # listwise losses of the PRM baseline (gr2_jax.rankers.prm)
+        "fastapi>=0.110",  # the re-ranking server (gr2_jax.serve)
+        "uvicorn>=0.29",
+        "httpx>=0.27",  # the server's load test client
     ],
     extras_require={
         "test": [

@@ -28,6 +28,7 @@ drawn from, after temperature, constraint mask (and `vocab_limit`) and top-k / t
 greedy decoding (a point mass) and on padding.
 """
 
+import collections
 import dataclasses
 import functools
 from typing import NamedTuple, Optional, Sequence
@@ -121,6 +122,104 @@ def prefill(graphdef, state, tokens, lengths, *, cache_len, cache_dtype=jnp.floa
   hidden, cache = model.hidden(tokens, positions, segment_ids=segment_ids, cache=cache)
   last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
   return model.logits(last)[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "cache_dtype"))
+def prefill_suffixes(graphdef, state, prefix_k, prefix_v, prefix_lengths, row_prefix, tokens,
+                     lengths, *, cache_len, cache_dtype=jnp.float32):
+  """Prefill of prompts that continue prefilled prefixes: (last logits f32 [B, V], cache).
+
+  prefix_k, prefix_v: [L, M, W, KVH, D], the KV of M shared prefixes (`prefill_prefix`), prefix
+  m's first prefix_lengths[m] slots valid. Row b continues prefix row_prefix[b] with its
+  right-padded suffix tokens[b, :lengths[b]]. Each row's cache starts as a copy of its prefix's
+  KV with `end` at the prefix length, so the suffix is written from there on (over the prefix's
+  padding) and attends to the prefix: the result is a full prefill's up to float rounding.
+  """
+  model = nnx.merge(graphdef, state)
+  b, p = tokens.shape
+  cache = qwen3.init_cache(model.cfg, b, cache_len, cache_dtype)
+  w = prefix_k.shape[2]
+  cache["k"] = cache["k"].at[:, :, :w].set(prefix_k[:, row_prefix].astype(cache_dtype))
+  cache["v"] = cache["v"].at[:, :, :w].set(prefix_v[:, row_prefix].astype(cache_dtype))
+  start = prefix_lengths[row_prefix]
+  cache["end"] = start
+  positions = start[:, None] + jnp.arange(p, dtype=jnp.int32)[None, :]
+  segment_ids = (jnp.arange(p)[None, :] < lengths[:, None]).astype(jnp.int32)
+  hidden, cache = model.hidden(tokens, positions, segment_ids=segment_ids, cache=cache)
+  last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
+  return model.logits(last)[:, 0], cache
+
+
+class PrefixCache:
+  """Prefilled KV caches of prompt prefixes shared by many requests, keyed by their tokens.
+
+  The system turn and the candidates of a slate (prompt part order "system_candidates_user")
+  are the same for every user shown that slate: their KV is computed once (`get`), kept (least
+  recently used dropped past `max_entries`) and copied into each request's cache by
+  `sample(..., prefix_lengths=...)`, which then prefills only the rest of each prompt.
+  """
+
+  def __init__(self, model, *, max_entries=256, multiple=64, cache_dtype=jnp.float32):
+    if max_entries < 1 or multiple < 1:
+      raise UserError("PrefixCache needs max_entries >= 1 and multiple >= 1")
+    self.graphdef, self.state = nnx.split(model)
+    self.cfg = model.cfg
+    self.max_entries = int(max_entries)
+    self.multiple = int(multiple)  # prefix widths are padded to this (shared compilations)
+    self.cache_dtype = jnp.dtype(cache_dtype)
+    self._entries = collections.OrderedDict()
+    self.hits = 0
+    self.misses = 0
+
+  def __len__(self):
+    return len(self._entries)
+
+  def get(self, tokens):
+    """(k, v) [L, 1, W, KVH, D] of the prefix `tokens` (a sequence of ids), W >= len(tokens)."""
+    key = tuple(int(t) for t in tokens)
+    if not key:
+      raise UserError("a shared prefix needs at least one token")
+    if key in self._entries:
+      self.hits += 1
+      self._entries.move_to_end(key)
+      return self._entries[key]
+    self.misses += 1
+    toks, lens = pad_prompts([key], pad_id=0, multiple=self.multiple)
+    _, cache = prefill(self.graphdef, self.state, jnp.asarray(toks), jnp.asarray(lens),
+                       cache_len=toks.shape[1], cache_dtype=self.cache_dtype)
+    entry = (cache["k"], cache["v"])
+    self._entries[key] = entry
+    while len(self._entries) > self.max_entries:
+      self._entries.popitem(last=False)
+    return entry
+
+  def gather(self, prompts, prefix_lengths, pad_id=0, multiple=1):
+    """The prefill inputs of prompts whose first prefix_lengths[b] tokens are a cached prefix:
+    (prefix_k, prefix_v, prefix lengths [M], row -> prefix [B], suffix tokens [B, S], suffix
+    lengths [B]). M is padded up to a power of two (repeats of the last prefix) and the widths
+    to `multiple`, so that batches share compilations."""
+    rows = [list(map(int, p)) for p in prompts]
+    if len(prefix_lengths) != len(rows):
+      raise UserError(f"{len(prefix_lengths)} prefix lengths for {len(rows)} prompts")
+    keys, row_prefix, suffixes = {}, [], []
+    for r, n in zip(rows, prefix_lengths):
+      n = int(n)
+      if not 1 <= n < len(r):
+        raise UserError(f"a shared prefix of {n} tokens must leave at least one token of its "
+                        f"{len(r)}-token prompt to prefill")
+      row_prefix.append(keys.setdefault(tuple(r[:n]), len(keys)))
+      suffixes.append(r[n:])
+    entries = [self.get(k) for k in keys]
+    width = max(e[0].shape[2] for e in entries)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, width - x.shape[2]), (0, 0), (0, 0)))
+    m = 1 << (len(entries) - 1).bit_length()
+    entries += [entries[-1]] * (m - len(entries))
+    lengths = [len(k) for k in keys] + [len(k) for k in list(keys)[-1:]] * (m - len(keys))
+    prefix_k = jnp.concatenate([pad(e[0]) for e in entries], axis=1)
+    prefix_v = jnp.concatenate([pad(e[1]) for e in entries], axis=1)
+    tokens, suffix_lengths = pad_prompts(suffixes, pad_id=pad_id, multiple=multiple)
+    return (prefix_k, prefix_v, np.asarray(lengths, np.int32), np.asarray(row_prefix, np.int32),
+            tokens, suffix_lengths)
 
 
 def _tempered(logits, params):
@@ -239,7 +338,9 @@ def sample(model: nnx.Module, prompts, *, lengths=None, key: jax.Array,
            top_p: float = 1.0, greedy: bool = False, stop_tokens: Sequence[int] = (),
            pad_id: int = 0, constraint: Optional[Constraint] = None,
            cache_len: Optional[int] = None, cache_dtype=jnp.float32,
-           prompt_multiple: int = 1, vocab_limit: int = 0) -> SampleOutput:
+           prompt_multiple: int = 1, vocab_limit: int = 0,
+           prefix_cache: Optional[PrefixCache] = None,
+           prefix_lengths: Optional[Sequence[int]] = None) -> SampleOutput:
   """Samples up to `max_new_tokens` per prompt from a Qwen3 model.
 
   Args:
@@ -256,12 +357,30 @@ def sample(model: nnx.Module, prompts, *, lengths=None, key: jax.Array,
     prompt_multiple: rounds the padded prompt width up, to share compilations.
     vocab_limit: when > 0, only token ids below it are emitted (pass the tokenizer's size when
       the model has padded vocabulary rows, so that every output decodes).
+    prefix_cache, prefix_lengths: with both, the first prefix_lengths[b] tokens of prompt b (a
+      list of id lists) are a shared prefix whose KV comes from `prefix_cache` (prefilled once
+      per distinct prefix); only the rest of each prompt is prefilled. The output equals the
+      full prefill's up to float rounding. cache_len then defaults to the padded prefix width
+      + the padded suffix width + max_new_tokens.
   """
   params = SamplingParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                           top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy),
                           stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id),
                           vocab_limit=int(vocab_limit))
-  tokens, lengths = pad_prompts(prompts, lengths, pad_id, prompt_multiple)
+  if (prefix_cache is None) != (prefix_lengths is None):
+    raise UserError("prefix reuse needs both prefix_cache and prefix_lengths")
+  if prefix_cache is not None:
+    if lengths is not None:
+      raise UserError("prefix reuse takes the prompts as id lists, not a padded array")
+    if prefix_cache.cfg != model.cfg:
+      raise UserError("the prefix cache was built for a different model")
+    pre = prefix_cache.gather(prompts, prefix_lengths, params.pad_id, prompt_multiple)
+    prefix_k, prefix_v, pre_lengths, row_prefix, tokens, suffix_lengths = pre
+    lengths = pre_lengths[row_prefix] + suffix_lengths  # the full prompts' lengths
+    if cache_len is None:
+      cache_len = prefix_k.shape[2] + tokens.shape[1] + params.max_new_tokens
+  else:
+    tokens, lengths = pad_prompts(prompts, lengths, pad_id, prompt_multiple)
   if cache_len is None:
     cache_len = tokens.shape[1] + params.max_new_tokens
   if int(lengths.max()) > cache_len:
@@ -279,9 +398,16 @@ def sample(model: nnx.Module, prompts, *, lengths=None, key: jax.Array,
     batch = tokens.shape[0]
     jax.eval_shape(lambda: constraint.init(batch))  # a batch mismatch fails here, uncompiled
   graphdef, state = nnx.split(model)
-  lengths = jnp.asarray(lengths)
-  logits, cache = prefill(graphdef, state, jnp.asarray(tokens), lengths,
-                          cache_len=int(cache_len), cache_dtype=jnp.dtype(cache_dtype))
+  if prefix_cache is not None:
+    logits, cache = prefill_suffixes(
+        graphdef, state, prefix_k, prefix_v, jnp.asarray(pre_lengths), jnp.asarray(row_prefix),
+        jnp.asarray(tokens), jnp.asarray(suffix_lengths), cache_len=int(cache_len),
+        cache_dtype=jnp.dtype(cache_dtype))
+    lengths = jnp.asarray(lengths)
+  else:
+    lengths = jnp.asarray(lengths)
+    logits, cache = prefill(graphdef, state, jnp.asarray(tokens), lengths,
+                            cache_len=int(cache_len), cache_dtype=jnp.dtype(cache_dtype))
   out, _, error = decode(graphdef, state, logits, cache, lengths, key, constraint, params=params)
   step, row = (int(x) for x in jax.device_get(error))
   if step >= 0:
