@@ -327,3 +327,46 @@ def diagnostics_markdown(diags):
                  f"{' '.join(map(str, d['top_input_position_hist']))} | "
                  f"{d.get('mean_response_length', float('nan')):.1f} |")
   return "\n".join(lines)
+
+
+def answer_ways(tok, shown, answer_format, stop_id):
+  """(head ids, [(key, going_on, closing)] per candidate) of the strict reasoning-free answer
+  `{"recommendations": [...]}` to a slate that showed the SIDs `shown`.
+
+  The ways are the tokenizer's own ids of each entry as it appears in rendered answers (from
+  the token holding the entry's first character up to the next entry's), the closing ones with
+  the answer's end and `stop_id`; `head` is what precedes the first entry. Raises a UserError
+  when the tokenizer writes an entry together with its neighbour.
+  """
+  k = len(shown)
+  first = prompts.first_number(answer_format)
+  values = [str(p + first) for p in range(k)] if first is not None else list(shown)
+  head, going_on, closing = None, [set() for _ in range(k)], [set() for _ in range(k)]
+  for last in range(k):
+    order = [i for i in range(k) if i != last] + [last]
+    text = prompts.render_answer(prompts.recommendations(order, shown, answer_format))
+    ids = tok.encode(text)
+    ends = _token_ends(tok, ids, text)
+    starts, pos = [], text.index("[") + 1
+    for i in order:  # the first character of each entry's value
+      pos = text.index(values[i], pos)
+      starts.append(pos)
+      pos += len(values[i])
+    cuts = [next(j for j, e in enumerate(ends) if e > s) for s in starts] + [len(ids)]
+    for n, i in enumerate(order[:-1]):
+      # The token holding an entry's first character may not reach back into the previous one.
+      lo = ends[cuts[n] - 1] if cuts[n] else 0
+      if n and lo < starts[n - 1] + len(values[order[n - 1]]):
+        raise UserError("the tokenizer writes two entries of the answer's list together; use "
+                        "another answer_format")
+    if cuts[0] == 0 or (head is not None and tuple(ids[:cuts[0]]) != head):
+      raise UserError("the tokenizer writes the answer's head with its first entry")
+    head = tuple(ids[:cuts[0]])
+    for n, i in enumerate(order):
+      way = tuple(ids[cuts[n]:cuts[n + 1]])
+      if n == k - 1:
+        closing[i].add(way + (int(stop_id),))
+      else:
+        going_on[i].add(way)
+  return list(head), [(shown[i] if first is None else i, tuple(sorted(going_on[i])),
+                       tuple(sorted(closing[i]))) for i in range(k)]

@@ -264,3 +264,43 @@ def group_constraint(groups: Sequence[Sequence[Sequence[int]]], vocab_size: int,
       root_tokens=jnp.asarray(list(root_tokens), jnp.int32).reshape(-1),
       initial_remaining=jnp.ones((1, len(leaves)), bool),
       vocab_size=int(vocab_size), trigger=-1, consume=True, ruled=closing is not None)
+
+
+def list_constraint(rows: Sequence[Sequence[tuple]], vocab_size: int) -> TrieConstraint:
+  """Row b writes each of its items exactly once and then nothing else: a whole list.
+
+  rows[b] holds one (key, going_on, closing) per item: the item's key (items with the same key
+  are one group, in every row) and its ways of being written while another item is left
+  (`going_on`, e.g. the item with the comma after it) and as the last one (`closing`, e.g. with
+  the list's closing bracket and the stop token). After the closing way no token is allowed, so
+  the closing ways should end with a stop token. Tables are padded to sizes that depend only on
+  the rows' shapes, as in `slate_constraint`.
+  """
+  owner, rule, keys = {}, {}, {}
+  for row in rows:
+    for key, going_on, closing in row:
+      g = keys.setdefault(key, len(keys))
+      for ways, kind in ((going_on, NOT_LAST), (closing, LAST)):
+        for s in ways:
+          s = tuple(int(t) for t in s)
+          if owner.setdefault(s, g) != g or rule.setdefault(s, kind) != kind:
+            raise UserError(f"list constraint: token sequence {list(s)} writes two different "
+                            "items or positions")
+  tables, leaves = _build_tables(sorted(owner), vocab_size)
+  n_seqs = sum(len(w) for row in rows for _, a, b in row for w in (a, b))
+  n_tokens = sum(len(s) for row in rows for _, a, b in row for w in (a, b) for s in w)
+  tables = _pad_tables(tables, nodes=2 + n_tokens, fanout=max(n_seqs, 1))
+  width = max(n_seqs, len(leaves))
+  remaining = np.zeros((len(rows), width), bool)
+  group = np.full(width, len(keys), np.int32)  # padded leaves: a group of their own, never left
+  ruleset = np.zeros(width, np.int32)
+  for i, s in enumerate(leaves):
+    group[i], ruleset[i] = owner[s], rule[s]
+  for b, row in enumerate(rows):
+    mine = {keys[key] for key, _, _ in row}
+    remaining[b, :len(leaves)] = np.isin(group[:len(leaves)], list(mine))
+  return TrieConstraint(
+      **{k: jnp.asarray(v) for k, v in tables.items()},
+      leaf_group=jnp.asarray(group), leaf_rule=jnp.asarray(ruleset),
+      root_tokens=jnp.zeros((0,), jnp.int32), initial_remaining=jnp.asarray(remaining),
+      vocab_size=int(vocab_size), trigger=-1, consume=True, ruled=True)
