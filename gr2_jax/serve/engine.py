@@ -264,16 +264,28 @@ class Engine:
                       "finish_reason": "stop" if stopped else "length"})
     return answers
 
-  def warmup(self, batch_sizes=None, history_len=20):
-    """Compiles the re-ranking path for each batch bucket on catalogue items; seconds taken."""
+  def warmup(self, batch_sizes=None):
+    """Compiles the re-ranking path for each batch bucket and each prompt-width bucket that
+    histories of 1..max_history catalogue items reach; returns the seconds taken."""
     t0 = time.time()
     k = min(self.cfg.max_candidates, len(self.items) - 1)
     sizes = batch_sizes or sorted({bucket(n, self.cfg.max_batch)
                                    for n in range(1, self.cfg.max_batch + 1)})
-    hist = list(range(k, min(len(self.items), k + history_len)))
-    for size in sizes:
-      req = {"history": hist, "candidates": list(range(k)), "user": None, "explain": False}
-      self.rerank_batch([req] * size)
+    cands = list(range(k))
+    # The shortest and the longest item lines, n of each, span the widths histories reach.
+    cfg = self.prompt[False]
+    size = lambda i: len(prompts.item_line(dict(self.items[i], sid=self.sids[i]), cfg))
+    rest = sorted(range(k, len(self.items)), key=size)
+    by_width = {}
+    for n in range(1, min(cfg.max_history, len(rest)) + 1):
+      for hist in (rest[:n], rest[-n:]):
+        ids, pre, _ = self.rerank_prompt(hist, cands, None, False)
+        width = len(ids) - (pre if self.prefix_cache is not None else 0)
+        by_width.setdefault(-(-width // self.cfg.prompt_multiple), hist)
+    for hist in by_width.values():
+      for size in sizes:
+        req = {"history": hist, "candidates": cands, "user": None, "explain": False}
+        self.rerank_batch([req] * size)
     self.counts.clear()
     if self.prefix_cache is not None:
       self.prefix_cache.hits = self.prefix_cache.misses = 0
