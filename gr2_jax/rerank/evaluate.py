@@ -56,8 +56,43 @@ def prompt_ids(examples, items, sids, prompt_cfg, tok):
     msgs = prompts.build_messages(prompts.with_sids(ex.history, items, sids),
                                   prompts.with_sids(ex.slate, items, sids, ex.evidence),
                                   prompt_cfg, user=ex.user)
-    out.append(chat.encode_chat(msgs, tok, add_generation_prompt=True))
+    ids = chat.encode_chat(msgs, tok, add_generation_prompt=True)
+    if prompt_cfg.answer_head:
+      ids += list(head_ids(tok, prompt_cfg.answer_format, sids[int(ex.slate[0])]))
+    out.append(ids)
   return out
+
+
+@functools.lru_cache(maxsize=64)
+def head_ids(tok, answer_format, first_sid):
+  """Ids of the answer up to its list's first entry (`{"recommendations": [`, with the opening
+  quote in the SID format): what an `answer_head` prompt prefills. `first_sid`: the SID of the
+  slate's first item (any SID: the head does not depend on it)."""
+  first = prompts.first_number(answer_format)
+  value = first_sid if first is None else str(first)
+  text = prompts.render_answer(prompts.recommendations([0], [first_sid], answer_format))
+  ids = tok.encode(text)
+  ends = _token_ends(tok, ids, text)
+  start = text.index(value, text.index("[") + 1)
+  cut = next(j for j, e in enumerate(ends) if e > start)
+  if cut == 0:
+    raise UserError("the tokenizer writes the answer's head with its first entry")
+  return tuple(ids[:cut])
+
+
+def list_ranking_constraint(tok, vocab_size, shown_sids, answer_format, batch_size):
+  """(make_constraint(start, real), token budget) of the strict reasoning-free list after the
+  answer's head: each shown item exactly once, the closing and the stop token
+  (`constraints.list_constraint` over `answer_ways`)."""
+  rows = [answer_ways(tok, s, answer_format, tok.im_end_id)[1] for s in shown_sids]
+  budget = max(sum(max(len(w) for w in going + close) for _, going, close in r) for r in rows)
+
+  def make_constraint(s, real):
+    part = rows[s:s + real]
+    part += [part[-1]] * (batch_size - real)
+    return constraints.list_constraint(part, vocab_size)
+
+  return make_constraint, budget
 
 
 # Prompt widths are padded to a multiple of this, so that the sampler (and the RL update, whose
@@ -213,8 +248,11 @@ def rerank(model, tok, examples, items, sids, prompt_cfg, *, max_new_tokens=448,
   slates_sids = [[sids[int(x)] for x in ex.slate] for ex in examples]
   fmt = prompt_cfg.answer_format
   p_ids = prompt_ids(examples, items, sids, prompt_cfg, tok)
+  # An answer_head prompt prefilled the answer's head: the texts parsed start with it.
+  lead = ([list(head_ids(tok, fmt, s[0])) for s in slates_sids] if prompt_cfg.answer_head
+          else [[] for _ in slates_sids])
   free = _greedy(model, tok, p_ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
-  free_res = _parse([tok.decode(g) for g in free], free, slates_sids, fmt)
+  free_res = _parse([tok.decode(h + g) for h, g in zip(lead, free)], free, slates_sids, fmt)
   results = {}
   if False in constrained:
     results[False] = free_res
@@ -224,6 +262,15 @@ def rerank(model, tok, examples, items, sids, prompt_cfg, *, max_new_tokens=448,
     # again.
     redo = [i for i in range(len(free)) if not free_res.omega[i]]
     gen, forced, heads = list(free), 0, []
+    if prompt_cfg.answer_head and redo:
+      # The list alone: decoded again from the head under the strict list constraint.
+      make_constraint, budget = list_ranking_constraint(
+          tok, model.cfg.vocab_size, [slates_sids[i] for i in redo], fmt, batch_size)
+      tails = _greedy(model, tok, [p_ids[i] for i in redo], max_new_tokens=budget,
+                      batch_size=batch_size, make_constraint=make_constraint)
+      for i, t in zip(redo, tails):
+        gen[i] = t
+      redo = []
     for i in redo:
       cut = ranking_cut(tok, free[i])
       if cut is None:
@@ -240,7 +287,7 @@ def rerank(model, tok, examples, items, sids, prompt_cfg, *, max_new_tokens=448,
                       make_constraint=make_constraint)
       for i, h, t in zip(redo, heads, tails):
         gen[i] = h + t
-    res = _parse([tok.decode(g) for g in gen], gen, slates_sids, fmt)
+    res = _parse([tok.decode(h + g) for h, g in zip(lead, gen)], gen, slates_sids, fmt)
     res.forced = forced
     results[True] = res
   return results

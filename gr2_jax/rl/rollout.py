@@ -12,7 +12,9 @@ decodes: the free sample up to its `"recommendations"` key is kept, and from the
 be one of the shown slate's items not listed yet (`constraints.slate_constraint`), or each
 number one of 1..K not listed yet in the "positions" answer format; punctuation and the closing
 stay free, so Omega can still fail (a short list, broken JSON). A sample without the key keeps
-its free text (invalid). Log-probabilities are the policy's at the sampling temperature over the
+its free text (invalid). A prompt with `answer_head` (the reasoning bypassed: the assistant turn
+opens with `{"recommendations": [`) samples the list alone, in one pass under the strict list
+constraint (each shown item once, then the closing and the stop token) when constrained. Log-probabilities are the policy's at the sampling temperature over the
 whole vocabulary, before the constraint's mask (see `gr2_jax.sampling.sampler`), so the update
 raises or lowers the policy's own probability of the entries it was steered to; entropies are
 those of the distributions actually sampled from.
@@ -113,15 +115,28 @@ def rollout(model, tok, slates, items, sids, prompt_cfg, users=None, *, group_si
   perm = np.stack(perm_rows)
   slate_rows = np.repeat(slates["slate"], group_size, axis=0)
   shown_sids = [[sids[int(slate_rows[i, j])] for j in perm[i]] for i in range(n)]
-  sampled = _sample(model, tok, prompt_ids, key=key, batch_size=batch_size,
-                    max_new_tokens=max_new_tokens, temperature=temperature)
-  if constrain_ranking:
-    sampled = _constrained_tails(
-        model, tok, prompt_ids, sampled, shown_sids, prompt_cfg.answer_format,
-        key=jax.random.fold_in(key, 1 << 20), batch_size=batch_size,
-        max_new_tokens=max_new_tokens, temperature=temperature)
+  fmt = prompt_cfg.answer_format
+  if prompt_cfg.answer_head and constrain_ranking:
+    # The prompt ends with the answer's head: the list alone, sampled under the strict list
+    # constraint in one pass.
+    make_constraint, budget = rerank_lib.list_ranking_constraint(
+        tok, model.cfg.vocab_size, shown_sids, fmt, batch_size)
+    sampled = _sample(model, tok, prompt_ids, key=key, batch_size=batch_size,
+                      max_new_tokens=min(max_new_tokens, budget), temperature=temperature,
+                      make_constraint=make_constraint)
+  else:
+    sampled = _sample(model, tok, prompt_ids, key=key, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, temperature=temperature)
+    if constrain_ranking:
+      sampled = _constrained_tails(
+          model, tok, prompt_ids, sampled, shown_sids, fmt,
+          key=jax.random.fold_in(key, 1 << 20), batch_size=batch_size,
+          max_new_tokens=max_new_tokens, temperature=temperature)
   responses, logps, finished, entropies = sampled
-  texts = [tok.decode(r[:-1] if f and r else r) for r, f in zip(responses, finished)]
+  lead = ([list(rerank_lib.head_ids(tok, fmt, s[0])) for s in shown_sids]
+          if prompt_cfg.answer_head else [[] for _ in shown_sids])
+  texts = [tok.decode(h + (r[:-1] if f and r else r))
+           for h, r, f in zip(lead, responses, finished)]
   omega, order, reasons, _ = parser.parse_batch(texts, shown_sids, prompt_cfg.answer_format)
   return Rollouts(prompts=prompt_ids, responses=responses, logps=logps, entropies=entropies,
                   texts=texts,

@@ -35,7 +35,6 @@ from gr2_jax.data import artifacts
 from gr2_jax.errors import UserError
 from gr2_jax.models import artifact as model_artifact
 from gr2_jax.rerank import evaluate as rerank_lib
-from gr2_jax.sampling import constraints
 from gr2_jax.sampling import sampler
 from gr2_jax.teachers import base
 from gr2_jax.text import chat
@@ -111,8 +110,8 @@ class Engine:
       raise UserError(f"the SID table holds {len(sids)} items but the catalogue {len(items)}")
     self.model, self.tok, self.cfg, self.name = model, tok, cfg, name
     self.sids, self.items = list(sids), list(items)
-    self.prompt = {False: dataclasses.replace(prompt_cfg, reasoning=False),
-                   True: dataclasses.replace(prompt_cfg, reasoning=True)}
+    self.prompt = {False: dataclasses.replace(prompt_cfg, reasoning=False, answer_head=True),
+                   True: dataclasses.replace(prompt_cfg, reasoning=True, answer_head=False)}
     self.stops = chat.chat_stop_ids(tok)
     self.prefix_cache = (sampler.PrefixCache(model, max_entries=cfg.prefix_cache_entries,
                                              multiple=cfg.prompt_multiple)
@@ -162,17 +161,15 @@ class Engine:
   def rerank_prompt(self, history, candidates, user, explain):
     """(prompt ids, shared-prefix length, SIDs shown) of a re-ranking request."""
     cfg = self.prompt[bool(explain)]
-    hist = prompts.with_sids(history, self.items, self.sids)
-    slate = prompts.with_sids(candidates, self.items, self.sids)
-    msgs = prompts.build_messages(hist, slate, cfg, user=user)
-    ids = chat.encode_chat(msgs, self.tok, add_generation_prompt=True)
+    ex = base.TeacherExample(history=tuple(history), slate=tuple(candidates), user=user)
+    ids = rerank_lib.prompt_ids([ex], self.items, self.sids, cfg, self.tok)[0]
     if len(ids) > self.cfg.max_prompt_tokens:
       raise UserError(f"the prompt has {len(ids)} tokens; the server takes at most "
                       f"{self.cfg.max_prompt_tokens} (send a shorter history)")
     # What every user shown this slate shares: the tokens common to this prompt and the same
     # slate with another (empty) user part.
-    alt = chat.encode_chat(prompts.build_messages([], slate, cfg), self.tok,
-                           add_generation_prompt=True)
+    alt = rerank_lib.prompt_ids([base.TeacherExample(history=(), slate=tuple(candidates))],
+                                self.items, self.sids, cfg, self.tok)[0]
     return ids, _common_prefix(ids, alt), [self.sids[i] for i in candidates]
 
   def check_chat(self, messages, max_tokens):
@@ -201,12 +198,9 @@ class Engine:
                               batch_size=size, constrained=(True,))[True]
       texts, omega, order, lengths = res.texts, res.omega, res.order, res.lengths
     else:
-      ways = [rerank_lib.answer_ways(self.tok, sh, fmt, self.tok.im_end_id) for sh in shown]
-      ways += [ways[-1]] * (size - len(reqs))
-      budget = max(sum(max(len(s) for s in going + close) for _, going, close in rows)
-                   for _, rows in ways)
-      cons = constraints.list_constraint([rows for _, rows in ways], self.model.cfg.vocab_size)
-      ids = [b[0] + head for b, (head, _) in zip(built, ways)]
+      make_constraint, budget = rerank_lib.list_ranking_constraint(
+          self.tok, self.model.cfg.vocab_size, shown, fmt, size)
+      ids = [b[0] for b in built]
       pre = [b[1] for b in built]
       ids += [ids[-1]] * (size - len(reqs))
       pre += [pre[-1]] * (size - len(reqs))
@@ -215,7 +209,8 @@ class Engine:
         kw = dict(prefix_cache=self.prefix_cache, prefix_lengths=pre)
       out = sampler.sample(self.model, ids, key=jax.random.key(0), max_new_tokens=budget,
                            greedy=True, stop_tokens=self.stops, pad_id=self.tok.pad_id,
-                           constraint=cons, prompt_multiple=self.cfg.prompt_multiple,
+                           constraint=make_constraint(0, len(reqs)),
+                           prompt_multiple=self.cfg.prompt_multiple,
                            vocab_limit=self.tok.vocab_size, **kw)
       toks, lens, done = (np.asarray(x) for x in (out.tokens, out.lengths, out.done))
       texts, lengths = [], []
@@ -223,7 +218,8 @@ class Engine:
         gen = toks[j, :lens[j]].tolist()
         if done[j] and gen:
           gen = gen[:-1]
-        texts.append(self.tok.decode(ways[j][0] + gen))
+        head = rerank_lib.head_ids(self.tok, fmt, shown[j][0])
+        texts.append(self.tok.decode(list(head) + gen))
         lengths.append(len(gen))
       omega, order, _, _ = parser.parse_batch(texts, shown, fmt)
     answers = []

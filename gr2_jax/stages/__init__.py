@@ -16,6 +16,7 @@ REQUIRES = {
     "sft": ("traces", "midtrain"),
     "rl": ("sft", "rankers"),
     "opd": ("rl", "rankers"),
+    "internalize": ("rl", "rankers"),
 }
 
 # Bumped when a stage's code changes what its artifact holds, so the fingerprint changes and old

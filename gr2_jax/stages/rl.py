@@ -339,7 +339,8 @@ def _load_data(ctx, c, prompt_cfg):
 
 
 def final_table(ctx, c, models, tok, data, sids, prompt_cfg):
-  """Baselines and each model on the same seeded test slates, with diagnostics."""
+  """Baselines and each model on the same seeded test slates, with diagnostics. `models`:
+  {name: model, or (model, its own prompt config)}."""
   legacy_dir = data["legacy_dir"]
   slates = slates_lib.load_split(legacy_dir, c.eval_split, max_examples=c.eval_examples,
                                  seed=c.seed)
@@ -348,9 +349,11 @@ def final_table(ctx, c, models, tok, data, sids, prompt_cfg):
   popularity = np.load(os.path.join(legacy_dir, "popularity.npy"))
   rankers_dir = ctx.inputs["rankers"]
   rankers = eval_stage.SIMPLE + tuple(scores_lib.names(rankers_dir, c.eval_split))
+  # A model given as (model, prompt config) re-ranks with its own prompt (e.g. reasoning-free).
+  pairs = {name: m if isinstance(m, tuple) else (m, prompt_cfg) for name, m in models.items()}
   result = eval_stage.compare_models(
       slates, popularity,
-      [(name, lambda m=model: (m, tok, sids, prompt_cfg)) for name, model in models.items()],
+      [(name, lambda m=m, p=p: (m, tok, sids, p)) for name, (m, p) in pairs.items()],
       items=data["items"], users=data["users"], rankers=rankers,
       seed=c.seed, n_boot=c.n_boot, max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch,
       constrained=c.eval_constrained, log_prefix="rl",

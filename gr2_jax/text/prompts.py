@@ -36,6 +36,8 @@ class PromptConfig:
   part_order: "system_user_candidates", or "system_candidates_user" so that the system turn and
     the candidates form a prefix shared by every user who gets the same slate.
   reasoning: False renders the no-reasoning variant (the answer holds only the ranking).
+  answer_head: (reasoning=False only) the assistant turn is opened with the answer's head, so
+    the model's output is the list itself.
   answer_format: "sids" (the answer lists the candidates' SIDs), "positions" (the candidates
     are numbered 1..K and the answer lists the numbers, e.g. [3, 1, 2]) or "positions0" (the
     same numbered 0..K-1).
@@ -49,6 +51,9 @@ class PromptConfig:
   answer_format: str = "sids"
   # Co-occurrence window (steps) of the training-period statistics behind the "evidence" field.
   evidence_window: int = 5
+  # With reasoning=False: the assistant turn opens with the answer's head ({"recommendations":
+  # [), so the model writes only the list (the reasoning bypassed, the serving setting).
+  answer_head: bool = False
 
   def __post_init__(self):
     if self.part_order not in PART_ORDERS:
@@ -64,6 +69,9 @@ class PromptConfig:
                       f"got {self.answer_format!r}")
     if self.evidence_window < 1:
       raise UserError(f"prompt evidence_window must be >= 1, got {self.evidence_window}")
+    if self.answer_head and self.reasoning:
+      raise UserError("prompt answer_head prefills the ranking's head, which skips the "
+                      "reasoning: it needs reasoning=False")
     if self.max_history < 1:
       raise UserError(f"prompt max_history must be >= 1, got {self.max_history}")
 
