@@ -83,7 +83,12 @@ def create_app(engine: engine_lib.Engine, cfg: engine_lib.ServeConfig, started=N
   app.state.started = started or time.time()
 
   @app.exception_handler(RequestValidationError)
-  async def _invalid(_, exc):
+  async def _invalid(request, exc):
+    kind = request.headers.get("content-type", "")
+    if request.method == "POST" and "json" not in kind:
+      return responses.JSONResponse(
+          {"error": f"the body must be JSON (Content-Type: application/json), got "
+                    f"{kind or 'no content type'}"}, status_code=415)
     return responses.JSONResponse({"error": _one_line(exc)}, status_code=422)
 
   @app.exception_handler(UserError)

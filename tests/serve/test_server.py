@@ -163,6 +163,11 @@ def test_bad_requests_get_a_one_line_reason(server, body, status, message):
   assert message in err and "\n" not in err
 
 
+def test_a_body_that_is_not_json_is_named(server):
+  r = httpx.post(server.url + "/v1/rerank", data={"history": "0"})
+  assert r.status_code == 415 and "must be JSON" in r.json()["error"]
+
+
 def test_prompt_over_the_limit_is_refused(memorised):
   eng = make_engine(memorised, max_prompt_tokens=16)
   api = app_lib.create_app(eng, eng.cfg)
