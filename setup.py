@@ -44,6 +44,7 @@ setup(
             "accelerate>=1.0",  # transformers needs it to load GGUF files
             "sentence-transformers>=3.0",
             "scipy>=1.11",
+            "openai>=1.30",  # the server's OpenAI-compatibility test uses the official client
         ],
     },
 )

@@ -219,6 +219,20 @@ def test_chat_completions_match_the_sampler(server, memorised):
     assert r.status_code in (400, 422) and msg in r.json()["error"], r.text
 
 
+def test_the_official_openai_client_talks_to_the_server(server):
+  import openai  # pylint: disable=import-outside-toplevel
+  client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+  msgs = toy.messages(prompt=PROMPT)
+  out = client.chat.completions.create(model="toy", messages=msgs, max_tokens=32,
+                                       temperature=0)
+  assert out.choices[0].message.content == ANSWER
+  assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens > 0
+  stream = client.chat.completions.create(model="toy", messages=msgs, max_tokens=32,
+                                          temperature=0, stream=True)
+  text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+  assert text == ANSWER
+
+
 def test_a_client_that_disconnects_frees_its_slot(server):
   batcher = server.app.state.batcher
   before = batcher.stats["cancelled"]
