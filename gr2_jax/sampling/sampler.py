@@ -360,8 +360,8 @@ def sample(model: nnx.Module, prompts, *, lengths=None, key: jax.Array,
     prefix_cache, prefix_lengths: with both, the first prefix_lengths[b] tokens of prompt b (a
       list of id lists) are a shared prefix whose KV comes from `prefix_cache` (prefilled once
       per distinct prefix); only the rest of each prompt is prefilled. The output equals the
-      full prefill's up to float rounding. cache_len then defaults to the padded prefix width
-      + the padded suffix width + max_new_tokens.
+      full prefill's up to float rounding. cache_len then defaults to the larger of the padded
+      prefix width and the padded longest prompt, + max_new_tokens.
   """
   params = SamplingParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                           top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy),
@@ -378,7 +378,10 @@ def sample(model: nnx.Module, prompts, *, lengths=None, key: jax.Array,
     prefix_k, prefix_v, pre_lengths, row_prefix, tokens, suffix_lengths = pre
     lengths = pre_lengths[row_prefix] + suffix_lengths  # the full prompts' lengths
     if cache_len is None:
-      cache_len = prefix_k.shape[2] + tokens.shape[1] + params.max_new_tokens
+      # Room for the prefix copy and for the longest full prompt (padded as a full prefill
+      # would pad it), then the new tokens: no wider than a full prefill's cache.
+      full = -(-int(lengths.max()) // prompt_multiple) * prompt_multiple
+      cache_len = max(prefix_k.shape[2], full) + params.max_new_tokens
   else:
     tokens, lengths = pad_prompts(prompts, lengths, pad_id, prompt_multiple)
   if cache_len is None:

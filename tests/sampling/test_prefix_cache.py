@@ -96,3 +96,16 @@ def test_bad_prefixes_are_clear_errors(model):
                    prefix_lengths=[1])
   with pytest.raises(UserError, match="2 prefix lengths for 1 prompts"):
     cache.gather([[1, 2, 3]], [1, 1])
+
+
+def test_tight_default_cache_drops_only_padding(model):
+  # Row 0 continues the longer prefix with a short suffix; its padded suffix reaches past the
+  # cache (prefix 7 + suffix width 6 > longest prompt 11 + 1 new token): only padding is dropped.
+  prompts, prefix_lengths = _prompts()
+  for n in (1, 3):
+    want = sampler.sample(model, prompts, key=jax.random.key(0), max_new_tokens=n, greedy=True)
+    got = sampler.sample(model, prompts, key=jax.random.key(0), max_new_tokens=n, greedy=True,
+                         prefix_cache=sampler.PrefixCache(model, multiple=1),
+                         prefix_lengths=prefix_lengths)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
