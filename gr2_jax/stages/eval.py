@@ -16,6 +16,7 @@ from gr2_jax.data import artifacts
 from gr2_jax.data import slates as slates_lib
 from gr2_jax import runner
 from gr2_jax.errors import UserError
+from gr2_jax.eval import metrics
 from gr2_jax.eval import tables
 from gr2_jax.parallel import mesh as mesh_lib
 from gr2_jax.rankers import scores as scores_lib
@@ -73,7 +74,7 @@ def parse_checkpoints(entries):
 
 def compare_models(slates, popularity, models, *, items, users, rankers, seed, n_boot,
                    max_new_tokens, batch_size, constrained, log_prefix="eval", evidence=None,
-                   rankers_dir=None, split=None):
+                   rankers_dir=None, split=None, pairs=()):
   """Baselines and models re-ranking the same slates: rows, diagnostics, samples, seconds, and
   the paired lift of the best model row over the best learned baseline.
 
@@ -105,8 +106,37 @@ def compare_models(slates, popularity, models, *, items, users, rankers, seed, n
   rows = tables.evaluate(orders, slates, n_boot=n_boot, seed=seed)
   best = scores_lib.best_vs_best(orders, slates, list(diags), list(scores_lib.RANKERS),
                                  n_boot=n_boot, seed=seed)
-  return {"slates": int(len(slates["slate"])), "rows": rows, "diagnostics": diags,
-          "samples": samples, "seconds": seconds, "best_vs_best": best}
+  out = {"slates": int(len(slates["slate"])), "rows": rows, "diagnostics": diags,
+         "samples": samples, "seconds": seconds, "best_vs_best": best}
+  if pairs:
+    out["paired"] = paired_rows(orders, slates, pairs, n_boot, seed)
+  return out
+
+
+PAIRED_METRICS = ("R@1", "R@3", "N@3")
+
+
+def paired_rows(orders, slates, pairs, n_boot, seed):
+  """{"a vs b": {metric: paired bootstrap of a - b}} for row pairs on the same slates."""
+  out = {}
+  for a, b in pairs:
+    if a not in orders or b not in orders:
+      raise UserError(f"paired comparison of unknown rows {a!r}, {b!r}")
+    va, vb = tables.per_example(orders[a], slates), tables.per_example(orders[b], slates)
+    out[f"{a} vs {b}"] = {m: metrics.paired_bootstrap(va[m], vb[m], n_boot=n_boot, seed=seed)
+                          for m in PAIRED_METRICS}
+  return out
+
+
+def paired_markdown(paired):
+  """One line per pair: the paired differences with their 95% intervals."""
+  lines = ["| pair | " + " | ".join(f"{m} difference" for m in PAIRED_METRICS) + " |",
+           "|---|" + "---|" * len(PAIRED_METRICS)]
+  for name, row in paired.items():
+    cells = [f"{r['diff']:+.4f} [{r['diff_lo']:+.4f}, {r['diff_hi']:+.4f}]"
+             for r in (row[m] for m in PAIRED_METRICS)]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
 
 def models_markdown(result):

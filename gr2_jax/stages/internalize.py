@@ -70,7 +70,10 @@ def run(ctx):
   if c.eval_examples:
     t0 = time.time()
     models = {REASONING: (start, prompt_cfg), BEFORE: (start, free_cfg), AFTER: (model, free_cfg)}
-    result, md = rl_stage.final_table(ctx, c, models, tok, data, sids, prompt_cfg)
+    rows = [(AFTER, REASONING), (AFTER, BEFORE)]
+    pairs = [(rerank_lib.row_name(a, cons), rerank_lib.row_name(b, cons))
+             for cons in c.eval_constrained for a, b in rows]
+    result, md = rl_stage.final_table(ctx, c, models, tok, data, sids, prompt_cfg, pairs)
     n = result["slates"]
     diags = result["diagnostics"]
     result["per_slate"] = {
@@ -85,6 +88,7 @@ def run(ctx):
                        for r, x in result["rows"].items()}
     report["valid_rate"] = {r: d["valid_rate"] for r, d in diags.items()}
     report["per_slate"] = result["per_slate"]
+    report["paired"] = result["paired"]
   report["wall_seconds"] = round(time.time() - t_start, 1)
   with open(ctx.path("report.json"), "w") as f:
     json.dump(report, f, indent=2)

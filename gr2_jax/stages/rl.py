@@ -338,9 +338,10 @@ def _load_data(ctx, c, prompt_cfg):
           "evidence": evidence_lib.for_prompt(prompt_cfg, data_dir)}
 
 
-def final_table(ctx, c, models, tok, data, sids, prompt_cfg):
+def final_table(ctx, c, models, tok, data, sids, prompt_cfg, pairs=()):
   """Baselines and each model on the same seeded test slates, with diagnostics. `models`:
-  {name: model, or (model, its own prompt config)}."""
+  {name: model, or (model, its own prompt config)}; `pairs`: (row, row) pairs whose paired
+  differences the table adds."""
   legacy_dir = data["legacy_dir"]
   slates = slates_lib.load_split(legacy_dir, c.eval_split, max_examples=c.eval_examples,
                                  seed=c.seed)
@@ -350,16 +351,21 @@ def final_table(ctx, c, models, tok, data, sids, prompt_cfg):
   rankers_dir = ctx.inputs["rankers"]
   rankers = eval_stage.SIMPLE + tuple(scores_lib.names(rankers_dir, c.eval_split))
   # A model given as (model, prompt config) re-ranks with its own prompt (e.g. reasoning-free).
-  pairs = {name: m if isinstance(m, tuple) else (m, prompt_cfg) for name, m in models.items()}
+  with_prompt = {name: m if isinstance(m, tuple) else (m, prompt_cfg)
+                 for name, m in models.items()}
   result = eval_stage.compare_models(
       slates, popularity,
-      [(name, lambda m=m, p=p: (m, tok, sids, p)) for name, (m, p) in pairs.items()],
+      [(name, lambda m=m, p=p: (m, tok, sids, p)) for name, (m, p) in with_prompt.items()],
       items=data["items"], users=data["users"], rankers=rankers,
       seed=c.seed, n_boot=c.n_boot, max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch,
       constrained=c.eval_constrained, log_prefix="rl",
-      evidence=lambda _: data.get("evidence"), rankers_dir=rankers_dir, split=c.eval_split)
+      evidence=lambda _: data.get("evidence"), rankers_dir=rankers_dir, split=c.eval_split,
+      pairs=pairs)
   md = (f"Re-ranking on {result['slates']} seeded {c.eval_split} slates:\n\n"
         + eval_stage.models_markdown(result))
+  if pairs:
+    md += ("\n\nPaired differences on the same slates (95% paired bootstrap intervals):\n\n"
+           + eval_stage.paired_markdown(result["paired"]))
   out = {"split": c.eval_split, **result}
   # The baselines cost nothing to score on every slate of the split: their rows there show
   # how far the sampled slates above sit from the whole split.

@@ -46,6 +46,14 @@ def test_tiny_internalize(tiny_workdir):
   assert (diags["rl (reasoning-free) (constrained)"]["mean_response_length"]
           < diags["rl (reasoning) (constrained)"]["mean_response_length"])
   assert np.isfinite(report["per_slate"]["internalized"]["decode_ms_per_slate"])
+  # Paired differences of the internalized rows against both RL rows, free and constrained.
+  assert set(table["paired"]) == {
+      f"internalized{m} vs rl ({kind}){m}" for m in ("", " (constrained)")
+      for kind in ("reasoning", "reasoning-free")}
+  pair = table["paired"]["internalized (constrained) vs rl (reasoning) (constrained)"]["R@1"]
+  want = (table["rows"]["internalized (constrained)"]["R@1"]["mean"]
+          - table["rows"]["rl (reasoning) (constrained)"]["R@1"]["mean"])
+  assert abs(pair["diff"] - want) < 1e-9 and pair["diff_lo"] <= pair["diff"] <= pair["diff_hi"]
 
 
 def test_a_budget_below_the_ranking_is_a_clear_error(tiny_workdir):
