@@ -90,7 +90,7 @@ def slate_size(workdir):
     return None
   with open(path) as f:
     cfg = json.load(f)
-  return (cfg.get("legacy") or {}).get("slate_size")
+  return (cfg.get("section") or {}).get("slate_size")
 
 
 def _common_prefix(a, b):

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from gr2_jax.errors import UserError
 from gr2_jax.rerank import evaluate
 from gr2_jax.sampling import constraints
 from gr2_jax.sampling import sampler
@@ -274,3 +275,24 @@ def test_concurrent_clients_get_their_own_answers(server):
   sizes = server.app.state.batcher.batch_sizes - before
   assert sum(n * c for n, c in sizes.items()) == 48
   assert max(sizes) > 1  # requests were batched together
+
+
+def test_workdir_lookup(tmp_path):
+  root = str(tmp_path)
+  with pytest.raises(UserError, match="holds no finished"):
+    engine_lib.find_model_dir(root)
+  for stage in ("rl", "internalize", "sft"):
+    d = tmp_path / stage / "abc"
+    d.mkdir(parents=True)
+    (d / "prompt.json").write_text("{}")
+    if stage != "internalize":  # an unfinished internalize run is passed over
+      (d / "done.json").write_text("{}")
+    (tmp_path / stage / "latest").symlink_to("abc")
+  assert engine_lib.find_model_dir(root) == str((tmp_path / "rl" / "abc").resolve())
+  assert engine_lib.slate_size(root) is None
+  legacy = tmp_path / "legacy" / "f"
+  legacy.mkdir(parents=True)
+  (legacy / "config.json").write_text(json.dumps({"stage": "legacy",
+                                                  "section": {"slate_size": 12}}))
+  (tmp_path / "legacy" / "latest").symlink_to("f")
+  assert engine_lib.slate_size(root) == 12
