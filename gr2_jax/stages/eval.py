@@ -79,8 +79,8 @@ def compare_models(slates, popularity, models, *, items, users, rankers, seed, n
   the paired lift of the best model row over the best learned baseline.
 
   Args:
-    models: (name, load) pairs; load() -> (model, tokenizer, sids, prompt config), called one
-      model at a time.
+    models: (name, load) pairs; load() -> (model, tokenizer, sids, prompt config[, its own
+      max_new_tokens]), called one model at a time.
     evidence: optional function of a model's prompt config that gives its
       `teachers.evidence.SlateEvidence` (None for prompts without the "evidence" field).
     rankers: baselines shown besides "legacy", which every table keeps for the lift; the
@@ -90,11 +90,12 @@ def compare_models(slates, popularity, models, *, items, users, rankers, seed, n
   orders = baseline_orders(slates, popularity, seed, wanted, rankers_dir, split)
   diags, samples, seconds = {}, {}, {}
   for name, load in models:
-    model, tok, sids, prompt_cfg = load()
+    loaded = load()
+    model, tok, sids, prompt_cfg = loaded[:4]
     t0 = time.time()
     o, d, smp = rerank_lib.evaluate_checkpoint(
         model, tok, name, slates, items, sids, prompt_cfg, users,
-        max_new_tokens=max_new_tokens, batch_size=batch_size,
+        max_new_tokens=loaded[4] if len(loaded) > 4 else max_new_tokens, batch_size=batch_size,
         constrained=tuple(bool(x) for x in constrained),
         evidence=None if evidence is None else evidence(prompt_cfg))
     seconds[name] = round(time.time() - t0, 1)

@@ -69,7 +69,9 @@ def run(ctx):
                        for h in train_report["history"]]
   if c.eval_examples:
     t0 = time.time()
-    models = {REASONING: (start, prompt_cfg), BEFORE: (start, free_cfg), AFTER: (model, free_cfg)}
+    # The reasoning model decodes with the RL stage's budget (its answers hold the reasoning).
+    models = {REASONING: (start, prompt_cfg, ctx.config.rl.max_new_tokens),
+              BEFORE: (start, free_cfg), AFTER: (model, free_cfg)}
     rows = [(AFTER, REASONING), (AFTER, BEFORE)]
     pairs = [(rerank_lib.row_name(a, cons), rerank_lib.row_name(b, cons))
              for cons in c.eval_constrained for a, b in rows]

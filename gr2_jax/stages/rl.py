@@ -340,8 +340,8 @@ def _load_data(ctx, c, prompt_cfg):
 
 def final_table(ctx, c, models, tok, data, sids, prompt_cfg, pairs=()):
   """Baselines and each model on the same seeded test slates, with diagnostics. `models`:
-  {name: model, or (model, its own prompt config)}; `pairs`: (row, row) pairs whose paired
-  differences the table adds."""
+  {name: model, or (model, its own prompt config[, its own max_new_tokens])}; `pairs`: (row,
+  row) pairs whose paired differences the table adds."""
   legacy_dir = data["legacy_dir"]
   slates = slates_lib.load_split(legacy_dir, c.eval_split, max_examples=c.eval_examples,
                                  seed=c.seed)
@@ -350,12 +350,13 @@ def final_table(ctx, c, models, tok, data, sids, prompt_cfg, pairs=()):
   popularity = np.load(os.path.join(legacy_dir, "popularity.npy"))
   rankers_dir = ctx.inputs["rankers"]
   rankers = eval_stage.SIMPLE + tuple(scores_lib.names(rankers_dir, c.eval_split))
-  # A model given as (model, prompt config) re-ranks with its own prompt (e.g. reasoning-free).
-  with_prompt = {name: m if isinstance(m, tuple) else (m, prompt_cfg)
-                 for name, m in models.items()}
+  # A model given as (model, prompt config[, budget]) re-ranks with its own prompt and budget
+  # (e.g. reasoning-free).
+  own = {name: m if isinstance(m, tuple) else (m,) for name, m in models.items()}
   result = eval_stage.compare_models(
       slates, popularity,
-      [(name, lambda m=m, p=p: (m, tok, sids, p)) for name, (m, p) in with_prompt.items()],
+      [(name, lambda m=m: (m[0], tok, sids, m[1] if len(m) > 1 else prompt_cfg, *m[2:]))
+       for name, m in own.items()],
       items=data["items"], users=data["users"], rankers=rankers,
       seed=c.seed, n_boot=c.n_boot, max_new_tokens=c.max_new_tokens, batch_size=c.eval_batch,
       constrained=c.eval_constrained, log_prefix="rl",
