@@ -156,7 +156,8 @@ def markdown(r, args):
   lines = [
       f"### bench_serve: `{os.path.relpath(r['model_dir'], args.workdir)}`", "",
       f"Machine: {r['machine']}. Command: `python benchmarks/bench_serve.py --workdir=W "
-      f"--seconds {args.seconds:g} --clients {args.clients} --max_batch {args.max_batch}`.", "",
+      + (f"--model_dir={args.model_dir} " if args.model_dir else "")
+      + f"--seconds {args.seconds:g} --clients {args.clients} --max_batch {args.max_batch}`.", "",
       f"Start-up (load the model, compile every batch size): {r['startup']['startup_s']:.1f} s "
       f"(load {r['startup']['load_s']:.1f} s, compile {r['startup']['warmup_s']:.1f} s).", "",
       "| clients | seconds | answered | errors | lost | mixed up | requests/s | p50 ms | "
