@@ -261,30 +261,37 @@ class Engine:
     return answers
 
   def warmup(self, batch_sizes=None):
-    """Compiles the re-ranking path for each batch bucket and each prompt-width bucket that
-    histories of 1..max_history catalogue items reach; returns the seconds taken."""
+    """Compiles the re-ranking path for each batch bucket and each compile shape (prefix,
+    suffix and cache width buckets) that slates of the shortest or longest item lines and
+    histories of 1..max_history such items reach; returns the seconds taken."""
     t0 = time.time()
-    k = min(self.cfg.max_candidates, len(self.items) - 1)
+    k = min(self.cfg.max_candidates, (len(self.items) - 1) // 2)
     sizes = batch_sizes or sorted({bucket(n, self.cfg.max_batch)
                                    for n in range(1, self.cfg.max_batch + 1)})
-    cands = list(range(k))
-    # The shortest and the longest item lines, n of each, span the widths histories reach.
     cfg = self.prompt[False]
-    size = lambda i: len(prompts.item_line(dict(self.items[i], sid=self.sids[i]), cfg))
-    rest = sorted(range(k, len(self.items)), key=size)
-    by_width = {}
+    line_len = lambda i: len(prompts.item_line(dict(self.items[i], sid=self.sids[i]), cfg))
+    ranked = sorted(range(len(self.items)), key=line_len)
+    slates = (ranked[:k], ranked[-k:])  # the shortest and the longest candidate lines
+    rest = ranked[k:-k]
+    m = self.cfg.prompt_multiple
+    shapes = {}
     for n in range(1, min(cfg.max_history, len(rest)) + 1):
       for hist in (rest[:n], rest[-n:]):
-        ids, pre, _ = self.rerank_prompt(hist, cands, None, False)
-        width = len(ids) - (pre if self.prefix_cache is not None else 0)
-        by_width.setdefault(-(-width // self.cfg.prompt_multiple), hist)
-    for hist in by_width.values():
+        for cands in slates:
+          ids, pre, _ = self.rerank_prompt(hist, cands, None, False)
+          pre = pre if self.prefix_cache is not None else 0
+          key = (-(-pre // m), -(-(len(ids) - pre) // m), -(-len(ids) // m))
+          shapes.setdefault(key, (hist, cands))
+    for hist, cands in shapes.values():
       for size in sizes:
         req = {"history": hist, "candidates": cands, "user": None, "explain": False}
         self.rerank_batch([req] * size)
     self.counts.clear()
     if self.prefix_cache is not None:
       self.prefix_cache.hits = self.prefix_cache.misses = 0
+      self.prefix_cache._entries.clear()  # pylint: disable=protected-access
+    logging.info("[serve] warm-up compiled %d prompt shapes x %d batch sizes", len(shapes),
+                 len(sizes))
     return time.time() - t0
 
 

@@ -296,3 +296,12 @@ def test_workdir_lookup(tmp_path):
                                                   "section": {"slate_size": 12}}))
   (tmp_path / "legacy" / "latest").symlink_to("f")
   assert engine_lib.slate_size(root) == 12
+
+
+def test_warmup_compiles_and_leaves_no_trace(memorised):
+  eng = make_engine(memorised, max_batch=2)
+  assert eng.warmup() > 0
+  assert not eng.counts and len(eng.prefix_cache) == 0
+  assert (eng.prefix_cache.hits, eng.prefix_cache.misses) == (0, 0)
+  req = {"history": HISTORY, "candidates": SLATE, "user": None, "explain": False}
+  assert eng.rerank_batch([req])[0]["ranking"] == [1, 2, 3]
