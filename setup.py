@@ -45,6 +45,11 @@ setup(
             "sentence-transformers>=3.0",
             "scipy>=1.11",
             "openai>=1.30",  # the server's OpenAI-compatibility test uses the official client
+            "pyyaml>=6",  # the GKE JobSet in launch/ is parsed
         ],
+        # Cloud TPU VMs and GKE TPU pods (launch/): the TPU build of JAX.
+        "tpu": ["jax[tpu]>=0.6"],
+        # NVIDIA GPUs.
+        "cuda": ["jax[cuda12]>=0.6"],
     },
 )

@@ -61,6 +61,9 @@ def compose(config_file, arg, presets, section_fn):
                   else "default")
     cfg[dep] = module.section(dep_preset)
   cfg[stage] = section_fn(preset)
+  # The model runtime (mesh, rules, numerics) every model stage shares: --config.runtime.*.
+  from gr2_jax.parallel import runtime  # pylint: disable=g-import-not-at-top  (imports jax)
+  cfg.runtime = runtime.section()
   return cfg
 
 

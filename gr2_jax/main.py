@@ -12,10 +12,12 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+import jax
 
 from gr2_jax import config_lib
 from gr2_jax import runner
 from gr2_jax.errors import UserError
+from gr2_jax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Stage config file, optionally with a preset: configs/rl.py:tiny.",
@@ -23,6 +25,19 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for every stage's artifacts.")
 _RERUN = flags.DEFINE_bool(
     "rerun", False, "Recompute the requested stage even if its artifact is complete.")
+# Multi-host runs (gr2_jax.parallel.distributed; launch/ has the TPU VM and GKE commands).
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for a run of several processes "
+    "(else GR2_COORDINATOR_ADDRESS, or what a TPU slice or SLURM job sets).")
+_CLUSTER = flags.DEFINE_bool(
+    "distributed", False, "Join the processes of a cluster JAX finds by itself (the workers of "
+    "a TPU VM slice; launch/tpu_vm.sh passes it).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+_DIST_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout_s", 300, "Seconds to wait for every process to join the run.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100, "Seconds without a peer's heartbeat before the run ends.")
 
 
 def _config_arg(argv):
@@ -88,14 +103,29 @@ def main(argv):
   logging.get_absl_handler().addFilter(runner.QuietLibraries())
   config = _CONFIG.value
   workdir = os.path.abspath(_WORKDIR.value)
-  os.makedirs(workdir, exist_ok=True)
   try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           cluster=_CLUSTER.value, timeout_s=_DIST_TIMEOUT.value,
+                           heartbeat_s=_HEARTBEAT.value)
+    if jax.process_index() != 0:
+      # Logs, tables and artifacts come from process 0; the others speak only of problems.
+      logging.set_verbosity(logging.WARNING)
+      sys.stdout = open(os.devnull, "w")  # pylint: disable=consider-using-with
+    os.makedirs(workdir, exist_ok=True)
     runner.run_stage(config, workdir, config.stage, rerun=_RERUN.value)
+    distributed.finished()
   except UserError as e:
     logging.flush()
+    if jax.process_count() > 1:
+      distributed.report_failure(str(e))  # one line here and on every peer; does not return
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    if jax.process_count() == 1:
+      raise
+    logging.exception("process %d failed", jax.process_index())
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    distributed.report_failure(f"{type(e).__name__}: {first}")
 
 if __name__ == "__main__":
   app.run(main, flags_parser=parse_flags)

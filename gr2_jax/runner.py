@@ -13,12 +13,18 @@ import importlib
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import time
 
 from absl import logging as absl_logging
+import jax
 
 from gr2_jax import config_lib
+from gr2_jax.errors import UserError
 from gr2_jax import stages as stages_lib
+from gr2_jax.parallel import distributed
 
 DONE_FILE = "done.json"
 
@@ -39,6 +45,24 @@ class StageContext:
   def input_path(self, stage, *parts):
     return os.path.join(self.inputs[stage], *parts)
 
+  # Files of the artifact other than checkpoints: written by process 0 only (every process of
+  # a multi-host run computes the same thing), atomically.
+
+  def write_text(self, name, text):
+    if jax.process_index() == 0:
+      _write_atomic(self.path(name), text)
+
+  def write_json(self, name, obj):
+    self.write_text(name, json.dumps(obj, indent=2))
+
+  def copy_in(self, src, name=None):
+    if jax.process_index() == 0:
+      shutil.copy(src, self.path(name or os.path.basename(src)))
+
+  def sync(self, name):
+    """Waits until every process gets here (after process 0 wrote files all of them read)."""
+    distributed.barrier(f"{self.name}/{os.path.basename(self.out_dir)}/{name}")
+
 
 def fingerprint(config, stage):
   """Hash of the stage's config section and, recursively, of its inputs' fingerprints."""
@@ -48,8 +72,20 @@ def fingerprint(config, stage):
       "section": config_lib.to_plain(config[stage]),
       "inputs": {dep: fingerprint(config, dep) for dep in stages_lib.REQUIRES[stage]},
   }
+  numerics = _numerics(config)
+  if numerics and stage in stages_lib.MODEL_STAGES:
+    # The runtime's dtypes change a model stage's results; the mesh, rules and remat do not.
+    payload["numerics"] = numerics
   blob = json.dumps(payload, sort_keys=True, default=str).encode()
   return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _numerics(config):
+  """The runtime's non-default dtypes ({} for float32 throughout: old fingerprints hold)."""
+  rt = config.get("runtime") if hasattr(config, "get") else None
+  if rt is None:
+    return {}
+  return {k: rt[k] for k in ("dtype", "param_dtype") if rt.get(k, "float32") != "float32"}
 
 
 def artifact_dir(workdir, config, stage):
@@ -65,11 +101,15 @@ def read_summary(path):
     return json.load(f)["summary"]
 
 
-def _write_json_atomic(path, obj):
+def _write_atomic(path, text):
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    f.write(text)
   os.replace(tmp, path)
+
+
+def _write_json_atomic(path, obj):
+  _write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 class QuietLibraries(logging.Filter):
@@ -85,23 +125,33 @@ class QuietLibraries(logging.Filter):
 
 
 class _StageLog:
-  """Copies log records to `<artifact>/log.txt` while a stage runs."""
+  """Copies log records to `<artifact>/log.txt` while a stage runs (when `enabled`)."""
 
-  def __init__(self, path):
-    self.handler = logging.FileHandler(path)
-    self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    self.handler.addFilter(QuietLibraries())
+  def __init__(self, path, enabled=True):
+    self.handler = None
+    if enabled:
+      self.handler = logging.FileHandler(path)
+      self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+      self.handler.addFilter(QuietLibraries())
 
   def __enter__(self):
-    absl_logging.get_absl_logger().addHandler(self.handler)
+    if self.handler is not None:
+      absl_logging.get_absl_logger().addHandler(self.handler)
 
   def __exit__(self, *exc):
-    absl_logging.get_absl_logger().removeHandler(self.handler)
-    self.handler.close()
+    if self.handler is not None:
+      absl_logging.get_absl_logger().removeHandler(self.handler)
+      self.handler.close()
 
 
 def run_stage(config, workdir, stage, rerun=False):
-  """Ensures the artifact of `stage` exists under `workdir`; returns its folder and summary."""
+  """Ensures the artifact of `stage` exists under `workdir`; returns its folder and summary.
+
+  In a multi-process run (gr2_jax.parallel.distributed) every process calls this with the same
+  config. A model stage runs on every process (its arrays span all of them); any other stage
+  runs on process 0 while the rest wait. Process 0 alone writes the run's files (config.json,
+  log.txt, done.json, the `latest` link), and done.json only once every process has finished.
+  """
   inputs = {}
   for dep in stages_lib.REQUIRES[stage]:
     inputs[dep], _ = run_stage(config, workdir, dep)
@@ -109,36 +159,89 @@ def run_stage(config, workdir, stage, rerun=False):
   if is_done(out_dir) and not rerun:
     absl_logging.info("[%s] reusing %s", stage, out_dir)
     return out_dir, read_summary(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  done_path = os.path.join(out_dir, DONE_FILE)
-  if os.path.exists(done_path):
-    os.remove(done_path)
-  _write_json_atomic(os.path.join(out_dir, "config.json"), {
-      "stage": stage,
-      "fingerprint": os.path.basename(out_dir),
-      "section": config_lib.to_plain(config[stage]),
-      "inputs": inputs,
-  })
-  module = importlib.import_module(f"gr2_jax.stages.{stage}")
-  ctx = StageContext(name=stage, config=config, section=config[stage], workdir=workdir,
-                     out_dir=out_dir, inputs=inputs)
-  start = time.time()
-  with _StageLog(os.path.join(out_dir, "log.txt")):
-    absl_logging.info("[%s] running -> %s", stage, out_dir)
-    summary = module.run(ctx) or {}
-    elapsed = time.time() - start
-    absl_logging.info("[%s] finished in %.1fs", stage, elapsed)
-  _write_json_atomic(done_path, {
-      "stage": stage,
-      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-      "wall_seconds": round(elapsed, 2),
-      "summary": summary,
-  })
-  latest = os.path.join(workdir, stage, "latest")
-  try:
-    if os.path.islink(latest) or os.path.exists(latest):
-      os.remove(latest)
-    os.symlink(os.path.basename(out_dir), latest)
-  except OSError:
-    pass
+  lead = jax.process_index() == 0
+  everyone = stage in stages_lib.ALL_PROCESS_STAGES or jax.process_count() == 1
+  tag = f"{stage}/{os.path.basename(out_dir)}"
+  if lead:
+    os.makedirs(out_dir, exist_ok=True)
+    done_path = os.path.join(out_dir, DONE_FILE)
+    if os.path.exists(done_path):
+      os.remove(done_path)
+    _write_json_atomic(os.path.join(out_dir, "config.json"), {
+        "stage": stage,
+        "fingerprint": os.path.basename(out_dir),
+        "section": config_lib.to_plain(config[stage]),
+        "inputs": inputs,
+    })
+  distributed.barrier(f"{tag}/start")
+  summary = {}
+  if lead and not everyone:
+    # Process 0 runs the stage in a child process of its own: a single-process JAX runtime,
+    # whose checkpoints (orbax) and computations do not wait for the other processes.
+    elapsed = _run_in_child(config, workdir, stage)
+    summary = read_summary(out_dir)
+  elif lead or everyone:
+    module = importlib.import_module(f"gr2_jax.stages.{stage}")
+    ctx = StageContext(name=stage, config=config, section=config[stage], workdir=workdir,
+                       out_dir=out_dir, inputs=inputs)
+    start = time.time()
+    with _StageLog(os.path.join(out_dir, "log.txt"), enabled=lead):
+      absl_logging.info("[%s] running -> %s", stage, out_dir)
+      summary = module.run(ctx) or {}
+      elapsed = time.time() - start
+      absl_logging.info("[%s] finished in %.1fs", stage, elapsed)
+  distributed.barrier(f"{tag}/finished")
+  if lead and everyone:
+    _write_json_atomic(os.path.join(out_dir, DONE_FILE), {
+        "stage": stage,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "wall_seconds": round(elapsed, 2),
+        "summary": summary,
+    })
+    latest = os.path.join(workdir, stage, "latest")
+    try:
+      if os.path.islink(latest) or os.path.exists(latest):
+        os.remove(latest)
+      os.symlink(os.path.basename(out_dir), latest)
+    except OSError:
+      pass
+  distributed.barrier(f"{tag}/recorded")
+  if not lead and not everyone:
+    summary = read_summary(out_dir)
   return out_dir, summary
+
+
+def _run_in_child(config, workdir, stage):
+  """Runs `stage` (its inputs done) in a fresh single-process `python -m gr2_jax.runner`;
+  returns its wall seconds. The child writes the artifact and done.json."""
+  start = time.time()
+  path = os.path.join(workdir, f".{stage}.config.json")
+  _write_atomic(path, config.to_json())
+  env = {k: v for k, v in os.environ.items() if not k.startswith("GR2_")}
+  cmd = [sys.executable, "-m", "gr2_jax.runner", path, workdir, stage]
+  absl_logging.info("[%s] process 0 runs it alone: %s", stage, " ".join(cmd))
+  code = subprocess.call(cmd, env=env)
+  if code != 0 or not is_done(artifact_dir(workdir, config, stage)):
+    raise UserError(f"stage {stage} failed in process 0's child (exit status {code}); its log "
+                    "is above")
+  return time.time() - start
+
+
+def _child_main(argv):
+  """`python -m gr2_jax.runner CONFIG_JSON WORKDIR STAGE` (see `_run_in_child`)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path, workdir, stage = argv[1:4]
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  absl_logging.use_absl_handler()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  absl_logging.get_absl_handler().addFilter(QuietLibraries())
+  try:
+    run_stage(config, workdir, stage)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  _child_main(sys.argv)

@@ -22,7 +22,7 @@ def test_precheck_accepts_valid_config_and_override():
     ([f"--config={CONFIGS}/nope.py"], "valid configs in"),
     ([f"--config={CONFIGS}/data.py:huge"], "valid presets: default, tiny"),
     ([f"--config={CONFIGS}/data.py", "--config.data.max_histroy=3"], "valid fields: "),
-    ([f"--config={CONFIGS}/data.py", "--config.dta.x=3"], "valid fields: data, preset, stage"),
+    ([f"--config={CONFIGS}/data.py", "--config.dta.x=3"], "valid fields: data, preset, runtime, stage"),
     (["--workdir=/tmp/x"], "missing --config"),
 ])
 def test_precheck_errors_list_the_valid_choices(argv, message):

@@ -18,6 +18,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from gr2_jax.parallel import mesh as mesh_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class SASRecConfig:
@@ -211,10 +213,15 @@ def config_of(section, num_items):
 
 def restore(path, cfg):
   """The SASRec saved at `path` (orbax, its nnx.Param state)."""
-  abstract = nnx.eval_shape(lambda: SASRec(cfg, rngs=nnx.Rngs(0)))
-  state = ocp.StandardCheckpointer().restore(path, nnx.state(abstract, nnx.Param))
-  model = SASRec(cfg, rngs=nnx.Rngs(0))
-  nnx.update(model, state)
+  with mesh_lib.outside_mesh():  # one device, also inside a model stage's runtime
+    abstract = nnx.eval_shape(lambda: SASRec(cfg, rngs=nnx.Rngs(0)))
+    # Onto this process's first device, whatever the topology the checkpoint was saved on.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          nnx.state(abstract, nnx.Param))
+    state = ocp.StandardCheckpointer().restore(path, target)
+    model = SASRec(cfg, rngs=nnx.Rngs(0))
+    nnx.update(model, state)
   return model
 
 

@@ -293,7 +293,16 @@ def _run_layer(layer, x, cos, sin, mask, kv, slots):
   return layer(x, cos, sin, mask, kv, slots)
 
 
-_run_layer_remat = nnx.remat(_run_layer)
+def _run_layer_remat(layer, x, cos, sin, mask, kv, slots):
+  """`_run_layer` whose activations are recomputed in the backward pass: a pure function of
+  the layer's state under `jax.checkpoint` (the layer is only read, never updated)."""
+  graphdef, state = nnx.split(layer)
+
+  @jax.checkpoint
+  def run(state, x, cos, sin, mask, kv, slots):
+    return nnx.merge(graphdef, state)(x, cos, sin, mask, kv, slots)
+
+  return run(state, x, cos, sin, mask, kv, slots)
 
 
 class Qwen3(nnx.Module):

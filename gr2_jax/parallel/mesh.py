@@ -31,8 +31,8 @@ def make_mesh(shape=(1, 1, 1), devices=None, axis_names=sharding_lib.MESH_AXES):
 
 
 def data_parallel_mesh(num_devices=0):
-  """A (devices, 1, 1) mesh over the first `num_devices` devices (0 = all)."""
-  devices = jax.devices()
+  """A (devices, 1, 1) mesh over the first `num_devices` of this process's devices (0 = all)."""
+  devices = jax.local_devices()
   if num_devices:
     devices = devices[:num_devices]
   return make_mesh((len(devices), 1, 1), devices=devices)
@@ -58,9 +58,20 @@ def single_device_mesh(device=None):
   return make_mesh((1, 1, 1), devices=[device or jax.devices()[0]])
 
 
+def outside_mesh():
+  """Context with no mesh and no rules: code that builds, restores or runs modules of its own
+  (the SASRec baseline) inside a stage's `Runtime.activate()`."""
+  return sharding_lib.no_rules()
+
+
 def abstract_model(build_fn):
-  """(graphdef, abstract state) of the module `build_fn()` makes, without allocating it."""
-  return nnx.split(nnx.eval_shape(build_fn))
+  """(graphdef, abstract state) of the module `build_fn()` makes, without allocating it.
+
+  Traced with no mesh in context: under one (`sharding.use_rules`), nnx would read the
+  parameters' logical axis names as mesh axes; the shardings come from the rules instead.
+  """
+  with outside_mesh():
+    return nnx.split(nnx.eval_shape(build_fn))
 
 
 def create_sharded(build_fn, mesh, rules=None):

@@ -146,9 +146,37 @@ def use_rules(mesh, rules=None):
     _ACTIVE.reset(token)
 
 
+@contextlib.contextmanager
+def no_rules():
+  """Leaves `use_rules` for a while: no mesh in context and `shard` a no-op, for single-device
+  work inside a stage's runtime (the SASRec baseline, data-side models)."""
+  token = _ACTIVE.set(None)
+  try:
+    with jax.set_mesh(None):
+      yield
+  finally:
+    _ACTIVE.reset(token)
+
+
 def active_rules():
   """(mesh, rules) set by `use_rules`, or None outside it."""
   return _ACTIVE.get()
+
+
+def to_host(tree):
+  """`tree` with every array that spans other processes' devices gathered (numpy, the whole
+  array on every process), so results of a multi-host computation can be read; other leaves
+  are returned as they are (one process: the tree itself)."""
+  if jax.process_count() == 1:
+    return tree
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.process_allgather(x, tiled=True)
+    return x
+
+  return jax.tree.map(one, tree)
 
 
 def shard(x, logical_axes):

@@ -28,6 +28,7 @@ import optax
 
 from gr2_jax.errors import UserError
 from gr2_jax.models import qwen3
+from gr2_jax.parallel import sharding as sharding_lib
 from gr2_jax.rl import losses
 from gr2_jax.rl.registry import POLICY_LOSSES
 from gr2_jax.train import optim
@@ -222,7 +223,8 @@ def teacher_logps(teacher_graphdef, teacher_params, rows, temperature, teacher_m
               else jax.sharding.PartitionSpec())
   batch = {k: put(teacher_mesh, rows[k], row_spec)
            for k in ("tokens", "positions", "segment_ids", "targets")}
-  logq = _logps_jit(teacher_graphdef, teacher_params, batch, float(temperature))
+  with sharding_lib.use_rules(teacher_mesh):  # the teacher's activations on its own devices
+    logq = _logps_jit(teacher_graphdef, teacher_params, batch, float(temperature))
   return jax.device_put(logq, jax.sharding.NamedSharding(student_mesh,
                                                          jax.sharding.PartitionSpec()))
 
@@ -238,4 +240,4 @@ def sequence_logps(graphdef, params, rows, temperature=1.0):
   temperature: the rollouts' sampling temperature, as in `LossConfig.temperature`.
   """
   batch = {k: jnp.asarray(rows[k]) for k in ("tokens", "positions", "segment_ids", "targets")}
-  return np.asarray(_logps_jit(graphdef, params, batch, float(temperature)))
+  return np.asarray(sharding_lib.to_host(_logps_jit(graphdef, params, batch, float(temperature))))

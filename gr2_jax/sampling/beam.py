@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from gr2_jax.errors import UserError
+from gr2_jax.parallel import sharding as sharding_lib
 from gr2_jax.sampling import sampler
 from gr2_jax.sampling.constraints import Constraint
 
@@ -78,6 +79,7 @@ def beam_search(model: nnx.Module, prompts, *, beam_width: int, num_steps: int,
     raise UserError(f"the constraint was built for a vocabulary of {constraint.vocab_size} "
                     f"but the model has {vocab}")
   graphdef, state = nnx.split(model)
-  return _beam_search(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), constraint,
-                      beam_width=int(beam_width), num_steps=int(num_steps),
-                      cache_len=int(tokens.shape[1] + num_steps))
+  return sharding_lib.to_host(_beam_search(  # readable on every process of a pod
+      graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), constraint,
+      beam_width=int(beam_width), num_steps=int(num_steps),
+      cache_len=int(tokens.shape[1] + num_steps)))

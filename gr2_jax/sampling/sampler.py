@@ -40,6 +40,7 @@ import numpy as np
 
 from gr2_jax.errors import UserError
 from gr2_jax.models import qwen3
+from gr2_jax.parallel import sharding as sharding_lib
 from gr2_jax.sampling.constraints import Constraint
 
 
@@ -412,6 +413,7 @@ def sample(model: nnx.Module, prompts, *, lengths=None, key: jax.Array,
     logits, cache = prefill(graphdef, state, jnp.asarray(tokens), lengths,
                             cache_len=int(cache_len), cache_dtype=jnp.dtype(cache_dtype))
   out, _, error = decode(graphdef, state, logits, cache, lengths, key, constraint, params=params)
+  out, error = sharding_lib.to_host((out, error))  # readable on every process of a pod
   step, row = (int(x) for x in jax.device_get(error))
   if step >= 0:
     raise UserError(f"constraint left no allowed token at step {step} for row {row}; check "

@@ -3,7 +3,7 @@
 The prompt is the RL model's own in its no-reasoning variant with `answer_head`: the assistant
 turn opens with `{"recommendations": [`, so the policy writes only the ranking; rollouts sample
 the list under the strict list constraint (`rl.rollout`), rewards, advantages and guards are the
-RL stage's (`stages.rl.train_policy`). Artifact: the model laid out as an rl artifact whose
+RL stage's (`rl.loop.train_policy`). Artifact: the model laid out as an rl artifact whose
 `prompt.json` is the reasoning-free prompt (what `python -m gr2_jax.serve` serves), `train/`,
 `table.json` / `table.md` (baselines; the RL model with its reasoning; the RL model with the
 reasoning bypassed, before this pass; after it; with decode seconds and answer tokens per
@@ -11,9 +11,7 @@ model), `report.json`.
 """
 
 import dataclasses
-import json
 import os
-import shutil
 import time
 
 from absl import logging
@@ -22,26 +20,31 @@ import jax
 import jax.numpy as jnp
 
 from gr2_jax.errors import UserError
-from gr2_jax.parallel import mesh as mesh_lib
+from gr2_jax.parallel import runtime as runtime_lib
 from gr2_jax.rerank import evaluate as rerank_lib
-from gr2_jax.stages import midtrain
-from gr2_jax.stages import rl as rl_stage
+from gr2_jax.rl import loop
 
 REASONING, BEFORE, AFTER = "rl (reasoning)", "rl (reasoning-free)", "internalized"
 
 
 def run(ctx):
+  rt = runtime_lib.for_stage(ctx)
+  logging.info("[internalize] %s", runtime_lib.describe(rt))
+  with rt.activate():
+    return _run(ctx, rt)
+
+
+def _run(ctx, rt):
   c = ctx.section
-  rl_stage.check_config(c)
+  loop.check_config(c)
   t_start = time.time()
   rl_dir = ctx.inputs["rl"]
   prompt_cfg, sids = rerank_lib.load_rerank_info(rl_dir)
   if not prompt_cfg.reasoning:
     raise UserError(f"{rl_dir} was trained without reasoning: there is nothing to internalize")
   free_cfg = dataclasses.replace(prompt_cfg, reasoning=False, answer_head=True)
-  mesh = mesh_lib.data_parallel_mesh(c.num_devices)
-  data = rl_stage._load_data(ctx, c, free_cfg)  # pylint: disable=protected-access
-  model, tok = midtrain.load_model(rl_dir, mesh)
+  data = loop.load_data(ctx, c, free_cfg)
+  model, tok = rt.load(rl_dir)
   # The list with its separators must fit the response budget, or every rollout is cut.
   first = data["train"]["slate"][0]
   _, need = rerank_lib.list_ranking_constraint(
@@ -52,14 +55,10 @@ def run(ctx):
   # The RL model as it starts, for the table (a copy: training donates the model's buffers).
   graphdef, state = nnx.split(model)
   start = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
-  model, train_report = rl_stage.train_policy(ctx, c, "train", model, tok, data, sids, free_cfg,
-                                              mesh)
-  midtrain.save_model(ctx.out_dir, model, tok)
-  tok.save(ctx.path("tokenizer"))
-  with open(ctx.path(rerank_lib.PROMPT_FILE), "w") as f:
-    json.dump(dataclasses.asdict(free_cfg), f, indent=2)
-  shutil.copy(os.path.join(rl_dir, rerank_lib.SID_TABLE_FILE),
-              ctx.path(rerank_lib.SID_TABLE_FILE))
+  model, train_report = loop.train_policy(ctx, c, "train", model, tok, data, sids, free_cfg, rt)
+  rt.save(ctx.out_dir, model, tok)
+  ctx.write_json(rerank_lib.PROMPT_FILE, dataclasses.asdict(free_cfg))
+  ctx.copy_in(os.path.join(rl_dir, rerank_lib.SID_TABLE_FILE))
   report = {"rl": rl_dir}
   report.update({k: train_report[k] for k in (
       "iterations", "resumed_from", "skipped_updates", "algorithm", "reward",
@@ -75,7 +74,7 @@ def run(ctx):
     rows = [(AFTER, REASONING), (AFTER, BEFORE)]
     pairs = [(rerank_lib.row_name(a, cons), rerank_lib.row_name(b, cons))
              for cons in c.eval_constrained for a, b in rows]
-    result, md = rl_stage.final_table(ctx, c, models, tok, data, sids, prompt_cfg, pairs)
+    result, md = loop.final_table(ctx, c, models, tok, data, sids, prompt_cfg, pairs)
     n = result["slates"]
     diags = result["diagnostics"]
     result["per_slate"] = {
@@ -84,7 +83,7 @@ def run(ctx):
                                  for row, d in diags.items() if row.startswith(name)}}
         for name, secs in result["seconds"].items()}
     md += "\n\n" + per_slate_markdown(result)
-    rl_stage.write_table(ctx, result, md, "internalize")
+    loop.write_table(ctx, result, md, "internalize")
     report["eval_seconds"] = round(time.time() - t0, 1)
     report["table"] = {r: {"R@1": x["R@1"]["mean"], "R@1_lift": x.get("lift", {}).get("R@1")}
                        for r, x in result["rows"].items()}
@@ -92,8 +91,7 @@ def run(ctx):
     report["per_slate"] = result["per_slate"]
     report["paired"] = result["paired"]
   report["wall_seconds"] = round(time.time() - t_start, 1)
-  with open(ctx.path("report.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  ctx.write_json("report.json", report)
   logging.info("[internalize] done in %.1f s", report["wall_seconds"])
   return {k: report[k] for k in ("iterations", "wall_seconds") if k in report}
 

@@ -5,20 +5,16 @@ greedy answers in the slates task's layout.
 
 Artifact: `tokenizer/`, `model/` (final parameters, orbax), `model_config.json`, `warmup/`,
 `train/` and `caption/` (checkpoints `ckpt/`, TensorBoard and metrics.jsonl under `tb/`),
-`eval.json`, `eval.md`. `load_model(artifact_dir)` gives later stages (model, tokenizer, sid table).
+`eval.json`, `eval.md`. Later stages read the model with `Runtime.load(artifact_dir)`.
 """
 
 import collections
-import dataclasses
-import json
 import os
 import time
 
 from absl import logging
-from flax import nnx
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from gr2_jax.data import artifacts
 from gr2_jax.data import preprocess
@@ -28,12 +24,10 @@ from gr2_jax import runner
 from gr2_jax.errors import UserError
 from gr2_jax.eval import metrics
 from gr2_jax.midtrain import tasks as tasks_lib
-from gr2_jax.models import artifact
-from gr2_jax.models import gguf_io
-from gr2_jax.models import hf_io
 from gr2_jax.models import qwen3
 from gr2_jax.models import vocab as vocab_lib
 from gr2_jax.parallel import mesh as mesh_lib
+from gr2_jax.parallel import runtime as runtime_lib
 from gr2_jax.sampling import beam
 from gr2_jax.sampling import constraints
 from gr2_jax.sampling import sampler
@@ -49,14 +43,13 @@ from gr2_jax.train import trainer as trainer_lib
 TOP_K = 10
 
 
-def _pretrained(c, mesh):
+def _pretrained(c, rt):
   """(model, ModelConfig, HFTokenizer) of the base model `hf_checkpoint` or `gguf` names."""
   if c.hf_checkpoint and c.gguf:
     raise UserError("set midtrain.hf_checkpoint or midtrain.gguf, not both")
+  model, cfg, tok = rt.load_pretrained(gguf=c.gguf, hf_checkpoint=c.hf_checkpoint)
   if c.gguf:
-    return gguf_io.load_gguf(c.gguf, mesh=mesh)
-  tok = tokenizers.load_tokenizer(c.hf_checkpoint)
-  model, cfg = hf_io.load_hf_checkpoint(c.hf_checkpoint, mesh=mesh)
+    return model, cfg, tok
   if tok.vocab_size > cfg.vocab_size:
     raise UserError(f"the tokenizer in {c.hf_checkpoint} has {tok.vocab_size} tokens but the "
                     f"checkpoint has {cfg.vocab_size} embedding rows: they come from different "
@@ -66,17 +59,18 @@ def _pretrained(c, mesh):
   return model, cfg, tok
 
 
-def _model_and_tokenizer(ctx, mesh, sid_token_strs, corpus):
+def _model_and_tokenizer(ctx, rt, sid_token_strs, corpus):
   """(model, tokenizer, ids of the SID tokens) with the SID tokens in the vocabulary."""
   c = ctx.section
   tok_dir = ctx.path("tokenizer")
   if c.hf_checkpoint or c.gguf:
-    model, cfg, tok = _pretrained(c, mesh)
+    model, cfg, tok = _pretrained(c, rt)
     tok.add_tokens(sid_token_strs)
-    tok.save(tok_dir)
+    if runtime_lib.process_zero():
+      tok.save(tok_dir)
     if tok.vocab_size > cfg.vocab_size:
       model = vocab_lib.extend_vocab(model, tok.vocab_size - cfg.vocab_size, rng=c.seed,
-                                     mesh=mesh)
+                                     mesh=rt.mesh, rules=rt.rules)
   else:
     if os.path.isdir(tok_dir):
       tok = tokenizers.load_tokenizer(tok_dir)
@@ -85,7 +79,7 @@ def _model_and_tokenizer(ctx, mesh, sid_token_strs, corpus):
                                            user_defined_symbols=sid_token_strs, seed=c.seed)
     vocab = -(-tok.vocab_size // 128) * 128  # rows a multiple of 128 shard evenly
     cfg = qwen3.get_model_config(c.model_preset, vocab_size=vocab)
-    model = mesh_lib.create_sharded_model(cfg, mesh, seed=c.seed)
+    model = rt.init_model(cfg, seed=c.seed)
   ids = [tok.token_to_id(t) for t in sid_token_strs]
   if any(i is None for i in ids):
     raise UserError(f"tokenizer in {tok_dir} lacks SID tokens; delete it and rerun")
@@ -137,14 +131,15 @@ def caption_phase_rows(title_rows, mix_rows, rehearsal):
   return rows, copies
 
 
-def _train_phase(ctx, name, model, ocfg, steps, rows, mesh, trainable_rows=None,
+def _train_phase(ctx, name, model, ocfg, steps, rows, rt, trainable_rows=None,
                  eval_rows=None):
   c = ctx.section
   tcfg = trainer_lib.TrainerConfig(
       num_steps=steps, micro_batches=c.micro_batches, log_every=c.log_every,
       eval_every=c.eval_every, checkpoint_every=c.checkpoint_every,
       task_names=tasks_lib.TASKS)
-  tr = trainer_lib.Trainer(model, ocfg, tcfg, mesh=mesh, workdir=ctx.path(name),
+  tr = trainer_lib.Trainer(model, ocfg, tcfg, mesh=rt.mesh, rules=rt.rules,
+                           workdir=ctx.path(name),
                            trainable_rows=trainable_rows, name=f"midtrain/{name}")
   ds = trainer_lib.batch_dataset(rows, c.batch_size, c.micro_batches, seed=c.seed)
   eval_fn = None
@@ -152,29 +147,6 @@ def _train_phase(ctx, name, model, ocfg, steps, rows, mesh, trainable_rows=None,
     eval_fn = lambda p, step: {"heldout_loss": tr.evaluate_loss(p, eval_rows, c.batch_size)}
   params, summary = tr.fit(ds, eval_fn=eval_fn)
   return tr.model(params), summary
-
-
-def save_model(out_dir, model, tok):
-  state = nnx.to_pure_dict(nnx.state(model))
-  path = os.path.join(out_dir, "model")
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(path, state, force=True)
-  ckpt.wait_until_finished()
-  with open(os.path.join(out_dir, "model_config.json"), "w") as f:
-    json.dump(dataclasses.asdict(model.cfg), f, indent=2)
-  del tok
-
-
-def load_model(artifact_dir, mesh=None):
-  """(model, tokenizer) of a finished midtrain artifact, the model sharded on `mesh`."""
-  if not os.path.isfile(os.path.join(artifact_dir, "model_config.json")):
-    raise UserError(f"{artifact_dir} holds no mid-trained model; run configs/midtrain.py")
-  model = artifact.load_model(artifact_dir, mesh)
-  tok = tokenizers.load_tokenizer(os.path.join(artifact_dir, "tokenizer"))
-  if tok.vocab_size > model.cfg.vocab_size:
-    raise UserError(f"tokenizer of {artifact_dir} has {tok.vocab_size} tokens but the model "
-                    f"{model.cfg.vocab_size} rows; the artifact is inconsistent, rerun midtrain")
-  return model, tok
 
 
 # --- evaluation -------------------------------------------------------------------------
@@ -258,12 +230,13 @@ def _slate_answers(model, tok, slates, sids, c):
 def _legacy_ranks(ctx, examples, inter, rows, num_items):
   lc = ctx.config.legacy
   legacy_dir = ctx.inputs["legacy"]
-  model = sasrec.restore(os.path.join(legacy_dir, "sasrec"), sasrec.config_of(lc, num_items))
   pop = np.load(os.path.join(legacy_dir, "popularity.npy"))
   excluded = slates_lib.exclusion_lists({k: v[rows] for k, v in examples.items()}, inter)
-  _, _, r_sas, r_pop = sasrec.rank_and_top_k(model, examples["history"][rows], excluded,
-                                             examples["target"][rows], pop, TOP_K,
-                                             batch_size=256)
+  with mesh_lib.outside_mesh():  # SASRec on this process's first device, not the model's mesh
+    model = sasrec.restore(os.path.join(legacy_dir, "sasrec"), sasrec.config_of(lc, num_items))
+    _, _, r_sas, r_pop = sasrec.rank_and_top_k(model, examples["history"][rows], excluded,
+                                               examples["target"][rows], pop, TOP_K,
+                                               batch_size=256)
   return r_sas, r_pop, excluded
 
 
@@ -342,6 +315,13 @@ def evaluate(ctx, model, tok, table, items, examples, inter):
 
 
 def run(ctx):
+  rt = runtime_lib.for_stage(ctx)
+  logging.info("[midtrain] %s", runtime_lib.describe(rt))
+  with rt.activate():
+    return _run(ctx, rt)
+
+
+def _run(ctx, rt):
   c = ctx.section
   t_start = time.time()
   data_dir = runner.artifact_dir(ctx.workdir, ctx.config, "data")  # an input of sids
@@ -377,8 +357,7 @@ def run(ctx):
   # The re-ranking turns later stages write (system turns, JSON keys, trace wording) weigh like
   # frequent text, so their words become whole pieces rather than letters.
   corpus += _RERANK_TEXT_REPEATS * rerank_texts()
-  mesh = mesh_lib.data_parallel_mesh(c.num_devices)
-  model, tok, sid_ids = _model_and_tokenizer(ctx, mesh, sid_token_strs, corpus)
+  model, tok, sid_ids = _model_and_tokenizer(ctx, rt, sid_token_strs, corpus)
   logging.info("[midtrain] model %s: %d parameters (vocab %d, %d SID tokens)",
                c.hf_checkpoint or c.gguf or c.model_preset, qwen3.param_counts(model)[0],
                model.cfg.vocab_size, len(sid_ids))
@@ -403,12 +382,12 @@ def run(ctx):
   summary = {}
   if c.warmup_steps:
     model, summary["warmup"] = _train_phase(ctx, "warmup", model, ocfg, c.warmup_steps, rows,
-                                            mesh, trainable_rows=sid_ids)
+                                            rt, trainable_rows=sid_ids)
   ocfg = optim.OptimConfig(learning_rate=c.learning_rate, warmup_steps=c.lr_warmup_steps,
                            total_steps=c.steps, end_lr_ratio=c.end_lr_ratio,
                            weight_decay=c.weight_decay, clip_norm=c.clip_norm,
                            frozen_layers=c.frozen_layers)
-  model, summary["train"] = _train_phase(ctx, "train", model, ocfg, c.steps, rows, mesh,
+  model, summary["train"] = _train_phase(ctx, "train", model, ocfg, c.steps, rows, rt,
                                          eval_rows=eval_rows)
   if c.caption_steps:
     # The catalogue phase: SID -> title documents until the titles are memorised, mixed with
@@ -429,8 +408,8 @@ def run(ctx):
                              weight_decay=c.weight_decay, clip_norm=c.clip_norm,
                              frozen_layers=c.frozen_layers)
     model, summary["caption"] = _train_phase(ctx, "caption", model, ocfg, c.caption_steps, cap,
-                                             mesh, eval_rows=eval_rows)
-  save_model(ctx.out_dir, model, tok)
+                                             rt, eval_rows=eval_rows)
+  rt.save(ctx.out_dir, model, tok)
   t_eval = time.time()
   report = evaluate(ctx, model, tok, table, items, examples, inter)
   report["eval_seconds"] = round(time.time() - t_eval, 1)
@@ -439,11 +418,9 @@ def run(ctx):
                                 "loss_history", "wall_seconds", "resumed_from")}
       for phase, s in summary.items()}
   report["wall_seconds"] = round(time.time() - t_start, 1)
-  with open(ctx.path("eval.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  ctx.write_json("eval.json", report)
   text = _markdown(report)
-  with open(ctx.path("eval.md"), "w") as f:
-    f.write(text + "\n")
+  ctx.write_text("eval.md", text + "\n")
   logging.info("[midtrain] evaluation:\n%s", text)
   train = summary["train"]
   hist = train["loss_history"]

@@ -9,7 +9,7 @@ the tokenizer lacks (traces of another tokenizer), an answer that is not a ranki
 or longer than `seq_len`.
 
 Artifact: `model/`, `model_config.json`, `tokenizer/` (as the midtrain artifact, so
-`midtrain.load_model` reads it), `prompt.json` and `sid_table.json` (what re-ranking needs),
+`Runtime.load` reads it), `prompt.json` and `sid_table.json` (what re-ranking needs),
 `train/` (checkpoints and metrics), `report.json`, `eval.json` / `eval.md` (test re-ranking).
 """
 
@@ -27,10 +27,9 @@ from gr2_jax.data import slates as slates_lib
 from gr2_jax import runner
 from gr2_jax.errors import UserError
 from gr2_jax.eval import tables
-from gr2_jax.parallel import mesh as mesh_lib
+from gr2_jax.parallel import runtime as runtime_lib
 from gr2_jax.rerank import evaluate as rerank_lib
 from gr2_jax.sids import tokens as sid_lib
-from gr2_jax.stages import midtrain
 from gr2_jax.teachers import evidence as evidence_lib
 from gr2_jax.text import chat
 from gr2_jax.text import parser
@@ -137,6 +136,13 @@ def evaluate(model, tok, name, slates, items, users, sids, prompt_cfg, c, eviden
 
 
 def run(ctx):
+  rt = runtime_lib.for_stage(ctx)
+  logging.info("[sft] %s", runtime_lib.describe(rt))
+  with rt.activate():
+    return _run(ctx, rt)
+
+
+def _run(ctx, rt):
   c = ctx.section
   t_start = time.time()
   if not 0 <= c.lambda_r <= c.lambda_o or c.lambda_o <= 0:
@@ -147,8 +153,7 @@ def run(ctx):
   if not os.path.isfile(path):
     raise UserError(f"{path} does not exist; sft.mode must be one of the traces stage's modes "
                     f"({', '.join(ctx.config.traces.modes)})")
-  mesh = mesh_lib.data_parallel_mesh(c.num_devices)
-  model, tok = midtrain.load_model(mt_dir, mesh)
+  model, tok = rt.load(mt_dir)
   table = sid_lib.load_sid_table(runner.artifact_dir(ctx.workdir, ctx.config, "sids"))
   sids = [row["sid"] for row in table["items"]]
   with open(os.path.join(traces_dir, "prompt.json")) as f:
@@ -172,13 +177,15 @@ def run(ctx):
                            frozen_layers=c.frozen_layers)
   tcfg = trainer_lib.TrainerConfig(num_steps=steps, micro_batches=c.micro_batches,
                                    log_every=c.log_every, checkpoint_every=c.checkpoint_every)
-  tr = trainer_lib.Trainer(model, ocfg, tcfg, mesh=mesh, workdir=ctx.path("train"), name="sft")
+  tr = trainer_lib.Trainer(model, ocfg, tcfg, mesh=rt.mesh, rules=rt.rules,
+                           workdir=ctx.path("train"), name="sft")
   ds = trainer_lib.batch_dataset(rows, c.batch_size, c.micro_batches, seed=c.seed)
   params, summary = tr.fit(ds)
   model = tr.model(params)
-  midtrain.save_model(ctx.out_dir, model, tok)
-  tok.save(ctx.path("tokenizer"))
-  rerank_lib.save_rerank_info(ctx.out_dir, prompt_fields, table)
+  rt.save(ctx.out_dir, model, tok)
+  if runtime_lib.process_zero():
+    rerank_lib.save_rerank_info(ctx.out_dir, prompt_fields, table)
+  ctx.sync("rerank_info")
   hist = summary["loss_history"]
   report = {
       "mode": c.mode, "traces": len(examples), "skipped": skipped,
@@ -202,17 +209,14 @@ def run(ctx):
         artifacts.load_users(data_dir), sids, prompt_cfg, c,
         evidence_lib.for_prompt(prompt_cfg, data_dir))
     md = (tables.format_table(rows_eval) + "\n\n" + rerank_lib.diagnostics_markdown(diags))
-    with open(ctx.path("eval.json"), "w") as f:
-      json.dump({"split": c.eval_split, "rows": rows_eval, "diagnostics": diags,
-                 "samples": samples}, f, indent=2)
-    with open(ctx.path("eval.md"), "w") as f:
-      f.write(md + "\n")
+    ctx.write_json("eval.json", {"split": c.eval_split, "rows": rows_eval,
+                                 "diagnostics": diags, "samples": samples})
+    ctx.write_text("eval.md", md + "\n")
     logging.info("[sft] %s re-ranking:\n%s", c.eval_split, md)
     report["eval_seconds"] = round(time.time() - t0, 1)
     report["eval"] = {name: {"R@1": r["R@1"]["mean"], "N@5": r["N@5"]["mean"]}
                       for name, r in rows_eval.items()}
     report["valid_rate"] = {name: d["valid_rate"] for name, d in diags.items()}
   report["wall_seconds"] = round(time.time() - t_start, 1)
-  with open(ctx.path("report.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  ctx.write_json("report.json", report)
   return report

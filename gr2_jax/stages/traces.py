@@ -24,10 +24,10 @@ from gr2_jax.data import artifacts
 from gr2_jax.data import slates as slates_lib
 from gr2_jax.errors import UserError
 from gr2_jax.eval import tables
+from gr2_jax.models import artifact
 from gr2_jax.rerank import evaluate as rerank_lib
 from gr2_jax.rerank import teacher as teacher_lib
 from gr2_jax.sids import tokens as sid_lib
-from gr2_jax.stages import midtrain
 from gr2_jax.teachers import base
 from gr2_jax.teachers import cf
 from gr2_jax.teachers import cf_stats
@@ -165,7 +165,7 @@ def make_teacher(c, data_dir, items, sids, prompt_cfg):
     if not c.teacher_checkpoint or not os.path.isdir(c.teacher_checkpoint):
       raise UserError(f"traces.teacher_checkpoint {c.teacher_checkpoint!r} is not a folder; "
                       "point it at an sft or midtrain artifact")
-    model, tok = midtrain.load_model(c.teacher_checkpoint)
+    model, tok = artifact.load_model_and_tokenizer(c.teacher_checkpoint)
     return teacher_lib.CheckpointTeacher(model, tok, items, sids, prompt_cfg,
                                          temperature=c.teacher_temperature,
                                          max_new_tokens=c.teacher_max_new_tokens)

@@ -24,10 +24,12 @@ import jax
 import orbax.checkpoint as ocp
 
 from gr2_jax.errors import UserError
+from gr2_jax.parallel import distributed
 
 _STATE = "state"
 _META = "meta"
 _COMMIT_FILE = "_CHECKPOINT_METADATA"  # written by orbax when a step is finalised
+_OPENED = {}  # directory -> managers opened on it in this process (unique barrier names)
 
 
 def abstract_like(tree, shardings=None):
@@ -55,6 +57,9 @@ class CheckpointManager:
     if jax.process_index() == 0:
       os.makedirs(self.directory, exist_ok=True)
       self._remove_incomplete()
+    # The other processes of a multi-host run look only once process 0 has cleaned up.
+    _OPENED[self.directory] = _OPENED.get(self.directory, 0) + 1
+    distributed.barrier(f"ckpt-open:{self.directory}:{_OPENED[self.directory]}")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)

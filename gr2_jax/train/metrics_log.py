@@ -52,9 +52,10 @@ class MetricsLogger:
     self.logdir = logdir
     self.total_steps = total_steps
     self.prefix = prefix
-    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+    self._jsonl = None
     self._writer = None
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # the other processes of a multi-host run log nothing
+      self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._writer = SummaryWriter(logdir=logdir, flush_secs=10)
 
@@ -66,8 +67,9 @@ class MetricsLogger:
         if np.isfinite(v):
           # TensorBoard tags take [A-Za-z0-9_./-]: "R@1" is written as "R_1".
           self._writer.add_scalar(f"{kind}/{k}".replace("@", "_"), v, step)
-    self._jsonl.write(json.dumps({"step": int(step), "kind": kind, **metrics}) + "\n")
-    self._jsonl.flush()
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps({"step": int(step), "kind": kind, **metrics}) + "\n")
+      self._jsonl.flush()
 
   def progress(self, step, metrics, eta_seconds=None):
     m = metrics
@@ -84,6 +86,7 @@ class MetricsLogger:
     logging.info(line)
 
   def close(self):
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
     if self._writer is not None:
       self._writer.close()

@@ -22,7 +22,6 @@ from typing import Callable, Optional
 
 from absl import logging
 from flax import nnx
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,6 +118,7 @@ def batch_dataset(rows, batch_size, micro_batches=1, seed=0, shuffle=True):
   if n < per_step:
     raise UserError(f"{n} packed rows cannot fill one step of {micro_batches} x {batch_size} "
                     "rows; lower the batch size or add data")
+  import grain  # pylint: disable=g-import-not-at-top  (the step itself needs no data loader)
   ds = grain.MapDataset.range(n)
   if shuffle:
     ds = ds.shuffle(seed=seed)

@@ -17,9 +17,9 @@ from gr2_jax.models import export
 from gr2_jax.models import qwen3
 from gr2_jax.sampling import sampler
 from gr2_jax.sids import tokens as sid_lib
-from gr2_jax.stages import midtrain
 from gr2_jax.text import chat
 from gr2_jax.text import tokenizers
+from gr2_jax.models import artifact as artifact_lib
 from tests.text.test_tokenizers import _byte_level_hf
 from tests.text.test_tokenizers import _corpus
 
@@ -55,13 +55,12 @@ def _llama(vocab_size):
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-  """A stage artifact as midtrain.save_model writes it, with a byte-level BPE tokenizer."""
+  """A stage artifact as the stages write it, with a byte-level BPE tokenizer."""
   path = str(tmp_path_factory.mktemp("artifact"))
   tok = tokenizers.HFTokenizer(_byte_level_hf(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
   tok.add_tokens(sid_lib.all_sid_tokens(4, 8))
   model = _llama(tok.vocab_size)
-  midtrain.save_model(path, model, tok)
-  tok.save(os.path.join(path, "tokenizer"))
+  artifact_lib.save_model(path, model, tok)
   return path, model, tok
 
 
@@ -154,7 +153,7 @@ def test_sentencepiece_artifact_needs_model_only(tmp_path):
   tok = tokenizers.train_sentencepiece(_corpus(), str(tmp_path / "a" / "tokenizer"),
                                        vocab_size=400, seed=0)
   cfg = qwen3.get_model_config("tiny", vocab_size=-(-tok.vocab_size // 128) * 128)
-  midtrain.save_model(str(tmp_path / "a"), qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)), tok)
+  artifact_lib.save_model(str(tmp_path / "a"), qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)), tok)
   out = str(tmp_path / "hf")
   with pytest.raises(UserError, match="SentencePiece tokenizer.*--model_only"):
     export.export_artifact(str(tmp_path / "a"), out)

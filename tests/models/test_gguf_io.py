@@ -24,6 +24,7 @@ from gr2_jax.errors import UserError
 from gr2_jax.models import gguf_io
 from gr2_jax.models import qwen3
 from gr2_jax.parallel import mesh as mesh_lib
+from gr2_jax.parallel import runtime
 from gr2_jax.parallel import sharding
 from gr2_jax.stages import midtrain
 from gr2_jax.text import tokenizers
@@ -327,8 +328,8 @@ def test_midtrain_loads_a_gguf_base_model_and_appends_the_sid_tokens(tiny, tmp_p
   section = types.SimpleNamespace(hf_checkpoint="", gguf=path, seed=0)
   ctx = types.SimpleNamespace(section=section, path=lambda name: str(tmp_path / name))
   sids = ["<|sid_begin|>", "<|sid_end|>"] + [f"<s_a_{i}>" for i in range(8)]
-  mesh = mesh_lib.single_device_mesh()
-  model, tok, sid_ids = midtrain._model_and_tokenizer(ctx, mesh, sids, corpus=None)
+  rt = runtime.for_devices(None, num_devices=1)
+  model, tok, sid_ids = midtrain._model_and_tokenizer(ctx, rt, sids, corpus=None)
   base = len(tiny.tokens)
   np.testing.assert_array_equal(sid_ids, np.arange(base, base + len(sids)))
   assert model.cfg.vocab_size == base + len(sids)
@@ -343,7 +344,7 @@ def test_midtrain_loads_a_gguf_base_model_and_appends_the_sid_tokens(tiny, tmp_p
                                 np.asarray(fresh.embed_tokens.embedding[...]))
   section.hf_checkpoint = str(tmp_path)
   with pytest.raises(UserError, match="not both"):
-    midtrain._model_and_tokenizer(ctx, mesh, sids, corpus=None)
+    midtrain._model_and_tokenizer(ctx, rt, sids, corpus=None)
 
 
 # --- bad files --------------------------------------------------------------------------------

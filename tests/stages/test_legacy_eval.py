@@ -11,7 +11,7 @@ from gr2_jax.data import artifacts
 from gr2_jax.data import pipeline
 from gr2_jax.data import preprocess
 from gr2_jax.data import slates as slates_lib
-from gr2_jax.stages import eval as eval_stage
+from gr2_jax.eval import compare
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
@@ -87,6 +87,6 @@ def test_baseline_table(tiny_workdir):
   # Legacy R@1 is the share of slates whose target the legacy ranker put first.
   assert rows["legacy"]["R@1"]["mean"] == np.mean(s["target_index"] == 0)
   assert rows["legacy"]["R@1"]["n"] == len(s["slate"])
-  assert set(rows) == set(eval_stage.BASELINES)
+  assert set(rows) == set(compare.BASELINES)
   assert "lift" in rows["random"] and "lift" not in rows["legacy"]
   assert summary["slates"] == len(s["slate"])

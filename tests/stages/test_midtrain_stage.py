@@ -15,6 +15,7 @@ from gr2_jax.midtrain import tasks as tasks_lib
 from gr2_jax.parallel import mesh as mesh_lib
 from gr2_jax.sids import tokens as sid_lib
 from gr2_jax.stages import midtrain
+from gr2_jax.models import artifact
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
@@ -37,7 +38,7 @@ def test_tiny_midtrain_end_to_end(tiny_workdir):
   out, summary = runner.run_stage(config, tiny_workdir, "midtrain")
   c = config.midtrain
   tok_dir = os.path.join(out, "tokenizer")
-  model, tok = midtrain.load_model(out)
+  model, tok = artifact.load_model_and_tokenizer(out)
   table = sid_lib.load_sid_table(runner.artifact_dir(tiny_workdir, config, "sids"))
   sid_ids = [tok.token_to_id(t) for t in sid_lib.all_sid_tokens(table["num_levels"],
                                                                  table["codebook_size"])]
@@ -110,7 +111,7 @@ def test_caption_phase_trains_titles_with_rehearsal(tiny_workdir):
   assert tokens["caption"] > 0
   assert sum(v for k, v in tokens.items() if k != "caption") > 0, tokens
   # The saved model is the caption phase's last checkpoint.
-  model, _ = midtrain.load_model(out)
+  model, _ = artifact.load_model_and_tokenizer(out)
   last = _restore(os.path.join(out, "caption", "ckpt", str(c.caption_steps), "state"))["params"]
   np.testing.assert_array_equal(nnx.to_pure_dict(nnx.state(model))["norm"]["weight"],
                                 last["norm"]["weight"])

@@ -15,7 +15,7 @@ from gr2_jax.distill import prune as prune_lib
 from gr2_jax.errors import UserError
 from gr2_jax.models import qwen3
 from gr2_jax.parallel import mesh as mesh_lib
-from gr2_jax.stages import midtrain
+from gr2_jax.models import artifact
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
@@ -59,10 +59,10 @@ def test_tiny_opd_pruned_student(tiny_workdir):
   with open(os.path.join(out, "report.json")) as f:
     report = json.load(f)
   rl_dir = runner.artifact_dir(tiny_workdir, config, "rl")
-  teacher, _ = midtrain.load_model(rl_dir)
+  teacher, _ = artifact.load_model_and_tokenizer(rl_dir)
   assert report["kept_layers"] == summary["kept_layers"] == prune_lib.layers_to_keep(
       c.keep_layers, teacher.cfg.num_layers)
-  student, _ = midtrain.load_model(out)
+  student, _ = artifact.load_model_and_tokenizer(out)
   assert student.cfg.num_layers == len(report["kept_layers"]) < teacher.cfg.num_layers
   # The KL to the teacher is logged every iteration and every update is applied or counted.
   curve = report["kl_curve"]

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gr2_jax.parallel import mesh as mesh_lib
-from gr2_jax.stages import rl as rl_stage
+from gr2_jax.parallel import runtime
+from gr2_jax.rl import loop
 from tests.rerank import toy
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -46,8 +46,8 @@ def _run(memorised, workdir, c):
   graphdef, state = nnx.split(model)
   fresh = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))  # the step donates its state
   ctx = types.SimpleNamespace(path=lambda *p: os.path.join(workdir, *p))
-  return rl_stage.train_policy(ctx, c, "train", fresh, tok, _data(), toy.SIDS, toy.PROMPT,
-                               mesh_lib.single_device_mesh())
+  return loop.train_policy(ctx, c, "train", fresh, tok, _data(), toy.SIDS, toy.PROMPT,
+                           runtime.for_devices(None, num_devices=1))
 
 
 def _params(model):

@@ -17,8 +17,8 @@ from gr2_jax import runner
 from gr2_jax.data import slates as slates_lib
 from gr2_jax.errors import UserError
 from gr2_jax.rankers import scores as scores_lib
-from gr2_jax.stages import eval as eval_stage
-from gr2_jax.stages import midtrain
+from gr2_jax.eval import compare
+from gr2_jax.models import artifact
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
@@ -61,7 +61,7 @@ def test_tiny_rl_end_to_end(rl_run, tiny_workdir):
   with open(os.path.join(out, "table.json")) as f:
     table = json.load(f)
   models = {"sft", "rl", "sft (constrained)", "rl (constrained)"}
-  assert set(table["rows"]) == set(eval_stage.BASELINES) | models
+  assert set(table["rows"]) == set(compare.BASELINES) | models
   # The best model row against the best learned baseline, on the same slates.
   best = table["best_vs_best"]
   r1 = {name: table["rows"][name]["R@1"]["mean"] for name in table["rows"]}
@@ -72,7 +72,7 @@ def test_tiny_rl_end_to_end(rl_run, tiny_workdir):
   # The baselines also on every test slate of the split.
   every = table["baselines_all_slates"]
   assert every["slates"] > c.eval_examples
-  assert set(every["rows"]) == set(eval_stage.BASELINES)
+  assert set(every["rows"]) == set(compare.BASELINES)
   test = slates_lib.load_split(runner.artifact_dir(tiny_workdir, config, "legacy"), "test")
   assert every["slates"] == len(test["slate"])
   # The legacy order's R@1 is the share of slates whose target the legacy ranker put first.
@@ -88,8 +88,8 @@ def test_tiny_rl_end_to_end(rl_run, tiny_workdir):
   updates = c.iterations * c.ppo_epochs * c.minibatches
   applied = sum(l["applied_updates"] for l in train)
   assert applied + sum(summary["skipped_updates"].values()) == updates
-  sft, _ = midtrain.load_model(summary["sft"])
-  rl, _ = midtrain.load_model(out)
+  sft, _ = artifact.load_model_and_tokenizer(summary["sft"])
+  rl, _ = artifact.load_model_and_tokenizer(out)
   diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
       jax.tree.leaves(nnx.state(sft)), jax.tree.leaves(nnx.state(rl))))
   assert (diff > 0) == (applied > 0), (diff, applied, summary["skipped_updates"])

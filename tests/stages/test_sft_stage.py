@@ -12,10 +12,10 @@ from gr2_jax import runner
 from gr2_jax.data import slates as slates_lib
 from gr2_jax.errors import UserError
 from gr2_jax.rerank import evaluate as rerank_lib
-from gr2_jax.stages import eval as eval_stage
-from gr2_jax.stages import midtrain
+from gr2_jax.eval import compare
 from gr2_jax.stages import sft
 from gr2_jax.text import chat
+from gr2_jax.models import artifact
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
@@ -46,7 +46,7 @@ def _traces(tiny_workdir, config):
 
 def test_weights_cover_the_answer_only_reasoning_below_ranking(tiny_workdir, sft_run):
   config, out, _ = sft_run
-  _, tok = midtrain.load_model(out)
+  _, tok = artifact.load_model_and_tokenizer(out)
   msgs = _traces(tiny_workdir, config)[0]["messages"]
   ids, w = sft.weighted_example(msgs, tok, 0.25, 1.0)
   answer = msgs[-1]["content"]
@@ -67,7 +67,7 @@ def test_weights_cover_the_answer_only_reasoning_below_ranking(tiny_workdir, sft
 
 def test_unusable_traces_are_counted(tiny_workdir, sft_run, tmp_path):
   config, out, _ = sft_run
-  _, tok = midtrain.load_model(out)
+  _, tok = artifact.load_model_and_tokenizer(out)
   recs = _traces(tiny_workdir, config)[:2]
   sids = [row["sid"] for row in json.load(open(os.path.join(out, "sid_table.json")))["items"]]
   foreign = json.loads(json.dumps(recs[0]))
@@ -119,7 +119,7 @@ def test_eval_stage_joins_model_rows(tiny_workdir, sft_run):
   models = table["models"]
   n = config.eval.model_examples
   assert models["slates"] == n
-  assert set(models["rows"]) == set(eval_stage.BASELINES) | {"sft", "sft (constrained)"}
+  assert set(models["rows"]) == set(compare.BASELINES) | {"sft", "sft (constrained)"}
   assert models["best_vs_best"]["llm"] in ("sft", "sft (constrained)")
   sub = slates_lib.load_split(legacy_dir, "test", max_examples=n, seed=config.eval.seed)
   # By hand: the legacy order hits R@1 where the legacy ranker put the target first.
@@ -151,7 +151,7 @@ def test_tiny_sft_on_positions_traces(tiny_workdir):
   assert summary["skipped"] == {r: 0 for r in sft.SKIP_REASONS} and summary["traces"] > 0
   assert rerank_lib.load_rerank_info(out)[0].answer_format == "positions"
   assert set(summary["valid_rate"]) == {"sft-rejection", "sft-rejection (constrained)"}
-  _, tok = midtrain.load_model(out)
+  _, tok = artifact.load_model_and_tokenizer(out)
   msgs = _traces(tiny_workdir, config)[0]["messages"]
   ids, w = sft.weighted_example(msgs, tok, 0.25, 1.0)
   answer = msgs[-1]["content"]
