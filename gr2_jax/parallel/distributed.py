@@ -21,6 +21,7 @@ one line naming it; a process that is killed, or hangs, stops beating and the ot
 
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -92,6 +93,9 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, *,
     kwargs.update(coordinator_address=address, num_processes=num, process_id=pid)
   where = f"{address} as process {pid} of {num}" if mode == "explicit" else "the cluster"
   logging.info("joining %s (timeout %ds)", where, timeout_s)
+  if mode == "explicit" and pid != 0:
+    # JAX's client aborts the process when it cannot register; find the coordinator first.
+    _wait_for_port(address, timeout_s, where)
   try:
     jax.distributed.initialize(**kwargs)
   except Exception as e:  # pylint: disable=broad-exception-caught  (jaxlib raises its own)
@@ -103,6 +107,20 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, *,
                jax.process_count(), jax.local_device_count(), jax.device_count())
   start_watchdog(heartbeat_s)
   return mode
+
+
+def _wait_for_port(address, timeout_s, where):
+  host, port = address.rsplit(":", 1)
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+        return
+    except OSError as e:
+      if time.monotonic() > deadline:
+        raise UserError(f"could not join {where} within {timeout_s}s: nothing answers at "
+                        f"{address} ({e.strerror or e}); is process 0 running?") from None
+      time.sleep(0.5)
 
 
 _FAILED = "gr2/failed"

@@ -19,6 +19,7 @@ import os
 
 import jax
 import ml_collections
+from absl import logging
 from flax import nnx
 
 from gr2_jax.errors import UserError
@@ -105,8 +106,37 @@ class Runtime:
     specs = sharding_lib.state_specs(abstract, self.rules, self.mesh)
     return {"/".join(str(k) for k in path): v.get_value() for path, v in nnx.to_flat_state(specs)}
 
+  def undivided(self, cfg):
+    """[(param path, dimension, logical axis, mesh axes)] of the parameter dimensions the rules
+    would shard but the mesh does not divide: those stay replicated."""
+    from gr2_jax.models import qwen3  # pylint: disable=g-import-not-at-top  (models import parallel)
+    cfg = self.model_config(cfg)
+    _, abstract = mesh_lib.abstract_model(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)))
+    out = []
+    for path, var in nnx.to_flat_state(abstract):
+      axes = var.get_metadata("out_sharding", None) or (None,) * var.ndim
+      want = sharding_lib.logical_to_spec(axes, self.rules, self.mesh)
+      got = sharding_lib.logical_to_spec(axes, self.rules, self.mesh, var.shape)
+      for dim, (w, g) in enumerate(zip(want, got)):
+        if w != g and w is not None:
+          out.append(("/".join(map(str, path)), var.shape[dim], axes[dim], w))
+    return out
+
+  def warn_undivided(self, cfg):
+    """Logs one line when the mesh leaves some parameter dimensions replicated."""
+    bad = self.undivided(cfg)
+    if bad:
+      path, size, axis, mesh_axes = bad[0]
+      ways = {a: self.mesh.shape[a] for a in (mesh_axes if isinstance(mesh_axes, tuple)
+                                              else (mesh_axes,))}
+      logging.warning("runtime: %d parameter dimension(s) stay replicated because the mesh does "
+                      "not divide them, e.g. %s: %s=%d over %s", len(bad), path, axis, size,
+                      ways)
+    return bad
+
   def init_model(self, cfg, seed=0):
     """A freshly initialised model of shape `cfg`, created shard by shard on the mesh."""
+    self.warn_undivided(cfg)
     return mesh_lib.create_sharded_model(self.model_config(cfg), self.mesh, self.rules, seed)
 
   def place(self, model):
@@ -140,12 +170,14 @@ class Runtime:
     if self.remat:
       cfg = self.model_config(cfg)
       model.cfg = cfg
+    self.warn_undivided(cfg)
     return model, cfg, tok
 
   def load(self, artifact_dir):
     """(model, tokenizer) of a finished stage artifact (midtrain, sft, rl, opd, internalize):
     the parameters restored straight onto their shards, in this runtime's numerics."""
     from gr2_jax.models import artifact  # pylint: disable=g-import-not-at-top
+    self.warn_undivided(artifact.read_model_config(artifact_dir))
     return artifact.load_model_and_tokenizer(artifact_dir, self.mesh, self.rules, self.numerics)
 
   def save(self, out_dir, model, tok):

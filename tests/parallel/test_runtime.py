@@ -136,3 +136,11 @@ def test_remat_gives_the_same_loss_and_gradients():
   np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(out[True][1]), jax.tree.leaves(out[False][1])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+def test_dimensions_the_mesh_does_not_divide_are_named():
+  rt = _rt((1, 2, 4))
+  bad = rt.undivided(qwen3.get_model_config("smollm2-135m"))  # 9 query / 3 KV heads
+  assert ("layers/0/self_attn/k_proj/kernel", 3, "kv_heads", "tensor") in bad
+  assert all(axis in ("heads", "kv_heads") for _, _, axis, _ in bad)
+  assert rt.undivided(qwen3.get_model_config("qwen3-8b")) == []
