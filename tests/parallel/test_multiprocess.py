@@ -103,7 +103,12 @@ def test_two_processes_train_as_one_and_write_one_artifact(upstream, tmp_path):
   t0 = time.time()
   _wait(_launch(one, processes=1, devices=8))
   one_seconds = time.time() - t0
-  print(f"two processes {two_seconds:.1f}s, one process {one_seconds:.1f}s")
+  rates = []
+  for work in (two, one):
+    with open(os.path.join(_out(work), "eval.json")) as f:
+      rates.append(json.load(f)["training"]["train"]["tokens_per_sec"])
+  print(f"two processes: {two_seconds:.1f}s, {rates[0]:,.0f} train tok/s; one process: "
+        f"{one_seconds:.1f}s, {rates[1]:,.0f} train tok/s")
 
   # The same losses, step by step, as one process over the same 8 devices.
   np.testing.assert_allclose(_losses(two), _losses(one), rtol=0, atol=1e-5)
