@@ -54,8 +54,9 @@ def split_data_parallel(num_second, num_devices=0):
 
 
 def single_device_mesh(device=None):
-  """A (1, 1, 1) mesh on one device, for code that always wants a mesh."""
-  return make_mesh((1, 1, 1), devices=[device or jax.devices()[0]])
+  """A (1, 1, 1) mesh on one device (default: this process's first), for code that always
+  wants a mesh."""
+  return make_mesh((1, 1, 1), devices=[device or jax.local_devices()[0]])
 
 
 def outside_mesh():
@@ -101,5 +102,10 @@ def reshard_model(model, mesh, rules=None):
   """Places an existing model's parameters on `mesh` as `rules` say (device_put per leaf)."""
   graphdef, state = nnx.split(model)
   shardings = sharding_lib.state_shardings(state, mesh, rules)
+  if jax.process_count() > 1:
+    # Across processes a host value goes in (the same on every process); each process puts
+    # its own shards.
+    state = jax.tree.map(lambda x: np.asarray(x) if getattr(x, "is_fully_addressable", True)
+                         else x, state)
   state = jax.tree.map(jax.device_put, state, shardings)
   return nnx.merge(graphdef, state)

@@ -24,6 +24,7 @@ from gr2_jax import config_lib
 from gr2_jax import runner
 from gr2_jax.models import artifact
 from gr2_jax.train import checkpoint
+from tests.parallel import rl_worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OVERRIDES = {"sids.embedding": "collaborative", "midtrain.num_devices": 0,
@@ -44,6 +45,15 @@ def upstream(tiny_workdir):
   """The tiny workdir with the sids artifact the midtrain runs below read."""
   runner.run_stage(_config(), tiny_workdir, "sids")
   return tiny_workdir
+
+
+@pytest.fixture(scope="module")
+def one_process(upstream, tmp_path_factory):
+  """The tiny stage run by this one process over its 8 devices (mesh (8, 1, 1))."""
+  work = _workdir(upstream, tmp_path_factory.mktemp("one") / "work")
+  t0 = time.time()
+  runner.run_stage(_config(), work, "midtrain")
+  return work, time.time() - t0
 
 
 def _workdir(upstream, path):
@@ -93,22 +103,19 @@ def _losses(workdir):
   return [h["loss"] for phase in ("warmup", "train") for h in training[phase]["loss_history"]]
 
 
-def test_two_processes_train_as_one_and_write_one_artifact(upstream, tmp_path):
+def test_two_processes_train_as_one_and_write_one_artifact(upstream, one_process, tmp_path):
   two = _workdir(upstream, tmp_path / "two")
   procs = _launch(two, processes=2, devices=4)
   t0 = time.time()
   _wait(procs)
   two_seconds = time.time() - t0
-  one = _workdir(upstream, tmp_path / "one")
-  t0 = time.time()
-  _wait(_launch(one, processes=1, devices=8))
-  one_seconds = time.time() - t0
+  one, one_seconds = one_process
   rates = []
   for work in (two, one):
     with open(os.path.join(_out(work), "eval.json")) as f:
       rates.append(json.load(f)["training"]["train"]["tokens_per_sec"])
-  print(f"two processes: {two_seconds:.1f}s, {rates[0]:,.0f} train tok/s; one process: "
-        f"{one_seconds:.1f}s, {rates[1]:,.0f} train tok/s")
+  print(f"two processes: {two_seconds:.1f}s (the command), {rates[0]:,.0f} train tok/s; one "
+        f"process: {one_seconds:.1f}s (the stage), {rates[1]:,.0f} train tok/s")
 
   # The same losses, step by step, as one process over the same 8 devices.
   np.testing.assert_allclose(_losses(two), _losses(one), rtol=0, atol=1e-5)
@@ -163,6 +170,38 @@ def test_a_killed_process_ends_the_other_with_one_line(upstream, tmp_path):
       assert checkpoint._is_complete(step_dir), step_dir  # pylint: disable=protected-access
 
 
+def test_the_rl_loop_on_two_processes_matches_one(tmp_path):
+  """The RL iterations (rollouts sampled over the global mesh and gathered, rewards, dynamic
+  sampling, updates, checkpoints) on the toy re-ranker: the same history and parameters."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("GR2_")}
+  env.update(JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "tests.parallel.rl_worker"]
+  port = _port()
+  procs = [subprocess.Popen(
+      cmd + [str(tmp_path / "two"), f"--coordinator_address=127.0.0.1:{port}",
+             "--num_processes=2", f"--process_id={i}"], cwd=REPO,
+      env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  for p in procs:
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+  rl_worker.run(str(tmp_path / "one"))  # this process, its 8 devices
+  reports = []
+  for run in ("two", "one"):
+    with open(tmp_path / run / "report.json") as f:
+      reports.append(json.load(f))
+  assert (reports[0]["processes"], reports[0]["devices"]) == (2, 8)
+  timing = ("iteration_seconds", "rollout_seconds", "rollout_tokens_per_sec")
+  assert sum(h["applied_updates"] for h in reports[0]["history"]) >= 1  # it did learn
+  for a, b in zip(reports[0]["history"], reports[1]["history"]):
+    for k in a:
+      if k not in timing:
+        assert a[k] == pytest.approx(b[k], abs=1e-5, nan_ok=True), k
+  two, one = (np.load(tmp_path / run / "params.npz") for run in ("two", "one"))
+  for k in one.files:
+    np.testing.assert_allclose(two[k], one[k], atol=1e-5, rtol=0)
+
+
 def test_launch_scripts_parse():
   subprocess.run(["bash", "-n", os.path.join(REPO, "launch", "tpu_vm.sh")], check=True)
   with open(os.path.join(REPO, "launch", "gke", "jobset.yaml")) as f:
@@ -176,14 +215,17 @@ def test_launch_scripts_parse():
   assert out.returncode == 2 and out.stderr.startswith("usage:")
 
 
-def test_tensor_and_fsdp_mesh_trains_as_the_data_parallel_one(upstream, tmp_path):
+def test_tensor_and_fsdp_mesh_trains_as_the_data_parallel_one(upstream, one_process, tmp_path):
   """The tiny stage on a (2, 2, 2) data x fsdp x tensor mesh and on (8, 1, 1): same losses."""
   losses = {}
   for shape in ((2, 2, 2), (8, 1, 1)):
-    work = _workdir(upstream, tmp_path / "x".join(map(str, shape)))
-    config = _config()
-    config.runtime.mesh = shape
-    runner.run_stage(config, work, "midtrain")
+    if shape == (8, 1, 1):
+      work = one_process[0]
+    else:
+      work = _workdir(upstream, tmp_path / "x".join(map(str, shape)))
+      config = _config()
+      config.runtime.mesh = shape
+      runner.run_stage(config, work, "midtrain")
     losses[shape] = _losses(work)
     params = nnx.to_pure_dict(nnx.state(artifact.load_model(_out(work))))
     losses[shape, "params"] = jax.tree.map(np.asarray, params)
