@@ -211,6 +211,15 @@ def for_stage(ctx, num_devices=None):
   return for_devices(runtime_section, num_devices=num_devices)
 
 
+def run_stage(ctx, fn):
+  """`fn(ctx, rt)` inside the stage's runtime (`for_stage`), with the mesh and numerics logged:
+  the body of a model stage's `run`."""
+  rt = for_stage(ctx)
+  logging.info("[%s] %s", ctx.name, describe(rt))
+  with rt.activate():
+    return fn(ctx, rt)
+
+
 def split_for_stage(ctx, num_second):
   """Two runtimes of a stage over disjoint devices, (first, second), the second on the last
   `num_second` of the stage's devices (e.g. a student and a teacher on their own devices)."""

@@ -28,10 +28,7 @@ REASONING, BEFORE, AFTER = "rl (reasoning)", "rl (reasoning-free)", "internalize
 
 
 def run(ctx):
-  rt = runtime_lib.for_stage(ctx)
-  logging.info("[internalize] %s", runtime_lib.describe(rt))
-  with rt.activate():
-    return _run(ctx, rt)
+  return runtime_lib.run_stage(ctx, _run)
 
 
 def _run(ctx, rt):

@@ -315,10 +315,7 @@ def evaluate(ctx, model, tok, table, items, examples, inter):
 
 
 def run(ctx):
-  rt = runtime_lib.for_stage(ctx)
-  logging.info("[midtrain] %s", runtime_lib.describe(rt))
-  with rt.activate():
-    return _run(ctx, rt)
+  return runtime_lib.run_stage(ctx, _run)
 
 
 def _run(ctx, rt):

@@ -35,10 +35,7 @@ from gr2_jax.rerank import evaluate as rerank_lib
 from gr2_jax.rl import loop
 
 def run(ctx):
-  rt = runtime_lib.for_stage(ctx)
-  logging.info("[rl] %s", runtime_lib.describe(rt))
-  with rt.activate():
-    return _run(ctx, rt)
+  return runtime_lib.run_stage(ctx, _run)
 
 
 def _run(ctx, rt):

@@ -136,10 +136,7 @@ def evaluate(model, tok, name, slates, items, users, sids, prompt_cfg, c, eviden
 
 
 def run(ctx):
-  rt = runtime_lib.for_stage(ctx)
-  logging.info("[sft] %s", runtime_lib.describe(rt))
-  with rt.activate():
-    return _run(ctx, rt)
+  return runtime_lib.run_stage(ctx, _run)
 
 
 def _run(ctx, rt):
