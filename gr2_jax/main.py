@@ -116,16 +116,15 @@ def main(argv):
     distributed.finished()
   except UserError as e:
     logging.flush()
-    if jax.process_count() > 1:
-      distributed.report_failure(str(e))  # one line here and on every peer; does not return
+    # Several processes: one line here and on every peer, and it does not return.
+    distributed.report_failure(str(e))
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except Exception as e:  # pylint: disable=broad-exception-caught
     if jax.process_count() == 1:
       raise
     logging.exception("process %d failed", jax.process_index())
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    distributed.report_failure(f"{type(e).__name__}: {first}")
+    distributed.report_failure(f"{type(e).__name__}: {distributed.first_line(e)}")
 
 if __name__ == "__main__":
   app.run(main, flags_parser=parse_flags)

@@ -178,9 +178,8 @@ def run_stage(config, workdir, stage, rerun=False):
   if lead and not everyone:
     # Process 0 runs the stage in a child process of its own: a single-process JAX runtime,
     # whose checkpoints (orbax) and computations do not wait for the other processes.
-    elapsed = _run_in_child(config, workdir, stage)
-    summary = read_summary(out_dir)
-  elif lead or everyone:
+    _run_in_child(config, workdir, stage)
+  elif everyone:
     module = importlib.import_module(f"gr2_jax.stages.{stage}")
     ctx = StageContext(name=stage, config=config, section=config[stage], workdir=workdir,
                        out_dir=out_dir, inputs=inputs)
@@ -206,15 +205,14 @@ def run_stage(config, workdir, stage, rerun=False):
     except OSError:
       pass
   distributed.barrier(f"{tag}/recorded")
-  if not lead and not everyone:
+  if not everyone:  # the child's done.json
     summary = read_summary(out_dir)
   return out_dir, summary
 
 
 def _run_in_child(config, workdir, stage):
-  """Runs `stage` (its inputs done) in a fresh single-process `python -m gr2_jax.runner`;
-  returns its wall seconds. The child writes the artifact and done.json."""
-  start = time.time()
+  """Runs `stage` (its inputs done) in a fresh single-process `python -m gr2_jax.runner`,
+  which writes the artifact and done.json."""
   path = os.path.join(workdir, f".{stage}.config.json")
   _write_atomic(path, config.to_json())
   env = {k: v for k, v in os.environ.items() if not k.startswith("GR2_")}
@@ -224,7 +222,6 @@ def _run_in_child(config, workdir, stage):
   if code != 0 or not is_done(artifact_dir(workdir, config, stage)):
     raise UserError(f"stage {stage} failed in process 0's child (exit status {code}); its log "
                     "is above")
-  return time.time() - start
 
 
 def _child_main(argv):

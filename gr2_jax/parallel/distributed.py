@@ -35,6 +35,12 @@ ENV_ADDRESS, ENV_NUM, ENV_ID = "GR2_COORDINATOR_ADDRESS", "GR2_NUM_PROCESSES", "
 _ADDRESS = re.compile(r"^\[?[A-Za-z0-9_.:-]+\]?:\d{1,5}$")
 
 
+def first_line(e):
+  """The first line of an exception's message (its type's name when it has none)."""
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
 def _int(name, value):
   try:
     return int(value)
@@ -99,8 +105,7 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, *,
   try:
     jax.distributed.initialize(**kwargs)
   except Exception as e:  # pylint: disable=broad-exception-caught  (jaxlib raises its own)
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise UserError(f"could not join {where} within {timeout_s}s: {first}") from None
+    raise UserError(f"could not join {where} within {timeout_s}s: {first_line(e)}") from None
   if mode == "explicit" and jax.process_count() != num:
     raise UserError(f"joined a run of {jax.process_count()} processes, not {num}")
   logging.info("process %d of %d: %d local / %d global devices", jax.process_index(),
@@ -170,8 +175,7 @@ def start_watchdog(heartbeat_s, interval_s=1.0):
                  "ending too. The last complete checkpoint and finished artifacts are kept")
       except Exception as e:  # pylint: disable=broad-exception-caught
         if now - last_ok > heartbeat_s:
-          _end(f"lost the coordinator (process 0) for {heartbeat_s}s: "
-               f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+          _end(f"lost the coordinator (process 0) for {heartbeat_s}s: {first_line(e)}")
 
   threading.Thread(target=loop, name="gr2-watchdog", daemon=True).start()
 
@@ -215,6 +219,5 @@ def barrier(name, timeout_s=6 * 3600):
   try:
     _client().wait_at_barrier(name, int(timeout_s * 1000))
   except Exception as e:  # pylint: disable=broad-exception-caught
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserError(f"process {jax.process_index()}: the other processes did not reach "
-                    f"{name!r}: {first}") from None
+                    f"{name!r}: {first_line(e)}") from None

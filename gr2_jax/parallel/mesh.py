@@ -38,21 +38,6 @@ def data_parallel_mesh(num_devices=0):
   return make_mesh((len(devices), 1, 1), devices=devices)
 
 
-def split_data_parallel(num_second, num_devices=0):
-  """Two data-parallel meshes over disjoint devices: (first, second), the second taking the
-  last `num_second` of the first `num_devices` devices (0 = all), e.g. a student and a teacher
-  on their own devices."""
-  devices = jax.devices()
-  if num_devices:
-    devices = devices[:num_devices]
-  if not 0 < num_second < len(devices):
-    raise UserError(f"cannot give {num_second} of {len(devices)} devices to a second mesh: "
-                    "both parts need at least one")
-  first, second = devices[:-num_second], devices[-num_second:]
-  return (make_mesh((len(first), 1, 1), devices=first),
-          make_mesh((len(second), 1, 1), devices=second))
-
-
 def single_device_mesh(device=None):
   """A (1, 1, 1) mesh on one device (default: this process's first), for code that always
   wants a mesh."""

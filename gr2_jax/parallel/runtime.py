@@ -15,7 +15,6 @@ and beam search all trace there).
 
 import dataclasses
 import json
-import os
 
 import jax
 import ml_collections
@@ -94,24 +93,23 @@ class Runtime:
     """`cfg` (a qwen3.ModelConfig) with this runtime's numerics."""
     return dataclasses.replace(cfg, **self.numerics)
 
-  def shardings(self, abstract_state):
-    return sharding_lib.state_shardings(abstract_state, self.mesh, self.rules)
+  def _abstract(self, cfg):
+    """(graphdef, abstract state) of a model of shape `cfg` in this runtime's numerics."""
+    from gr2_jax.models import qwen3  # pylint: disable=g-import-not-at-top  (models import parallel)
+    cfg = self.model_config(cfg)
+    return mesh_lib.abstract_model(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)))
 
   def param_specs(self, cfg):
     """{"layers/0/mlp/up_proj/kernel": PartitionSpec, ...} of a model of shape `cfg` under this
     runtime's mesh and rules, computed without allocating the model (the sharding plan)."""
-    from gr2_jax.models import qwen3  # pylint: disable=g-import-not-at-top  (models import parallel)
-    cfg = self.model_config(cfg)
-    _, abstract = mesh_lib.abstract_model(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)))
+    _, abstract = self._abstract(cfg)
     specs = sharding_lib.state_specs(abstract, self.rules, self.mesh)
     return {"/".join(str(k) for k in path): v.get_value() for path, v in nnx.to_flat_state(specs)}
 
   def undivided(self, cfg):
     """[(param path, dimension, logical axis, mesh axes)] of the parameter dimensions the rules
     would shard but the mesh does not divide: those stay replicated."""
-    from gr2_jax.models import qwen3  # pylint: disable=g-import-not-at-top  (models import parallel)
-    cfg = self.model_config(cfg)
-    _, abstract = mesh_lib.abstract_model(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)))
+    _, abstract = self._abstract(cfg)
     out = []
     for path, var in nnx.to_flat_state(abstract):
       axes = var.get_metadata("out_sharding", None) or (None,) * var.ndim
@@ -144,8 +142,7 @@ class Runtime:
     (for models a loader or a transformation built elsewhere)."""
     cfg = self.model_config(model.cfg)
     if cfg.param_dtype != model.cfg.param_dtype or cfg.dtype != model.cfg.dtype:
-      from gr2_jax.models import qwen3  # pylint: disable=g-import-not-at-top  (models import parallel)
-      graphdef, abstract = mesh_lib.abstract_model(lambda: qwen3.Qwen3(cfg, rngs=nnx.Rngs(0)))
+      graphdef, abstract = self._abstract(cfg)
       params = nnx.to_pure_dict(nnx.state(model))
       params = jax.tree.map(lambda x: x.astype(cfg.weight_dtype), params)
       nnx.replace_by_pure_dict(abstract, params)
@@ -202,13 +199,18 @@ def for_devices(section_, devices=None, num_devices=0):
                  param_dtype=section_.param_dtype, remat=bool(section_.remat))
 
 
+def _stage_setup(ctx):
+  """(the composed config's `runtime` section, the stage section's num_devices (0 = all))."""
+  runtime_section = ctx.config.get("runtime") if hasattr(ctx.config, "get") else None
+  return runtime_section, int(ctx.section.get("num_devices", 0) or 0)
+
+
 def for_stage(ctx, num_devices=None):
   """The runtime of a stage: the composed config's `runtime` section over the stage's
   `num_devices` (its section's field, 0 = all)."""
-  runtime_section = ctx.config.get("runtime") if hasattr(ctx.config, "get") else None
-  if num_devices is None:
-    num_devices = int(ctx.section.get("num_devices", 0) or 0)
-  return for_devices(runtime_section, num_devices=num_devices)
+  runtime_section, stage_devices = _stage_setup(ctx)
+  return for_devices(runtime_section,
+                     num_devices=stage_devices if num_devices is None else num_devices)
 
 
 def run_stage(ctx, fn):
@@ -223,8 +225,7 @@ def run_stage(ctx, fn):
 def split_for_stage(ctx, num_second):
   """Two runtimes of a stage over disjoint devices, (first, second), the second on the last
   `num_second` of the stage's devices (e.g. a student and a teacher on their own devices)."""
-  runtime_section = ctx.config.get("runtime") if hasattr(ctx.config, "get") else None
-  num_devices = int(ctx.section.get("num_devices", 0) or 0)
+  runtime_section, num_devices = _stage_setup(ctx)
   devices = list(jax.devices())[:num_devices or None]
   if not 0 < num_second < len(devices):
     raise UserError(f"cannot give {num_second} of {len(devices)} devices to a second mesh: "
@@ -244,13 +245,3 @@ def describe(rt):
 def process_zero():
   """True on the process that writes logs, tables and non-checkpoint artifacts."""
   return jax.process_index() == 0
-
-
-def write_json(path, obj):
-  """Writes `obj` as JSON from process 0 only (atomically)."""
-  if not process_zero():
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
