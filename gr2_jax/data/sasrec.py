@@ -204,6 +204,18 @@ def rank_and_top_k(model, history, excluded, targets, popularity, k, batch_size=
   return [np.concatenate(col) for col in zip(*outs)]
 
 
+def popularity_ranks(excluded, targets, popularity):
+  """0-based full-catalogue rank of each target under popularity, excluded items (-1 = none)
+  removed: `rank_and_top_k`'s popularity column without a SASRec."""
+  pop = np.broadcast_to(np.asarray(popularity, np.float32), (len(targets), len(popularity)))
+  pop = pop.copy()
+  rows = np.arange(len(targets))[:, None]
+  ok = excluded >= 0
+  pop[np.broadcast_to(rows, excluded.shape)[ok], excluded[ok]] = -np.inf
+  t = pop[np.arange(len(targets)), targets]
+  return (pop > t[:, None]).sum(1)
+
+
 def config_of(section, num_items):
   """SASRecConfig of a legacy config section (`configs/legacy.py`)."""
   return SASRecConfig(num_items=num_items, max_len=section.max_len, dim=section.dim,

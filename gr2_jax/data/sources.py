@@ -69,23 +69,28 @@ def load_movielens_1m():
   return RawData(interactions, items, users, name="movielens-1m")
 
 
-def _read_table(path, what):
+def read_file(path, what, read):
+  """`read(path, sep)` (sep None for Parquet) of a Parquet/CSV/TSV file, every failure a
+  one-line UserError naming the file."""
   if not path:
     raise UserError(f"no {what} file given (set the data section's {what}_path)")
   if not os.path.isfile(path):
     raise UserError(f"{what} file {path} does not exist")
+  if not path.endswith((".parquet", ".csv", ".tsv")):
+    raise UserError(f"{what} file {path}: unsupported format (use .parquet, .csv or .tsv)")
   try:
-    if path.endswith(".parquet"):
-      frame = pd.read_parquet(path)
-    elif path.endswith((".csv", ".tsv")):
-      frame = pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",")
-    else:
-      raise UserError(f"{what} file {path}: unsupported format (use .parquet, .csv or .tsv)")
+    return read(path, None if path.endswith(".parquet") else
+                "\t" if path.endswith(".tsv") else ",")
   except UserError:
     raise
   except Exception as e:  # pandas/pyarrow raise many types for malformed files
     raise UserError(f"{what} file {path} could not be read: {type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def _read_table(path, what):
+  frame = read_file(path, what, lambda p, sep: pd.read_parquet(p) if sep is None
+                    else pd.read_csv(p, sep=sep))
   if frame.empty:
     raise UserError(f"{what} file {path} is empty")
   return frame
@@ -112,12 +117,7 @@ def load_user_files(interactions_path, items_path, users_path=""):
   occupation])."""
   inter = _read_table(interactions_path, "interactions")
   _require_columns(inter, INTERACTION_COLUMNS, "interactions", interactions_path)
-  items = _read_table(items_path, "items")
-  _require_columns(items, ITEM_COLUMNS, "items", items_path)
-  dup = items["item"].astype(str).duplicated()
-  if dup.any():
-    raise UserError(f"items file {items_path} has duplicate item ids, e.g. "
-                    f"{items['item'].astype(str)[dup].iloc[0]!r} ({int(dup.sum())} duplicates)")
+  out_items = read_items(items_path)
   ts = pd.to_numeric(inter["timestamp"], errors="coerce")
   if ts.isna().any():
     row = int(np.flatnonzero(ts.isna().to_numpy())[0])
@@ -133,16 +133,26 @@ def load_user_files(interactions_path, items_path, users_path=""):
       "timestamp": ts.astype(np.int64),
       "rating": rating.astype(np.float32),
   })
-  known = set(items["item"].astype(str))
-  unknown = ~interactions["item"].isin(known)
+  unknown = ~interactions["item"].isin(set(out_items["item"]))
   if unknown.any():
     raise UserError(f"interactions file {interactions_path} names {int(unknown.sum())} "
                     f"interaction(s) with items missing from {items_path}, e.g. "
                     f"{interactions['item'][unknown].iloc[0]!r}")
+  return RawData(interactions, out_items, read_users(users_path), name="files")
+
+
+def read_items(items_path):
+  """The item file (item, title[, year][, categories][, description]) as RawData.items."""
+  items = _read_table(items_path, "items")
+  _require_columns(items, ITEM_COLUMNS, "items", items_path)
+  dup = items["item"].astype(str).duplicated()
+  if dup.any():
+    raise UserError(f"items file {items_path} has duplicate item ids, e.g. "
+                    f"{items['item'].astype(str)[dup].iloc[0]!r} ({int(dup.sum())} duplicates)")
   categories = items["categories"] if "categories" in items.columns else [[]] * len(items)
   year = (pd.to_numeric(items["year"], errors="coerce").astype("Int64") if "year" in items.columns
           else pd.Series([pd.NA] * len(items), dtype="Int64"))
-  out_items = pd.DataFrame({
+  return pd.DataFrame({
       "item": items["item"].astype(str),
       "title": items["title"].fillna("").astype(str),
       "year": year,
@@ -150,6 +160,10 @@ def load_user_files(interactions_path, items_path, users_path=""):
       "description": (items["description"].fillna("").astype(str)
                       if "description" in items.columns else ""),
   })
+
+
+def read_users(users_path):
+  """The optional users file (user[, age, gender, occupation]) as RawData.users."""
   users = pd.DataFrame(columns=["user", "age", "gender", "occupation"])
   if users_path:
     frame = _read_table(users_path, "users")
@@ -160,4 +174,4 @@ def load_user_files(interactions_path, items_path, users_path=""):
         "gender": frame.get("gender", pd.Series([""] * len(frame))),
         "occupation": frame.get("occupation", pd.Series([-1] * len(frame))),
     })
-  return RawData(interactions, out_items, users, name="files")
+  return users
