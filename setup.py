@@ -46,7 +46,10 @@ setup(
             "scipy>=1.11",
             "openai>=1.30",  # the server's OpenAI-compatibility test uses the official client
             "pyyaml>=6",  # the GKE JobSet in launch/ is parsed
+            "apache-beam>=2.60",  # the Beam slates build is compared with the in-memory one
         ],
+        # The impressions source's slates build as an Apache Beam pipeline (data.beam_runner).
+        "beam": ["apache-beam>=2.60"],
         # Cloud TPU VMs and GKE TPU pods (launch/): the TPU build of JAX.
         "tpu": ["jax[tpu]>=0.6"],
         # NVIDIA GPUs.

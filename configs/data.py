@@ -4,6 +4,9 @@
   python -m gr2_jax.main --config=configs/data.py:tiny --workdir=W
   python -m gr2_jax.main --config=configs/data.py --workdir=W --config.data.source=files \
       --config.data.interactions_path=logs.parquet --config.data.items_path=items.csv
+  python -m gr2_jax.main --config=configs/data.py --workdir=W --config.data.source=impressions \
+      --config.data.impressions_path=impressions.parquet --config.data.items_path=items.csv \
+      [--config.data.beam_runner=DirectRunner]
 """
 
 import ml_collections
@@ -15,10 +18,18 @@ PRESETS = ("default", "tiny")
 
 def section(preset):
   c = ml_collections.ConfigDict()
-  c.source = "movielens-1m"  # or "files"
+  c.source = "movielens-1m"  # or "files", or "impressions" (the funnel's served lists)
   c.interactions_path = ""  # files: Parquet/CSV with user, item, timestamp[, rating]
-  c.items_path = ""  # files: item, title[, year][, categories][, description]
-  c.users_path = ""  # files, optional: user[, age, gender, occupation]
+  # (impressions, optional: histories from this file instead of the log's own positives)
+  c.items_path = ""  # files, impressions: item, title[, year][, categories][, description]
+  c.users_path = ""  # files, impressions, optional: user[, age, gender, occupation]
+  # impressions: Parquet/CSV/TSV, one row per shown item:
+  # request_id, user, timestamp (s), position, item, label[, grade]
+  c.impressions_path = ""
+  c.slate_size = 0  # impressions: K (longer lists cut, shorter dropped); 0 = most common length
+  c.chunk_rows = 1_000_000  # impressions: rows read at a time
+  c.beam_runner = ""  # impressions: build the slates with Apache Beam (e.g. DirectRunner)
+  c.beam_options = ""  # impressions: Beam pipeline flags, e.g. "--direct_num_workers=2"
   c.max_users = 0  # 0 = all users; else a random subset (seeded)
   c.min_user_interactions = 5
   # Shares of interactions (by time) for: legacy ranker, LLM training, validation, test.

@@ -29,9 +29,10 @@ def _item_record(i, row):
   }
 
 
-def assign_ids(raw, max_users=0, min_user_interactions=1, seed=0):
-  """Keeps rated items and (optionally) a random subset of users; returns items, users,
-  interactions (arrays sorted by user, timestamp, item)."""
+def assign_ids(raw, max_users=0, min_user_interactions=1, seed=0, extra_items=()):
+  """Keeps rated items (and `extra_items`: keys of the item file, e.g. items an impression log
+  showed) and (optionally) a random subset of users; returns items, users, interactions
+  (arrays sorted by user, timestamp, item)."""
   inter = raw.interactions.drop_duplicates(["user", "item", "timestamp"])
   counts = inter.groupby("user").size()
   keep_users = np.sort(counts[counts >= min_user_interactions].index.to_numpy())
@@ -41,7 +42,8 @@ def assign_ids(raw, max_users=0, min_user_interactions=1, seed=0):
   inter = inter[inter["user"].isin(set(keep_users))]
   if inter.empty:
     raise UserError("no interactions left after filtering users; lower min_user_interactions")
-  item_keys = np.sort(inter["item"].unique())
+  item_keys = np.union1d(inter["item"].unique().astype(str),
+                         np.asarray(list(extra_items), dtype=str))
   item_id = {k: i for i, k in enumerate(item_keys)}
   meta = raw.items.drop_duplicates("item").set_index("item").loc[item_keys].reset_index()
   items = [_item_record(i, row) for i, row in enumerate(meta.itertuples(index=False))]

@@ -83,21 +83,28 @@ class Gr2Slates(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split):
     r = self._records[split]
     for i in range(len(r["example_id"])):
-      n = int(r["history_len"][i])
-      yield int(r["example_id"][i]), {
-          "example_id": r["example_id"][i],
-          "user": r["user"][i],
-          "timestamp": r["timestamp"][i],
-          "history": r["history"][i, r["history"].shape[1] - n:],
-          "history_rating": r["history_rating"][i, r["history"].shape[1] - n:],
-          "target": r["target"][i],
-          "target_rating": r["target_rating"][i],
-          "target_index": r["target_index"][i],
-          "slate": r["slate"][i],
-          "slate_scores": r["slate_scores"][i],
-          "labels": r["labels"][i],
-          "grades": r["grades"][i],
-      }
+      yield int(r["example_id"][i]), example_of(r, i)
+
+
+def example_of(r, i):
+  """Record i of a split's stacked arrays (history right-aligned, `history_len` long) as the
+  builder's example dict."""
+  n = int(r["history_len"][i])
+  width = r["history"].shape[1]
+  return {
+      "example_id": r["example_id"][i],
+      "user": r["user"][i],
+      "timestamp": r["timestamp"][i],
+      "history": r["history"][i, width - n:],
+      "history_rating": r["history_rating"][i, width - n:],
+      "target": r["target"][i],
+      "target_rating": r["target_rating"][i],
+      "target_index": r["target_index"][i],
+      "slate": r["slate"][i],
+      "slate_scores": r["slate_scores"][i],
+      "labels": r["labels"][i],
+      "grades": r["grades"][i],
+  }
 
 
 def write(out_dir, records, slate_size):
@@ -141,3 +148,10 @@ def popularity(interactions):
   m = interactions["period"] == artifacts.PERIODS.index("legacy")
   n_items = int(interactions["item"].max()) + 1
   return np.bincount(interactions["item"][m], minlength=n_items).astype(np.float32)
+
+
+def split_sizes(out_dir):
+  """{split: slates} of the slates written under out_dir."""
+  path = os.path.join(out_dir, BUILDER_NAME, BUILDER_VERSION)
+  return {name: info.num_examples
+          for name, info in tfds.builder_from_directory(path).info.splits.items()}

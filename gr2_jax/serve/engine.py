@@ -85,6 +85,12 @@ def find_model_dir(workdir):
 
 def slate_size(workdir):
   """K of the workdir's legacy slates (None when unknown)."""
+  report = os.path.join(workdir, "legacy", "latest", "report.json")
+  if os.path.isfile(report):
+    with open(report) as f:
+      k = json.load(f).get("slate_size")
+    if k:
+      return k
   path = os.path.join(workdir, "legacy", "latest", "config.json")
   if not os.path.isfile(path):
     return None

@@ -1,7 +1,12 @@
-"""Legacy stage: train SASRec on the legacy period, then cut each example's top-K slate."""
+"""Legacy stage: train SASRec on the legacy period, then cut each example's top-K slate.
+
+With `data.source=impressions` the served lists are the slates: the data stage built them, and
+this stage only links them into its artifact (no SASRec is trained).
+"""
 
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -34,8 +39,33 @@ def _subsample(examples, max_examples, seed):
   return out
 
 
+def _from_impressions(ctx):
+  data_dir = ctx.inputs["data"]
+  with open(os.path.join(data_dir, "report.json")) as f:
+    built = json.load(f)["slates"]
+  src = os.path.join(data_dir, "tfds")
+  dst = ctx.path("tfds")
+  if os.path.exists(dst):
+    shutil.rmtree(dst)
+  try:  # hard links: the shards are not copied
+    shutil.copytree(src, dst, copy_function=os.link)
+  except OSError:
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+  np.save(ctx.path("popularity.npy"), slates_lib.popularity(artifacts.load_interactions(data_dir)))
+  report = {"source": "impressions", "slate_size": built["slate_size"],
+            "coverage": {split: {"slates": n} for split, n in built["per_split"].items()}}
+  with open(ctx.path("report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  logging.info("[legacy] impressions: the served lists are the slates (K=%d): %s; no legacy "
+               "ranker trained", built["slate_size"], built["per_split"])
+  return report
+
+
 def run(ctx):
   c = ctx.section
+  if ctx.config.data.source == "impressions":
+    return _from_impressions(ctx)
   data_dir = ctx.inputs["data"]
   inter = artifacts.load_interactions(data_dir)
   examples = preprocess.load_examples(os.path.join(data_dir, "examples.npz"))
@@ -62,7 +92,8 @@ def run(ctx):
   labels, grades = slates_lib.labels_for(slate, examples, c.positive_rating)
   in_slate = rank_sasrec < c.slate_size
   target_index = np.where(in_slate, rank_sasrec, -1).astype(np.int32)
-  report = {"sasrec_train_seconds": round(train_seconds, 1), "coverage": {}, "full_catalogue": {}}
+  report = {"sasrec_train_seconds": round(train_seconds, 1), "slate_size": c.slate_size,
+            "coverage": {}, "full_catalogue": {}}
   records = {}
   for period, split in slates_lib.SPLITS.items():
     m = examples["period"] == period

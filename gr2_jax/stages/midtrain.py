@@ -232,6 +232,9 @@ def _legacy_ranks(ctx, examples, inter, rows, num_items):
   legacy_dir = ctx.inputs["legacy"]
   pop = np.load(os.path.join(legacy_dir, "popularity.npy"))
   excluded = slates_lib.exclusion_lists({k: v[rows] for k, v in examples.items()}, inter)
+  if not os.path.isdir(os.path.join(legacy_dir, "sasrec")):
+    # An impression log's slates come from the funnel: no SASRec to compare with.
+    return None, sasrec.popularity_ranks(excluded, examples["target"][rows], pop), excluded
   with mesh_lib.outside_mesh():  # SASRec on this process's first device, not the model's mesh
     model = sasrec.restore(os.path.join(legacy_dir, "sasrec"), sasrec.config_of(lc, num_items))
     _, _, r_sas, r_pop = sasrec.rank_and_top_k(model, examples["history"][rows], excluded,
@@ -296,11 +299,12 @@ def evaluate(ctx, model, tok, table, items, examples, inter):
                                     trie, index, c, sid_len)
     logging.info("[midtrain] %s: beam search over %d examples in %.1fs", split, len(rows),
                  time.time() - t0)
-    report["retrieval"][split] = _table(
-        {"popularity": r_pop, "sasrec (legacy)": r_sas, "llm (constrained beam)": r_llm}, c)
+    rankers = {"popularity": r_pop, "sasrec (legacy)": r_sas, "llm (constrained beam)": r_llm}
+    report["retrieval"][split] = _table({k: v for k, v in rankers.items() if v is not None}, c)
     report["valid_sid_rate_unconstrained"][split] = float(valid.mean())
-    sas10 = report["retrieval"][split]["sasrec (legacy)"]["R@10"]["mean"]
     llm10 = report["retrieval"][split]["llm (constrained beam)"]["R@10"]["mean"]
+    sas10 = (report["retrieval"][split]["sasrec (legacy)"]["R@10"]["mean"] if r_sas is not None
+             else 0.0)
     report["ratio_r10_vs_sasrec"][split] = llm10 / sas10 if sas10 > 0 else None
   seen = np.unique(inter["item"][artifacts.training_mask(inter)])
   cap_ids = np.sort(rng.choice(seen, min(c.caption_items, len(seen)), replace=False)).tolist()
