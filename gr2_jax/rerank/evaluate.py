@@ -55,7 +55,7 @@ def prompt_ids(examples, items, sids, prompt_cfg, tok):
   for ex in examples:
     msgs = prompts.build_messages(prompts.with_sids(ex.history, items, sids),
                                   prompts.with_sids(ex.slate, items, sids, ex.evidence),
-                                  prompt_cfg, user=ex.user)
+                                  prompt_cfg, user=ex.user, summary=ex.summary)
     ids = chat.encode_chat(msgs, tok, add_generation_prompt=True)
     if prompt_cfg.answer_head:
       ids += list(head_ids(tok, prompt_cfg.answer_format, sids[int(ex.slate[0])]))
@@ -341,13 +341,14 @@ def load_rerank_info(checkpoint_dir):
 
 def evaluate_checkpoint(model, tok, name, slates, items, sids, prompt_cfg, users=None, *,
                         max_new_tokens=448, batch_size=16, constrained=(False, True),
-                        evidence=None):
+                        evidence=None, summaries=None):
   """Orders and diagnostics of one model on stacked slate records, per row name.
 
   evidence: the `teachers.evidence.SlateEvidence` of a prompt that shows the "evidence" field.
+  summaries: one text per slate shown in place of its history (the context compressor's).
   Returns ({row name: order [N, K]}, {row name: diagnostics}, {row name: first answers}).
   """
-  examples = base.examples_from_slates(slates, users, evidence)
+  examples = base.examples_from_slates(slates, users, evidence, summaries)
   results = rerank(model, tok, examples, items, sids, prompt_cfg, max_new_tokens=max_new_tokens,
                    batch_size=batch_size, constrained=constrained)
   orders, diags, samples = {}, {}, {}

@@ -38,6 +38,11 @@ from gr2_jax.train import trainer as trainer_lib
 
 def check_config(c):
   registry.REWARDS.get(c.reward)
+  return check_algorithm(c)
+
+
+def check_algorithm(c, what="rl"):
+  """The section's algorithm and the rollout / update sizes it needs (any policy's loop)."""
   alg = algorithm.from_section(c)
   problems = []
   if c.group_size < 2:
@@ -57,7 +62,7 @@ def check_config(c):
   if c.temperature <= 0 or c.max_new_tokens < 1:
     problems.append("temperature must be > 0 and max_new_tokens >= 1")
   if problems:
-    raise UserError("rl config: " + "; ".join(problems))
+    raise UserError(f"{what} config: " + "; ".join(problems))
   return alg
 
 

@@ -48,3 +48,5 @@ ADVANTAGES = Registry("advantage estimator")
 POLICY_LOSSES = Registry("policy loss")
 LOSS_AGGREGATIONS = Registry("loss aggregation")
 KL_ESTIMATORS = Registry("KL estimator")
+# The context compressor's rewards (`gr2_jax.compress.rewards`): summary -> score.
+COMPRESS_REWARDS = Registry("compression reward")

@@ -98,10 +98,11 @@ def _constrained_tails(model, tok, prompt_ids, sampled, shown_sids, answer_forma
 
 def rollout(model, tok, slates, items, sids, prompt_cfg, users=None, *, group_size, shuffle,
             key, rng, max_new_tokens, temperature=1.0, batch_size=64, constrain_ranking=False,
-            evidence=None):
+            evidence=None, summaries=None):
   """Samples `group_size` answers for each slate of the stacked records `slates` (`evidence`:
-  the `teachers.evidence.SlateEvidence` of a prompt that shows the "evidence" field)."""
-  examples = base.examples_from_slates(slates, users, evidence)
+  the `teachers.evidence.SlateEvidence` of a prompt that shows the "evidence" field;
+  `summaries`: one context-compressor text per slate, shown in place of its history)."""
+  examples = base.examples_from_slates(slates, users, evidence, summaries)
   p, k = slates["slate"].shape
   perms = slate_permutations(p, group_size, k, shuffle, rng)
   shown, perm_rows = [], []

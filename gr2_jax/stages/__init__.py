@@ -17,14 +17,15 @@ REQUIRES = {
     "rl": ("sft", "rankers"),
     "opd": ("rl", "rankers"),
     "internalize": ("rl", "rankers"),
+    "compress": ("rl",),
 }
 
 # Stages whose models the runtime (`config.runtime`) builds or loads: its dtypes join their
 # fingerprints.
-MODEL_STAGES = ("midtrain", "sft", "rl", "opd", "internalize", "eval")
+MODEL_STAGES = ("midtrain", "sft", "rl", "opd", "internalize", "eval", "compress")
 # Stages every process of a multi-host run takes part in (their arrays span all processes);
 # the others run on process 0 while the rest wait.
-ALL_PROCESS_STAGES = ("midtrain", "sft", "rl", "opd", "internalize")
+ALL_PROCESS_STAGES = ("midtrain", "sft", "rl", "opd", "internalize", "compress")
 
 # Bumped when a stage's code changes what its artifact holds, so the fingerprint changes and old
 # artifacts are not reused. Stages not listed are at version 1.

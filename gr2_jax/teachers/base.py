@@ -18,6 +18,8 @@ class TeacherExample:
   user: Optional[dict] = None  # user features (age, gender, occupation)
   # {candidate item id: text} shown with the "evidence" item field (`teachers.evidence`).
   evidence: Optional[dict] = None
+  # The context compressor's summary, shown in place of the history (`gr2_jax.compress`).
+  summary: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +41,11 @@ class Teacher(abc.ABC):
     """
 
 
-def examples_from_slates(slates, users=None, evidence=None):
+def examples_from_slates(slates, users=None, evidence=None, summaries=None):
   """TeacherExamples of stacked slate records (`gr2_jax.data.slates.load_split`; -1 pads the
   history on the left). users: the users artifact list, indexed by user id. evidence: a
-  `teachers.evidence.SlateEvidence` (or None) that annotates each slate's candidates."""
+  `teachers.evidence.SlateEvidence` (or None) that annotates each slate's candidates.
+  summaries: one text per slate shown in place of its history (or None)."""
   out = []
   for i in range(len(slates["slate"])):
     h = slates["history"][i]
@@ -51,7 +54,8 @@ def examples_from_slates(slates, users=None, evidence=None):
     slate = tuple(int(x) for x in slates["slate"][i])
     out.append(TeacherExample(history=history, slate=slate, target=int(slates["target"][i]),
                               user=user,
-                              evidence=None if evidence is None else evidence(history, slate)))
+                              evidence=None if evidence is None else evidence(history, slate),
+                              summary=None if summaries is None else summaries[i]))
   return out
 
 

@@ -124,6 +124,11 @@ def _history_block(history_items, cfg):
                                         for it in shown_history(history_items, cfg)]
 
 
+def history_text(history_items, cfg: PromptConfig) -> str:
+  """The history block of the user turn as the prompt shows it."""
+  return "\n".join(_history_block(history_items, cfg))
+
+
 def _candidates_block(slate_items, cfg):
   lines = [item_line(it, cfg) for it in slate_items]
   first = first_number(cfg.answer_format)
@@ -137,14 +142,21 @@ def shown_history(history_items, cfg: PromptConfig):
   return list(history_items)[-cfg.max_history:]
 
 
-def user_content(history_items, slate_items, cfg: PromptConfig, user=None) -> str:
-  """The user turn: user features, history (most recent last) and candidates in cfg's order."""
+SUMMARY_HEAD = "What the user likes now (a summary of their history):"
+
+
+def user_content(history_items, slate_items, cfg: PromptConfig, user=None, summary=None) -> str:
+  """The user turn: user features, history (most recent last) and candidates in cfg's order.
+  With `summary` (the context compressor's text) the summary stands in for the history."""
   context = []
   if cfg.include_user and user:
     u = user_text(user)
     if u:
       context.append(f"User: {u}")
-  context += _history_block(history_items, cfg)
+  if summary is None:
+    context += _history_block(history_items, cfg)
+  else:
+    context += [SUMMARY_HEAD, summary]
   candidates = _candidates_block(slate_items, cfg)
   if cfg.part_order == "system_candidates_user":
     return "\n".join(candidates + context)
@@ -167,12 +179,15 @@ def render_answer(recs, explanation=None) -> str:
   return json.dumps(obj, ensure_ascii=False)
 
 
-def build_messages(history_items, slate_items, cfg: PromptConfig, user=None, answer=None):
-  """[system, user] messages, plus the assistant `answer` (a rendered JSON string) if given."""
+def build_messages(history_items, slate_items, cfg: PromptConfig, user=None, answer=None,
+                   summary=None):
+  """[system, user] messages, plus the assistant `answer` (a rendered JSON string) if given;
+  `summary` replaces the history (see `user_content`)."""
   if not slate_items:
     raise UserError("a re-ranking prompt needs at least one candidate")
   messages = [{"role": "system", "content": system_text(cfg)},
-              {"role": "user", "content": user_content(history_items, slate_items, cfg, user)}]
+              {"role": "user", "content": user_content(history_items, slate_items, cfg, user,
+                                                       summary)}]
   if answer is not None:
     messages.append({"role": "assistant", "content": answer})
   return messages

@@ -1,0 +1,283 @@
+"""The compressor's GRPO loop and the evaluation of the re-ranker on compressed contexts.
+
+One iteration: draw `rollout_prompts` training slates that have a positive and a negative (a
+seeded function of the iteration, so a resumed run draws the same ones); sample `group_size`
+summaries each; score each summary (`gr2_jax.compress.rewards`): compression in the re-ranker's
+prompt tokens, the ellipsis penalty, and the quality term (the frozen re-ranker's AUC with the
+summary against its AUC with the full history, greedy under the slate constraint; or the judge);
+then the RL algorithm's group advantages and update (`gr2_jax.rl.algorithm`, the rl stage's
+`Policy` with its jitted step, checkpoints and resume).
+"""
+
+import os
+import time
+
+from absl import logging
+import jax
+import numpy as np
+
+from gr2_jax.compress import context as ctx_lib
+from gr2_jax.compress import judge as judge_lib
+from gr2_jax.compress import rewards
+from gr2_jax.errors import UserError
+from gr2_jax.eval import compare
+from gr2_jax.eval import metrics
+from gr2_jax.eval import tables
+from gr2_jax.rerank import evaluate as rerank_lib
+from gr2_jax.rl import algorithm
+from gr2_jax.rl import loop as rl_loop
+from gr2_jax.rl import rollout as rollout_lib
+from gr2_jax.train import metrics_log
+
+
+def check_config(c):
+  if c.quality not in rewards.QUALITIES:
+    raise UserError(f"compress.quality must be one of {', '.join(rewards.QUALITIES)}, got "
+                    f"{c.quality!r}")
+  if "judge" in c.quality and not c.judge.endpoint:
+    raise UserError("compress.quality uses the judge: set compress.judge.endpoint (the base URL "
+                    "of an OpenAI-compatible server, e.g. http://127.0.0.1:8000)")
+  if not 0 <= c.alpha <= 1:
+    raise UserError(f"compress.alpha must be in [0, 1], got {c.alpha}")
+  if c.max_words < 1:
+    raise UserError(f"compress.max_words must be >= 1, got {c.max_words}")
+  return rl_loop.check_algorithm(c, "compress")
+
+
+def make_judge(c):
+  if "judge" not in c.quality:
+    return None
+  j = c.judge
+  return judge_lib.JudgeClient(judge_lib.JudgeConfig(
+      endpoint=j.endpoint, model=j.model, timeout_s=j.timeout_s, max_retries=j.max_retries,
+      backoff_s=j.backoff_s, fallback=j.fallback))
+
+
+def summarise(model, tok, prompt_ids, c, *, greedy, key):
+  """(texts, responses, logps, finished) of one summary per prompt."""
+  responses, logps, finished, _ = rerank_lib.generate(
+      model, tok, prompt_ids, max_new_tokens=c.max_new_tokens, batch_size=c.rollout_batch,
+      greedy=greedy, temperature=c.temperature, key=key)
+  texts = [tok.decode(r[:-1] if f and r else r).strip() for r, f in zip(responses, finished)]
+  return texts, responses, logps, np.asarray(finished, bool)
+
+
+class Reranker:
+  """The frozen re-ranker: its greedy order under the slate constraint, and per-slate AUCs."""
+
+  def __init__(self, model, tok, sids, prompt_cfg, data, max_new_tokens, batch_size):
+    self.model, self.tok, self.sids, self.prompt_cfg = model, tok, sids, prompt_cfg
+    self.data = data
+    self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+    self.row = rerank_lib.row_name("r", True)
+
+  def orders(self, slates, summaries=None):
+    orders, diags, _ = rerank_lib.evaluate_checkpoint(
+        self.model, self.tok, "r", slates, self.data["items"], self.sids, self.prompt_cfg,
+        self.data["users"], max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+        constrained=(True,), summaries=summaries)
+    return orders[self.row], diags[self.row]
+
+  def aucs(self, slates, summaries=None):
+    order, _ = self.orders(slates, summaries)
+    return metrics.auc(np.take_along_axis(slates["labels"], order, axis=1))
+
+
+def score(texts, finished, batch, c, reranker, judge, ctx_texts, ctx_tokens, auc_full, tok):
+  """({component: float32 [N]}, counts) of N = P * G summaries (row p * G + g)."""
+  g = c.group_size
+  sum_tokens = ctx_lib.summary_tokens(texts, tok)
+  o = np.repeat(ctx_tokens, g)
+  empty = np.asarray([not t for t in texts])
+  overlong = (sum_tokens >= o) & ~empty  # (one cut at the budget gets lambda_ellipsis = 0)
+  comp = rewards.compression(sum_tokens, o)
+  penalty = rewards.ellipsis_penalty(texts, np.repeat(ctx_texts, g), finished)
+  parts = {"compression": comp, "ellipsis": penalty}
+  quality = []
+  if "utility" in c.quality:
+    rows = {k: np.repeat(v, g, axis=0) for k, v in batch.items()}
+    auc_c = reranker.aucs(rows, [t or " " for t in texts])
+    parts["utility"] = rewards.utility(auc_c, np.repeat(auc_full, g))
+    quality.append(parts["utility"])
+  if judge is not None:
+    cand = [", ".join(reranker.data["items"][int(i)]["title"] for i in s) for s in batch["slate"]]
+    parts["judge"] = np.asarray([judge.score(ctx_texts[i // g], t, cand[i // g])
+                                 for i, t in enumerate(texts)], np.float32)
+    quality.append(parts["judge"])
+  parts["total"] = rewards.total(comp, np.mean(quality, axis=0), penalty, alpha=c.alpha,
+                                 empty=empty, overlong=overlong,
+                                 empty_reward=c.empty_reward, overlong_reward=c.overlong_reward)
+  parts["kept"] = (sum_tokens / np.maximum(o, 1)).astype(np.float32)
+  return parts, {"empty": int(empty.sum()), "overlong": int(overlong.sum())}
+
+
+def _signal(slates):
+  lab = slates["labels"] > 0
+  return lab.any(1) & ~lab.all(1)
+
+
+def train(ctx, c, rt, model, tok, reranker, data):
+  """GRPO iterations of the compressor; returns (model, report)."""
+  alg = check_config(c)
+  g, p_roll, p_train = c.group_size, c.rollout_prompts, c.train_groups
+  total_updates = c.iterations * c.ppo_epochs * c.minibatches
+  workdir = ctx.path("train")
+  pol = rl_loop.Policy(model, c, alg, rt, workdir, "compress", total_updates)
+  state, meta = pol.restore_or_init()
+  start = 0 if meta is None else int(meta["step"])
+  history = [] if meta is None else meta["history"]
+  counts = {"empty": 0, "overlong": 0, "skipped_updates": 0}
+  if meta is not None:
+    counts.update(meta.get("counts", {}))
+    logging.info("[compress] resumed at iteration %d", start)
+  train_slates = {k: v[_signal(data["train"])] for k, v in data["train"].items()}
+  n_train = len(train_slates["slate"])
+  if n_train < p_roll:
+    raise UserError(f"{n_train} training slates with a positive and a negative cannot fill "
+                    f"{p_roll} rollout prompts")
+  judge = make_judge(c)
+  logger = metrics_log.MetricsLogger(os.path.join(workdir, "tb"), c.iterations, "[compress] ")
+  t_stage = time.time()
+  try:
+    for it in range(start, c.iterations):
+      t0 = time.time()
+      rng = np.random.default_rng([c.seed, it])
+      idx = np.sort(rng.choice(n_train, size=p_roll, replace=False))
+      batch = {k: v[idx] for k, v in train_slates.items()}
+      prompts = ctx_lib.compressor_prompts(batch, data["items"], data["users"], tok,
+                                           max_words=c.max_words, max_history=c.max_history)
+      prompts = [p for p in prompts for _ in range(g)]
+      texts, responses, logps, finished = summarise(
+          pol.tr.model(state["params"]), tok, prompts, c, greedy=False,
+          key=jax.random.fold_in(jax.random.key(c.seed), it))
+      t_roll = time.time() - t0
+      ctx_texts = [ctx_lib.context_text(*ctx_lib.slate_histories(batch, i), data["items"],
+                                        max_history=c.max_history) for i in range(p_roll)]
+      ctx_tokens = ctx_lib.context_tokens(batch, data["items"], reranker.sids,
+                                          reranker.prompt_cfg, reranker.tok)
+      auc_full = reranker.aucs(batch) if "utility" in c.quality else np.zeros(p_roll)
+      parts, n = score(texts, finished, batch, c, reranker, judge, ctx_texts, ctx_tokens,
+                       auc_full, tok)
+      counts["empty"] += n["empty"]
+      counts["overlong"] += n["overlong"]
+      plan = algorithm.plan_update(parts["total"].reshape(p_roll, g), np.ones(p_roll, bool),
+                                   alg, p_train)
+      width = (-(-max(len(x) for x in prompts) // rerank_lib.PROMPT_MULTIPLE)
+               * rerank_lib.PROMPT_MULTIPLE + c.max_new_tokens)
+      rows = algorithm.update_rows(prompts, responses, logps, plan, g, width, tok.pad_id,
+                                   pol.reference_logps if pol.ref_params is not None else None)
+      step_metrics = []
+      n_rows = len(rows["tokens"])
+      mb = n_rows // c.minibatches
+      for _ in range(c.ppo_epochs):
+        perm = rng.permutation(n_rows)
+        for s in range(0, n_rows, mb):
+          state, m = pol.step(state, pol.put({k: v[perm[s:s + mb]] for k, v in rows.items()}))
+          step_metrics.append(m)
+      step_metrics = jax.device_get(step_metrics)
+      skipped = int(sum(m["skipped"] for m in step_metrics))
+      counts["skipped_updates"] += skipped
+      if skipped:
+        logging.warning("[compress] iteration %d: %d of %d updates skipped (no reward variance "
+                        "or a non-finite step)", it + 1, skipped, len(step_metrics))
+      lengths = np.asarray([len(r) for r in responses])
+      m = {"reward": float(parts["total"].mean()),
+           **{f"reward/{k}": float(np.mean(v)) for k, v in parts.items()
+              if k not in ("total", "kept")},
+           "context_kept": float(parts["kept"].mean()),
+           "summary_tokens": float(lengths.mean()), "empty": n["empty"],
+           "overlong": n["overlong"], "groups_kept": float(plan.keep.mean()),
+           "loss": float(np.mean([x["loss"] for x in step_metrics])),
+           "applied_updates": len(step_metrics) - skipped,
+           "rollout_tokens_per_sec": float(lengths.sum() / max(t_roll, 1e-9)),
+           "iteration_seconds": time.time() - t0}
+      logger.write(it + 1, m)
+      logging.info("[compress] iter %d/%d reward %.3f (compression %.3f ellipsis %.2f%s) kept "
+                   "%.1f%% of the context, summary %.0f tokens, empty %d overlong %d | rollout "
+                   "%.0f tok/s, iter %.1fs", it + 1, c.iterations, m["reward"],
+                   m["reward/compression"], m["reward/ellipsis"],
+                   "".join(f" {k} {m['reward/' + k]:.3f}" for k in ("utility", "judge")
+                           if "reward/" + k in m),
+                   100 * m["context_kept"], m["summary_tokens"], n["empty"], n["overlong"],
+                   m["rollout_tokens_per_sec"], m["iteration_seconds"])
+      history.append({"iteration": it + 1, **m, "sample": texts[0][:200]})
+      done = it + 1
+      if done % c.checkpoint_every == 0 or done == c.iterations:
+        pol.manager.save(done, state, {"history": history, "counts": counts}, force=True)
+  finally:
+    logger.close()
+    pol.manager.close()
+    if judge is not None:
+      judge.close()
+  report = {"iterations": c.iterations, "resumed_from": start, "counts": counts,
+            "quality": c.quality, "wall_seconds": round(time.time() - t_stage, 1),
+            "history": history, "judge": judge.summary() if judge is not None else None}
+  return pol.tr.model(state["params"]), report
+
+
+def evaluate(c, model, tok, reranker, slates, data, rl_c):
+  """The table: legacy, the re-ranker with the full and the compressed context; the context
+  kept; the re-ranker's RL rollout time with each; three sample summaries."""
+  prompts = ctx_lib.compressor_prompts(slates, data["items"], data["users"], tok,
+                                       max_words=c.max_words, max_history=c.max_history)
+  texts, _, _, finished = summarise(model, tok, prompts, c, greedy=True, key=jax.random.key(0))
+  texts = [t or " " for t in texts]
+  ctx_tokens = ctx_lib.context_tokens(slates, data["items"], reranker.sids, reranker.prompt_cfg,
+                                      reranker.tok)
+  kept = ctx_lib.summary_tokens(texts, reranker.tok) / np.maximum(ctx_tokens, 1)
+  full, d_full = reranker.orders(slates)
+  comp, d_comp = reranker.orders(slates, texts)
+  k = slates["slate"].shape[1]
+  orders = {"legacy": np.tile(np.arange(k), (len(slates["slate"]), 1)),
+            "re-ranker, full context": full, "re-ranker, compressed context": comp}
+  rows = tables.evaluate(orders, slates, n_boot=c.n_boot, seed=c.seed)
+  paired = compare.paired_rows(orders, slates, [("re-ranker, compressed context",
+                                                 "re-ranker, full context")], c.n_boot, c.seed)
+  timing = rollout_seconds(reranker, slates, texts, rl_c, c)
+  samples = []
+  for i in range(min(3, len(texts))):
+    hist, ratings = ctx_lib.slate_histories(slates, i)
+    lines = ctx_lib.history_lines(hist[-c.max_history:], ratings[-c.max_history:], data["items"])
+    samples.append({"context": lines, "summary": texts[i]})
+  md = [f"Re-ranking {len(texts)} seeded {c.eval_split} slates with the full history and with the "
+        "compressor's summary in its place (the re-ranker greedy under the slate constraint):",
+        "", tables.format_table(rows), "",
+        compare.paired_markdown(paired), "",
+        f"Context kept: {100 * kept.mean():.1f}% of the history block's tokens (median "
+        f"{100 * np.median(kept):.1f}%; summaries cut at the budget: {int((~finished).sum())}).",
+        f"The re-ranker's RL rollout ({timing['prompts']} prompts x {timing['group_size']} "
+        f"samples, {timing['max_new_tokens']} new tokens): {timing['full_s']:.2f} s with the full "
+        f"context, {timing['compressed_s']:.2f} s compressed (ratio "
+        f"{timing['compressed_s'] / max(timing['full_s'], 1e-9):.2f}); prompts "
+        f"{timing['full_prompt_tokens']:.0f} vs {timing['compressed_prompt_tokens']:.0f} tokens.",
+        "", "Sample summaries:"]
+  for s in samples:
+    md += ["", "History: " + " / ".join(s["context"][-6:]), f"Summary: {s['summary']}"]
+  result = {"rows": rows, "paired": paired, "context_kept_mean": float(kept.mean()),
+            "context_kept_median": float(np.median(kept)), "timing": timing,
+            "samples": samples, "valid_rate": {"full": d_full["valid_rate"],
+                                               "compressed": d_comp["valid_rate"]}}
+  return result, "\n".join(md)
+
+
+def rollout_seconds(reranker, slates, texts, rl_c, c):
+  """Seconds of one re-ranker RL rollout (the rl stage's sampling settings) on the first
+  `timing_prompts` slates, full vs compressed; each timed on its second run (the first
+  compiles)."""
+  n = min(c.timing_prompts, len(texts))
+  part = {k: v[:n] for k, v in slates.items()}
+  out = {"prompts": n, "group_size": rl_c.group_size, "max_new_tokens": rl_c.max_new_tokens}
+  for name, summ in (("full", None), ("compressed", texts[:n])):
+    for _ in range(2):
+      t0 = time.time()
+      ro = rollout_lib.rollout(
+          reranker.model, reranker.tok, part, reranker.data["items"], reranker.sids,
+          reranker.prompt_cfg, reranker.data["users"], group_size=rl_c.group_size,
+          shuffle=rl_c.shuffle, key=jax.random.key(0), rng=np.random.default_rng(0),
+          max_new_tokens=rl_c.max_new_tokens, temperature=rl_c.temperature,
+          batch_size=rl_c.rollout_batch, constrain_ranking=rl_c.constrain_ranking,
+          summaries=summ)
+      out[f"{name}_s"] = time.time() - t0
+    out[f"{name}_prompt_tokens"] = float(np.mean([len(p) for p in ro.prompts]))
+  return out
+

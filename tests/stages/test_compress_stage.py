@@ -1,0 +1,76 @@
+"""The compress stage on the tiny pipeline: GRPO iterations of the compressor, the table of the
+re-ranker with the full and the compressed context, and a judge that is down (counted
+fallbacks, no crash)."""
+
+import json
+import os
+import socket
+
+import numpy as np
+
+from gr2_jax import config_lib
+from gr2_jax import runner
+from gr2_jax.compress import context as ctx_lib
+from gr2_jax.text import prompts
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+
+
+def _config(**overrides):
+  config = config_lib.load_config_module(os.path.join(CONFIGS, "compress.py")).get_config("tiny")
+  config.sids.embedding = "collaborative"  # as the rl stage test, so its artifacts are shared
+  for k, v in overrides.items():
+    config.compress[k] = v
+  return config
+
+
+def test_tiny_compress_with_a_judge_that_is_down(tiny_workdir):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]  # nothing listens there once closed
+  config = _config(quality="utility+judge")
+  config.compress.judge.endpoint = f"http://127.0.0.1:{port}"
+  config.compress.judge.max_retries = 1
+  config.compress.judge.backoff_s = 0.01
+  config.compress.judge.fallback = 0.25
+  out, summary = runner.run_stage(config, tiny_workdir, "compress")
+  c = config.compress
+  with open(os.path.join(out, "report.json")) as f:
+    report = json.load(f)
+  assert [h["iteration"] for h in report["history"]] == list(range(1, c.iterations + 1))
+  n = c.rollout_prompts * c.group_size
+  for h in report["history"]:
+    assert h["reward/judge"] == 0.25  # every summary scored with the fallback
+    assert 0 <= h["reward/compression"] <= 1 and 0 <= h["reward/utility"] <= 1
+  judge = report["judge"]
+  assert judge["summaries"] == n * c.iterations
+  assert judge["calls"] == 2 * judge["summaries"] and judge["fallbacks"] == judge["summaries"]
+  assert judge["failure_kinds"] == {"unreachable": judge["calls"]}
+  with open(os.path.join(out, "table.json")) as f:
+    table = json.load(f)
+  assert set(table["rows"]) == {"legacy", "re-ranker, full context",
+                                "re-ranker, compressed context"}
+  assert table["rows"]["legacy"]["R@1"]["n"] == c.eval_examples
+  assert table["context_kept_mean"] > 0 and table["timing"]["full_s"] > 0
+  assert len(table["samples"]) == 3
+  assert os.path.isfile(os.path.join(out, "model_config.json"))
+  assert summary["context_kept"] == table["context_kept_mean"]
+
+
+def test_context_tokens_count_the_history_block():
+  class Tok:
+    def encode(self, text):
+      return text.split()
+  items = [{"title": f"T{i}", "year": 2000, "genres": ["Drama"]} for i in range(5)]
+  sids = [f"<a_{i}><b_{i}>" for i in range(5)]
+  slates = {"history": np.array([[-1, 3, 1]]), "history_rating": np.array([[0, 4.0, 5.0]]),
+            "slate": np.array([[0, 2]]), "user": np.array([0])}
+  cfg = prompts.PromptConfig()
+  block = prompts.history_text(prompts.with_sids([3, 1], items, sids), cfg)
+  assert ctx_lib.context_tokens(slates, items, sids, cfg, Tok()).tolist() == [len(block.split())]
+  assert ctx_lib.summary_tokens(["likes dramas"], Tok()).tolist() == [
+      len(prompts.SUMMARY_HEAD.split()) + 2]
+  text = ctx_lib.context_text([3, 1], [4.0, 5.0], items)
+  assert text.splitlines() == ["History (oldest first):", "T3 (2000) | Drama | rated 4",
+                               "T1 (2000) | Drama | rated 5"]
