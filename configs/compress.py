@@ -36,6 +36,13 @@ def section(preset):
   c.overlong_reward = -1.0  # a summary not shorter than the history it replaces
   c.max_words = 40  # asked for in the compressor's system turn
   c.max_history = 20  # history items the compressor reads (the re-ranking prompt's default)
+  # Warm-up: SFT steps on template summaries of training slates (genre shares, decade, recent
+  # shift; `compress.context.template_summary`) before GRPO, so that a model that never
+  # summarised learns the format and to stop. 0 = none (a pretrained base may not need it).
+  c.warmup_steps = 60
+  c.warmup_examples = 480
+  c.warmup_batch = 8
+  c.warmup_lr = 1e-3
   # Rollouts and updates.
   c.group_size = 4
   c.rollout_prompts = 4
@@ -71,6 +78,9 @@ def section(preset):
   c.judge.backoff_s = 0.5
   c.judge.fallback = 0.5  # the score of a summary the judge could not grade (counted)
   if preset == "tiny":
+    c.warmup_steps = 4
+    c.warmup_examples = 16
+    c.warmup_batch = 4
     c.group_size = 2
     c.rollout_prompts = 2
     c.train_groups = 2

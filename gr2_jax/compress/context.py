@@ -7,6 +7,8 @@ context's cost |o| is the history block's tokens in the re-ranker's prompt and t
 |c| the tokens of the block that replaces it.
 """
 
+import collections
+
 import numpy as np
 
 from gr2_jax.text import chat
@@ -76,3 +78,44 @@ def summary_tokens(summaries, tok):
   """int [N]: tokens of the block that shows each summary in the re-ranker's prompt (|c|)."""
   return np.asarray([len(tok.encode(prompts.SUMMARY_HEAD + "\n" + s)) for s in summaries],
                     np.int64)
+
+
+def template_summary(history, ratings, items, recent=5):
+  """A summary written from the history's statistics: the leading genres, the decade most
+  watched, and the genre the last `recent` items lean to when it is new. The warm-up's target
+  (`compress.warmup_steps`), a stand-in for a pretrained model's zero-shot summary."""
+  genres = collections.Counter(g for i in history for g in items[int(i)].get("genres") or ())
+  top = [g for g, _ in genres.most_common(3)]
+  parts = []
+  if top:
+    parts.append("Likes " + (", ".join(top[:-1]) + " and " + top[-1] if len(top) > 1
+                             else top[0]))
+  years = [items[int(i)].get("year") for i in history if items[int(i)].get("year")]
+  if years:
+    decade = collections.Counter(int(y) // 10 * 10 for y in years).most_common(1)[0][0]
+    parts.append(f"mostly {decade}s films")
+  liked = [items[int(i)]["title"] for i, r in zip(history[-recent:], ratings[-recent:])
+           if r and r >= max(ratings)]
+  late = collections.Counter(g for i in history[-recent:] for g in items[int(i)].get("genres")
+                             or ())
+  shift = [g for g, _ in late.most_common(1) if g not in top]
+  if shift:
+    parts.append(f"lately {shift[0]}")
+  if liked:
+    parts.append(f"recently enjoyed {liked[-1]}")
+  return ("; ".join(parts) + ".") if parts else "No clear taste yet."
+
+
+def warmup_examples(slates, items, users, tok, *, max_words, max_history):
+  """(ids, weights) of compressor conversations answered by `template_summary`."""
+  out = []
+  for i in range(len(slates["slate"])):
+    hist, ratings = slate_histories(slates, i)
+    user = users[int(slates["user"][i])] if users is not None else None
+    msgs = [{"role": "system", "content": SYSTEM.format(max_words=max_words)},
+            {"role": "user", "content": context_text(hist, ratings, items, user, max_history)},
+            {"role": "assistant", "content": template_summary(hist[-max_history:],
+                                                              ratings[-max_history:], items)}]
+    ids, mask = chat.render_for_training(msgs, tok)
+    out.append((ids, mask.astype(np.float32)))
+  return out

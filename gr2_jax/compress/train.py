@@ -28,6 +28,9 @@ from gr2_jax.rl import algorithm
 from gr2_jax.rl import loop as rl_loop
 from gr2_jax.rl import rollout as rollout_lib
 from gr2_jax.train import metrics_log
+from gr2_jax.train import optim
+from gr2_jax.train import packing
+from gr2_jax.train import trainer as trainer_lib
 
 
 def check_config(c):
@@ -51,6 +54,41 @@ def make_judge(c):
   return judge_lib.JudgeClient(judge_lib.JudgeConfig(
       endpoint=j.endpoint, model=j.model, timeout_s=j.timeout_s, max_retries=j.max_retries,
       backoff_s=j.backoff_s, fallback=j.fallback))
+
+
+def warmup(ctx, c, rt, model, tok, data):
+  """`warmup_steps` SFT steps on template summaries of training slates (a model that never
+  summarised learns the format and to stop); returns (model, report)."""
+  if not c.warmup_steps:
+    return model, None
+  rng = np.random.default_rng(c.seed)
+  train = data["train"]
+  idx = np.sort(rng.choice(len(train["slate"]), min(c.warmup_examples, len(train["slate"])),
+                           replace=False))
+  examples = ctx_lib.warmup_examples({k: v[idx] for k, v in train.items()}, data["items"],
+                                     data["users"], tok, max_words=c.max_words,
+                                     max_history=c.max_history)
+  seq_len = max(len(ids) for ids, _ in examples)
+  rows = packing.pack(examples, seq_len, tok.pad_id)
+  ocfg = optim.OptimConfig(learning_rate=c.warmup_lr, warmup_steps=min(2, c.warmup_steps - 1),
+                           total_steps=c.warmup_steps, weight_decay=c.weight_decay,
+                           clip_norm=c.clip_norm, frozen_layers=c.frozen_layers)
+  tr = trainer_lib.Trainer(model, ocfg, trainer_lib.TrainerConfig(num_steps=c.warmup_steps,
+                                                                  log_every=10),
+                           mesh=rt.mesh, rules=rt.rules, workdir=ctx.path("warmup"),
+                           name="compress/warmup")
+  batch = min(c.warmup_batch, len(rows["tokens"]))
+  params, summary = tr.fit(trainer_lib.batch_dataset(rows, batch, seed=c.seed))
+  hist = summary["loss_history"]
+  report = {"examples": len(examples), "steps": c.warmup_steps,
+            "first_loss": hist[0]["loss"] if hist else None,
+            "final_loss": hist[-1]["loss"] if hist else None,
+            "wall_seconds": summary["wall_seconds"],
+            "sample": ctx_lib.template_summary(*ctx_lib.slate_histories(train, int(idx[0])),
+                                               data["items"])}
+  logging.info("[compress] warm-up on %d template summaries: loss %s -> %s", len(examples),
+               report["first_loss"], report["final_loss"])
+  return tr.model(params), report
 
 
 def summarise(model, tok, prompt_ids, c, *, greedy, key):

@@ -40,7 +40,9 @@ def _run(ctx, rt):
   model, tok = rt.load(start)
   logging.info("[compress] compressor from %s, frozen re-ranker %s, quality %s", start, rl_dir,
                c.quality)
+  model, warm = ctrain.warmup(ctx, c, rt, model, tok, data)
   model, report = ctrain.train(ctx, c, rt, model, tok, reranker, data)
+  report["warmup"] = warm
   rt.save(ctx.out_dir, model, tok)
   if c.eval_examples:
     slates = slates_lib.load_split(data["legacy_dir"], c.eval_split, max_examples=c.eval_examples,

@@ -39,6 +39,8 @@ def test_tiny_compress_with_a_judge_that_is_down(tiny_workdir):
   with open(os.path.join(out, "report.json")) as f:
     report = json.load(f)
   assert [h["iteration"] for h in report["history"]] == list(range(1, c.iterations + 1))
+  assert report["warmup"]["steps"] == c.warmup_steps
+  assert report["warmup"]["examples"] == c.warmup_examples
   n = c.rollout_prompts * c.group_size
   for h in report["history"]:
     assert h["reward/judge"] == 0.25  # every summary scored with the fallback
@@ -74,3 +76,15 @@ def test_context_tokens_count_the_history_block():
   text = ctx_lib.context_text([3, 1], [4.0, 5.0], items)
   assert text.splitlines() == ["History (oldest first):", "T3 (2000) | Drama | rated 4",
                                "T1 (2000) | Drama | rated 5"]
+
+
+def test_template_summary():
+  items = [{"title": "A", "year": 1994, "genres": ["Drama"]},
+           {"title": "B", "year": 1991, "genres": ["Drama", "Comedy"]},
+           {"title": "C", "year": 1975, "genres": ["Comedy"]},
+           {"title": "D", "year": 2001, "genres": ["Horror"]}]
+  # Drama 4, Comedy 3, Horror 1; decades 1990s x 4; the last 5 items lean to Drama, not
+  # new; the best-rated of the last 5 is the last one rated 5.
+  got = ctx_lib.template_summary([0, 1, 2, 0, 1, 3], [3, 5, 4, 2, 5, 1], items)
+  assert got == ("Likes Drama, Comedy and Horror; mostly 1990s films; recently enjoyed B.")
+  assert ctx_lib.template_summary([], [], items) == "No clear taste yet."
