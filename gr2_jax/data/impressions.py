@@ -19,7 +19,15 @@ only feed histories), short_history (fewer than min_history earlier positives). 
 requests that pass the first four checks are the user's events (histories, interactions.npz).
 """
 
+import dataclasses
 import hashlib
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -300,3 +308,43 @@ def slate_size_of(rows, slate_size):
   if not sound.size:
     raise UserError("no usable request in the impressions log (every request failed a check)")
   return int(np.bincount(sound).argmax())
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamPlan:
+  """What the Beam build (`gr2_jax.data.slates_beam`) needs: the log, the id tables, K, the
+  cuts and the history sizes."""
+  path: str
+  columns: tuple
+  user_index: dict
+  item_index: dict
+  slate_size: int
+  cuts: tuple
+  max_history: int
+  min_history: int
+
+
+def build_with_beam(plan, out_dir, runner, options=""):
+  """Runs the Beam build in a child process (Beam and gRPC stay out of this JAX process);
+  returns its drop counts. Its output streams to this process's stderr; a failure is one
+  UserError with the child's last error line."""
+  if importlib.util.find_spec("apache_beam") is None:
+    raise UserError(f"data.beam_runner={runner!r} needs Apache Beam: pip install "
+                    "'gr2_jax[beam]'")
+  with tempfile.TemporaryDirectory(prefix="gr2_beam_") as tmp:
+    plan_path = os.path.join(tmp, "plan.pkl")
+    counts_path = os.path.join(tmp, "counts.json")
+    with open(plan_path, "wb") as f:
+      pickle.dump(plan, f)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.run([sys.executable, "-m", "gr2_jax.data.slates_beam", plan_path, out_dir,
+                           runner, options, counts_path], env=env, stdout=sys.stderr,
+                          stderr=subprocess.PIPE, text=True, check=False)
+    if proc.returncode:
+      lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+      sys.stderr.write(proc.stderr[-5000:])
+      raise UserError(f"the Beam build ({runner}) failed: {lines[-1] if lines else proc.returncode}")
+    with open(counts_path) as f:
+      return json.load(f)

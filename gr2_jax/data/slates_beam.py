@@ -7,7 +7,11 @@ rows. tfds's Beam writer then shuffles by key and writes the ArrayRecord shards,
 write the same records. Drop counts come back as Beam counters.
 
 The id tables (users kept, items of the item file) and the period cuts are computed by the data
-stage before the pipeline starts and travel with the pipeline's functions.
+stage before the pipeline starts and travel with the pipeline's functions. The data stage runs
+this module as its own process (`build_in_child`), so neither Beam nor gRPC is ever loaded into
+a process that runs JAX:
+
+  python -m gr2_jax.data.slates_beam PLAN.pkl OUT_DIR RUNNER OPTIONS COUNTS.json
 
   --config.data.beam_runner=DirectRunner \
   --config.data.beam_options="--direct_num_workers=2 --direct_running_mode=multi_processing"
@@ -17,9 +21,11 @@ stage before the pipeline starts and travel with the pipeline's functions.
 """
 
 import csv
-import dataclasses
+import json
 import math
+import pickle
 import shlex
+import sys
 
 import apache_beam as beam
 import numpy as np
@@ -34,17 +40,7 @@ _FIELDS = ("request", "user", "item", "timestamp", "position", "label", "grade")
 _DTYPES = (np.int64, np.int64, np.int64, np.int64, np.int64, np.float32, np.int8)
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """What the pipeline's functions need: the log, the id tables, K, the cuts, history sizes."""
-  path: str
-  columns: tuple
-  user_index: dict
-  item_index: dict
-  slate_size: int
-  cuts: tuple
-  max_history: int
-  min_history: int
+Plan = impressions.BeamPlan
 
 
 def _number(value):
@@ -146,3 +142,16 @@ def write(out_dir, plan, runner, options=""):
       beam_runner=runner, verify_ssl=False,
       beam_options=beam.options.pipeline_options.PipelineOptions(shlex.split(options))))
   return builder.data_path, builder.counts
+
+
+def main(argv):
+  plan_path, out_dir, runner, options, counts_path = argv[1:6]
+  with open(plan_path, "rb") as f:
+    plan = pickle.load(f)
+  _, counts = write(out_dir, plan, runner, options)
+  with open(counts_path, "w") as f:
+    json.dump(counts, f)
+
+
+if __name__ == "__main__":
+  main(sys.argv)

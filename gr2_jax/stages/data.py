@@ -116,16 +116,10 @@ def _run_impressions(ctx, c):
                     f"common list length) must be in [2, {len(items) - 1}]")
   start = time.time()
   if c.beam_runner:
-    try:
-      from gr2_jax.data import slates_beam  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise UserError(f"data.beam_runner={c.beam_runner!r} needs Apache Beam: "
-                      f"pip install 'gr2_jax[beam]' ({e})") from e
-    plan = slates_beam.Plan(c.impressions_path, tuple(impressions.log_columns(c.impressions_path)),
-                            user_index, item_index, k, tuple(int(x) for x in cuts),
-                            c.max_history, c.min_history)
-    _, counts = slates_beam.write(ctx.path("tfds"), plan, c.beam_runner, c.beam_options)
-    counts["user_left_out_rows"] = counts.pop("user_left_out_rows", 0)
+    plan = impressions.BeamPlan(
+        c.impressions_path, tuple(impressions.log_columns(c.impressions_path)), user_index,
+        item_index, k, tuple(int(x) for x in cuts), c.max_history, c.min_history)
+    counts = impressions.build_with_beam(plan, ctx.path("tfds"), c.beam_runner, c.beam_options)
   else:
     records, counts = impressions.build_slates(
         rows, slate_size=k, cuts=cuts, max_history=c.max_history, min_history=c.min_history,
