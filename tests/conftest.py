@@ -20,3 +20,15 @@ def tiny_workdir(tmp_path_factory):
   config = config_lib.load_config_module(os.path.join(configs, "legacy.py")).get_config("tiny")
   runner.run_stage(config, workdir, "legacy")
   return workdir
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+  """Drops JAX's compiled executables after each test module. Every XLA:CPU executable keeps
+  memory mappings for its code; one process running the whole suite otherwise approaches the
+  kernel's limit of 65,530 mappings (vm.max_map_count) and XLA's compiler then crashes."""
+  yield
+  import gc  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.clear_caches()
+  gc.collect()
