@@ -200,20 +200,9 @@ def train(ctx, c, rt, model, tok, reranker, data):
       counts["overlong"] += n["overlong"]
       plan = algorithm.plan_update(parts["total"].reshape(p_roll, g), np.ones(p_roll, bool),
                                    alg, p_train)
-      width = (-(-max(len(x) for x in prompts) // rerank_lib.PROMPT_MULTIPLE)
-               * rerank_lib.PROMPT_MULTIPLE + c.max_new_tokens)
-      rows = algorithm.update_rows(prompts, responses, logps, plan, g, width, tok.pad_id,
-                                   pol.reference_logps if pol.ref_params is not None else None)
-      step_metrics = []
-      n_rows = len(rows["tokens"])
-      mb = n_rows // c.minibatches
-      for _ in range(c.ppo_epochs):
-        perm = rng.permutation(n_rows)
-        for s in range(0, n_rows, mb):
-          state, m = pol.step(state, pol.put({k: v[perm[s:s + mb]] for k, v in rows.items()}))
-          step_metrics.append(m)
-      step_metrics = jax.device_get(step_metrics)
-      skipped = int(sum(m["skipped"] for m in step_metrics))
+      state, step_metrics, skipped = rl_loop.update(
+          pol, state, prompts, responses, logps, plan, c, tok.pad_id, rng,
+          pol.reference_logps if pol.ref_params is not None else None)
       counts["skipped_updates"] += skipped
       if skipped:
         logging.warning("[compress] iteration %d: %d of %d updates skipped (no reward variance "

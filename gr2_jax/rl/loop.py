@@ -168,6 +168,26 @@ def _validation_eval(model, tok, slates, items, users, sids, prompt_cfg, c, evid
   return scalars, tables.format_table(rows) + "\n\n" + rerank_lib.diagnostics_markdown(diags)
 
 
+def update(pol, state, prompts, responses, logps, plan, c, pad_id, rng, ref_logps_fn=None):
+  """One iteration's update: the training rows of the plan's groups (padded to one compiled
+  width), then `ppo_epochs` passes of `minibatches` steps in a seeded order. Returns (state,
+  the steps' metrics on the host, how many steps were skipped)."""
+  width = _round_up(max(len(x) for x in prompts), rerank_lib.PROMPT_MULTIPLE) + c.max_new_tokens
+  rows = algorithm.update_rows(prompts, responses, logps, plan, c.group_size, width, pad_id,
+                               ref_logps_fn)
+  step_metrics = []
+  n_rows = len(rows["tokens"])
+  mb = n_rows // c.minibatches
+  for _ in range(c.ppo_epochs):
+    perm = rng.permutation(n_rows)
+    for s in range(0, n_rows, mb):
+      part = {k: v[perm[s:s + mb]] for k, v in rows.items()}
+      state, m = pol.step(state, pol.put(part))
+      step_metrics.append(m)
+  step_metrics = jax.device_get(step_metrics)
+  return state, step_metrics, int(sum(m["skipped"] for m in step_metrics))
+
+
 def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, rt, teacher=None):
   """Runs the RL iterations of one variant on the runtime `rt` (gr2_jax.parallel.runtime);
   returns (model, report). `teacher`: (graphdef,
@@ -219,23 +239,9 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, rt, teacher=N
       rewards = total.reshape(p_roll, g)
       plan = algorithm.plan_update(rewards, comps["has_signal"].reshape(p_roll, g).all(-1),
                                    alg, p_train)
-      width = (_round_up(max(len(x) for x in ro.prompts), rerank_lib.PROMPT_MULTIPLE)
-               + c.max_new_tokens)
-      rows = algorithm.update_rows(ro.prompts, ro.responses, ro.logps, plan, g, width,
-                                   tok.pad_id,
-                                   pol.reference_logps if pol.ref_params is not None
-                                   else pol.teacher_logps)
-      step_metrics = []
-      n_rows = len(rows["tokens"])
-      mb = n_rows // c.minibatches
-      for _ in range(c.ppo_epochs):
-        perm = rng.permutation(n_rows)
-        for s in range(0, n_rows, mb):
-          part = {k: v[perm[s:s + mb]] for k, v in rows.items()}
-          state, m = pol.step(state, pol.put(part))
-          step_metrics.append(m)
-      step_metrics = jax.device_get(step_metrics)
-      n_skipped = int(sum(m["skipped"] for m in step_metrics))
+      state, step_metrics, n_skipped = update(
+          pol, state, ro.prompts, ro.responses, ro.logps, plan, c, tok.pad_id, rng,
+          pol.reference_logps if pol.ref_params is not None else pol.teacher_logps)
       if n_skipped:
         reason = _skip_reason(ro, plan.keep)
         skipped[reason] += n_skipped
