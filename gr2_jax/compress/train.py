@@ -121,10 +121,11 @@ class Reranker:
     return metrics.auc(np.take_along_axis(slates["labels"], order, axis=1))
 
 
-def score(texts, finished, batch, c, reranker, judge, ctx_texts, ctx_tokens, auc_full, tok):
-  """({component: float32 [N]}, counts) of N = P * G summaries (row p * G + g)."""
+def score(texts, finished, batch, c, reranker, judge, ctx_texts, ctx_tokens, auc_full):
+  """({component: float32 [N]}, counts) of N = P * G summaries (row p * G + g); lengths in the
+  re-ranker's prompt tokens, as `ctx_tokens`."""
   g = c.group_size
-  sum_tokens = ctx_lib.summary_tokens(texts, tok)
+  sum_tokens = ctx_lib.summary_tokens(texts, reranker.tok)
   o = np.repeat(ctx_tokens, g)
   empty = np.asarray([not t for t in texts])
   overlong = (sum_tokens >= o) & ~empty  # (one cut at the budget gets lambda_ellipsis = 0)
@@ -195,7 +196,7 @@ def train(ctx, c, rt, model, tok, reranker, data):
                                           reranker.prompt_cfg, reranker.tok)
       auc_full = reranker.aucs(batch) if "utility" in c.quality else np.zeros(p_roll)
       parts, n = score(texts, finished, batch, c, reranker, judge, ctx_texts, ctx_tokens,
-                       auc_full, tok)
+                       auc_full)
       counts["empty"] += n["empty"]
       counts["overlong"] += n["overlong"]
       plan = algorithm.plan_update(parts["total"].reshape(p_roll, g), np.ones(p_roll, bool),
@@ -270,7 +271,8 @@ def evaluate(c, model, tok, reranker, slates, data, rl_c):
         "compressor's summary in its place (the re-ranker greedy under the slate constraint):",
         "", tables.format_table(rows), "",
         compare.paired_markdown(paired), "",
-        f"Context kept: {100 * kept.mean():.1f}% of the history block's tokens (median "
+        f"Context kept: {100 * kept.mean():.1f}% of the history block's tokens (a block of "
+        f"{ctx_tokens.mean():.1f} tokens on average; median "
         f"{100 * np.median(kept):.1f}%; summaries cut at the budget: {int((~finished).sum())}).",
         f"The re-ranker's RL rollout ({timing['prompts']} prompts x {timing['group_size']} "
         f"samples, {timing['max_new_tokens']} new tokens): {timing['full_s']:.2f} s with the full "
@@ -281,6 +283,7 @@ def evaluate(c, model, tok, reranker, slates, data, rl_c):
   for s in samples:
     md += ["", "History: " + " / ".join(s["context"][-6:]), f"Summary: {s['summary']}"]
   result = {"rows": rows, "paired": paired, "context_kept_mean": float(kept.mean()),
+            "context_tokens_mean": float(ctx_tokens.mean()),
             "context_kept_median": float(np.median(kept)), "timing": timing,
             "samples": samples, "valid_rate": {"full": d_full["valid_rate"],
                                                "compressed": d_comp["valid_rate"]}}

@@ -199,8 +199,9 @@ def rating_of(grade, label):
 
 
 def positive_events(rows, starts=None, sizes=None, kind=None):
-  """The positives of sound requests as events: user, item, timestamp, rating (`rating_of`),
-  sorted by (user, timestamp, item), duplicates dropped."""
+  """The positives of sound requests (rows grouped by request, as `sort_rows` leaves them) as
+  events: user, item, timestamp, rating (`rating_of`), sorted by (user, timestamp, item),
+  duplicates dropped."""
   if starts is None:
     starts, sizes, kind = integrity(rows)
   sound = np.repeat(kind < 0, sizes)
@@ -300,10 +301,11 @@ def build_slates(rows, *, slate_size, cuts, max_history, min_history, events=Non
 
 
 def slate_size_of(rows, slate_size):
-  """K: the configured one, or (0) the most common served-list length of sound requests."""
+  """K: the configured one, or (0) the most common served-list length of sound requests (rows
+  grouped by request, as `sort_rows` leaves them)."""
   if slate_size:
     return int(slate_size)
-  starts, sizes, kind = integrity(sort_rows(rows))
+  _, sizes, kind = integrity(rows)
   sound = sizes[kind < 0]
   if not sound.size:
     raise UserError("no usable request in the impressions log (every request failed a check)")

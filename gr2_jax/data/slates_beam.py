@@ -40,9 +40,6 @@ _FIELDS = ("request", "user", "item", "timestamp", "position", "label", "grade")
 _DTYPES = (np.int64, np.int64, np.int64, np.int64, np.int64, np.float32, np.int8)
 
 
-Plan = impressions.BeamPlan
-
-
 def _number(value):
   try:
     return float(value)

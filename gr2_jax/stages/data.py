@@ -84,10 +84,11 @@ def _run_impressions(ctx, c):
   item_frame = sources.read_items(c.items_path)
   known = np.isin(item_keys.astype(str), item_frame["item"].to_numpy(str))
   rows["item"] = np.where(known[rows["item"]], rows["item"], -1)
+  rows = impressions.sort_rows(rows)  # grouped by request from here on (masks keep it so)
   if c.interactions_path:
     events = sources.load_user_files(c.interactions_path, c.items_path).interactions
   else:
-    ev = impressions.positive_events(impressions.sort_rows(rows))
+    ev = impressions.positive_events(rows)
     events = pd.DataFrame({"user": user_keys[ev["user"]].astype(str),
                            "item": item_keys[ev["item"]].astype(str),
                            "timestamp": ev["timestamp"], "rating": ev["rating"]})

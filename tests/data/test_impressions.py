@@ -91,7 +91,8 @@ def test_per_user_calls_equal_one_call():
 
 
 def test_slate_size_from_the_log():
-  assert impressions.slate_size_of(_rows(), 0) == 3  # sound requests: 3 x 3 rows... and B (4)
+  rows = impressions.sort_rows(_rows())  # grouped by request, as the data stage passes them
+  assert impressions.slate_size_of(rows, 0) == 3  # sound requests: 3 x 3 rows... and B (4)
   assert impressions.slate_size_of(_rows(), 5) == 5
 
 
