@@ -78,7 +78,7 @@ def warmup(ctx, c, rt, model, tok, data):
                            mesh=rt.mesh, rules=rt.rules, workdir=ctx.path("warmup"),
                            name="compress/warmup")
   batch = min(c.warmup_batch, len(rows["tokens"]))
-  params, summary = tr.fit(trainer_lib.batch_dataset(rows, batch, seed=c.seed))
+  params, summary = tr.fit(tr.batches(rows, batch, seed=c.seed))
   hist = summary["loss_history"]
   report = {"examples": len(examples), "steps": c.warmup_steps,
             "first_loss": hist[0]["loss"] if hist else None,

@@ -13,6 +13,7 @@ import contextvars
 
 import jax
 from flax import nnx
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -177,6 +178,51 @@ def to_host(tree):
     return x
 
   return jax.tree.map(one, tree)
+
+
+def process_box(sharding, shape):
+  """The part of a global array of `shape` that this process's devices hold under `sharding`:
+  one slice per dimension (the whole dimension where the process holds every index of it).
+
+  Host-local data fed to `make_global` is this box of the global array. Raises ValueError when
+  the process's devices hold no single box (a mesh whose device order interleaves processes).
+  """
+  held = list(sharding.addressable_devices_indices_map(tuple(shape)).values())
+  box = []
+  for d, n in enumerate(shape):
+    spans = sorted({(s[d].start or 0, n if s[d].stop is None else s[d].stop) for s in held})
+    lo, hi = spans[0]
+    for a, b in spans[1:]:
+      if a > hi:
+        raise ValueError(f"process {jax.process_index()} holds no single box of {tuple(shape)} "
+                         f"under {sharding} (dimension {d}: gap at {hi}..{a})")
+      hi = max(hi, b)
+    box.append(slice(lo, hi))
+  return tuple(box)
+
+
+def box_shape(box, shape):
+  """The shape of `box` (from `process_box`) of an array of `shape`."""
+  return tuple(len(range(*b.indices(n))) for b, n in zip(box, shape))
+
+
+def make_global(local, sharding, shape):
+  """The global array of `shape` under `sharding` from this process's `process_box` of it
+  (`local`): each process transfers only what its own devices hold."""
+  if jax.process_count() == 1:
+    return jax.device_put(local, sharding)
+  local = np.asarray(local)
+  local = local.astype(jax.dtypes.canonicalize_dtype(local.dtype), copy=False)
+  return jax.make_array_from_process_local_data(sharding, local, tuple(shape))
+
+
+def put_global(x, sharding):
+  """`x` (the same whole array on every process) placed under `sharding`, each process moving
+  only its `process_box` of it to its devices."""
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  x = np.asarray(x)
+  return make_global(x[process_box(sharding, x.shape)], sharding, x.shape)
 
 
 def shard(x, logical_axes):

@@ -12,7 +12,6 @@ import time
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gr2_jax import runner
@@ -125,11 +124,13 @@ class Policy:
     self.manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "ckpt"), max_to_keep=2)
 
   def put(self, rows):
+    """An update's rows (the same on every process) on the mesh, split over "batch"; each
+    process moves only the rows its devices hold."""
     out = {}
     for k, v in rows.items():
       axes = ("batch", "length")[:np.ndim(v)]
       spec = sharding_lib.logical_to_spec(axes, self.rules, self.mesh, np.shape(v))
-      out[k] = jax.device_put(jnp.asarray(v), jax.sharding.NamedSharding(self.mesh, spec))
+      out[k] = sharding_lib.put_global(np.asarray(v), jax.sharding.NamedSharding(self.mesh, spec))
     return out
 
   def reference_logps(self, rows):

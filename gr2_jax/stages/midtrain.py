@@ -141,7 +141,7 @@ def _train_phase(ctx, name, model, ocfg, steps, rows, rt, trainable_rows=None,
   tr = trainer_lib.Trainer(model, ocfg, tcfg, mesh=rt.mesh, rules=rt.rules,
                            workdir=ctx.path(name),
                            trainable_rows=trainable_rows, name=f"midtrain/{name}")
-  ds = trainer_lib.batch_dataset(rows, c.batch_size, c.micro_batches, seed=c.seed)
+  ds = tr.batches(rows, c.batch_size, c.micro_batches, seed=c.seed)
   eval_fn = None
   if eval_rows is not None:
     eval_fn = lambda p, step: {"heldout_loss": tr.evaluate_loss(p, eval_rows, c.batch_size)}

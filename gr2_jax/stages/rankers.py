@@ -101,7 +101,7 @@ def _train_prm(ctx, x, y, splits, report):
     curve.append({"step": step, **ev})
     return ev
 
-  params, summary = tr.fit(trainer_lib.batch_dataset(rows["train"], p.batch_size, seed=c.seed),
+  params, summary = tr.fit(tr.batches(rows["train"], p.batch_size, seed=c.seed),
                            eval_fn=recorded_eval)
   model = tr.model(params)
   report["prm"] = {"parameters": int(sum(v.size for v in

@@ -176,7 +176,7 @@ def _run(ctx, rt):
                                    log_every=c.log_every, checkpoint_every=c.checkpoint_every)
   tr = trainer_lib.Trainer(model, ocfg, tcfg, mesh=rt.mesh, rules=rt.rules,
                            workdir=ctx.path("train"), name="sft")
-  ds = trainer_lib.batch_dataset(rows, c.batch_size, c.micro_batches, seed=c.seed)
+  ds = tr.batches(rows, c.batch_size, c.micro_batches, seed=c.seed)
   params, summary = tr.fit(ds)
   model = tr.model(params)
   rt.save(ctx.out_dir, model, tok)

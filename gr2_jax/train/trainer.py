@@ -107,11 +107,13 @@ def accumulated_grads(graphdef, params, batch, loss_chunk=LOSS_CHUNK):
   return jax.value_and_grad(total)(params)
 
 
-def batch_dataset(rows, batch_size, micro_batches=1, seed=0, shuffle=True):
+def batch_dataset(rows, batch_size, micro_batches=1, seed=0, shuffle=True, boxes=None):
   """An endless grain MapDataset of batches {field: [M, B, T]} drawn from packed `rows`.
 
   Each pass over the rows is a fresh seeded shuffle; batch k is a pure function of (rows,
-  seed, k), which is what makes resuming exact.
+  seed, k), which is what makes resuming exact. `boxes` ({field: slices of [M, B, ...]}, from
+  `Trainer.batches`): each batch holds only that part of the global batch (this process's
+  rows), gathered from the rows alone.
   """
   n = len(next(iter(rows.values())))
   per_step = batch_size * micro_batches
@@ -125,8 +127,11 @@ def batch_dataset(rows, batch_size, micro_batches=1, seed=0, shuffle=True):
   ds = ds.repeat(None).batch(per_step, drop_remainder=True)
 
   def gather(idx):
-    idx = np.asarray(idx)
-    return {k: v[idx].reshape((micro_batches, batch_size) + v.shape[1:]) for k, v in rows.items()}
+    idx = np.asarray(idx).reshape(micro_batches, batch_size)
+    if boxes is None:
+      return {k: v[idx] for k, v in rows.items()}
+    return {k: v[idx[boxes[k][:2]]][(slice(None), slice(None)) + boxes[k][2:]]
+            for k, v in rows.items()}
 
   return ds.map(gather)
 
@@ -230,6 +235,7 @@ class Trainer:
           jax.jit(functools.partial(loss_fn, self.graphdef)))
     self._step, self._opt_init, self._eval = _COMPILED[key]
     self._stop = threading.Event()
+    self._feed = None  # set by `batches` when each process feeds its part of the batch
 
   def _batch_sharding(self, shape):
     """[M, B, T] token fields split over "batch" and "length"; other fields over "batch"."""
@@ -237,6 +243,51 @@ class Trainer:
             else (None, "batch") + (None,) * (len(shape) - 2))
     spec = sharding_lib.logical_to_spec(axes[:len(shape)], self.rules, self.mesh, shape)
     return jax.sharding.NamedSharding(self.mesh, spec)
+
+  def batches(self, rows, batch_size, micro_batches=1, seed=0, shuffle=True):
+    """`batch_dataset` of `rows` for `fit`. With several processes each batch holds only this
+    process's part of the global batch (its devices' rows: `sharding.process_box`), gathered
+    from the rows by this process alone; `fit` assembles the global arrays
+    (`jax.make_array_from_process_local_data`), so each host reads and transfers only its
+    rows, and the batches (and losses) are those of a one-process run."""
+    self._feed = None
+    if jax.process_count() == 1:
+      return batch_dataset(rows, batch_size, micro_batches, seed, shuffle)
+    shapes = {k: (micro_batches, batch_size) + np.shape(v)[1:] for k, v in rows.items()}
+    boxes = {}
+    try:
+      for k in self.fields:
+        boxes[k] = sharding_lib.process_box(self._batch_sharding(shapes[k]), shapes[k])
+    except ValueError as e:
+      logging.warning("[%s] every process reads the whole batch: %s", self.name, e)
+      return batch_dataset(rows, batch_size, micro_batches, seed, shuffle)
+    lead = boxes[self.fields[0]][:2]
+    for k, shape in shapes.items():  # host-side fields (task ids) follow the batch's rows
+      boxes.setdefault(k, lead + tuple(slice(0, n) for n in shape[2:]))
+    held = lead[1].stop - lead[1].start
+    # Host-side counts are summed over processes; rows that several processes hold (a batch
+    # axis not split across all of them) are counted once.
+    self._feed = {"shapes": shapes, "copies": jax.process_count() * held / batch_size}
+    logging.info("[%s] process %d reads rows %d..%d of each global batch of %d", self.name,
+                 jax.process_index(), lead[1].start, lead[1].stop, batch_size)
+    return batch_dataset(rows, batch_size, micro_batches, seed, shuffle, boxes=boxes)
+
+  def _to_devices(self, batch):
+    """A batch from `batches` as global arrays on the mesh."""
+    if self._feed is None:
+      return {k: jax.device_put(batch[k], self._batch_sharding(batch[k].shape))
+              for k in self.fields}
+    shapes = self._feed["shapes"]
+    return {k: sharding_lib.make_global(batch[k], self._batch_sharding(shapes[k]), shapes[k])
+            for k in self.fields}
+
+  def _global_counts(self, counts):
+    """Host-side counts of this process's part of a batch summed over the processes."""
+    if self._feed is None:
+      return counts
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    total = np.asarray(multihost_utils.process_allgather(np.asarray(counts, np.float64)))
+    return total.sum(0) / self._feed["copies"]
 
   @property
   def fields(self):
@@ -251,14 +302,14 @@ class Trainer:
       return int((batch["segment_ids"] > 0).sum())
     return int(self.objective.count(batch))
 
-  def _step_flops(self, batch):
+  def _step_flops(self, shape):
+    """Model FLOPs of one step on a global batch whose first field has `shape`."""
     if self.objective is None:
-      t = batch["tokens"].shape
-      return metrics_log.model_flops_per_token(self.model_cfg, t[-1],
-                                               self.frozen_layers) * np.prod(t)
+      return metrics_log.model_flops_per_token(self.model_cfg, shape[-1],
+                                               self.frozen_layers) * np.prod(shape)
     if self.objective.flops is None:
       return None
-    return self.objective.flops(batch[self.objective.fields[0]].shape)
+    return self.objective.flops(shape)
 
   def init_state(self):
     with sharding_lib.use_rules(self.mesh, self.rules):
@@ -333,14 +384,17 @@ class Trainer:
     try:
       for step in range(start, cfg.num_steps):
         batch = next(it)
-        if names:
-          for k, n in enumerate(names):
-            task_tokens[n] += float(batch["weights"][batch["task"] == k].sum())
-        real = self._count(batch)
+        counts = self._global_counts(
+            [self._count(batch)]
+            + [float(batch["weights"][batch["task"] == k].sum()) for k in range(len(names))])
+        real = int(counts[0])
+        for n, c in zip(names, counts[1:]):
+          task_tokens[n] += float(c)
         if step == start:
-          flops_per_step = self._step_flops(batch)
-        dev = {k: jax.device_put(batch[k], self._batch_sharding(batch[k].shape))
-               for k in self.fields}
+          first = self.fields[0]
+          flops_per_step = self._step_flops(
+              batch[first].shape if self._feed is None else self._feed["shapes"][first])
+        dev = self._to_devices(batch)
         with sharding_lib.use_rules(self.mesh, self.rules):
           state, metrics = self._step(state, dev)
         done = step + 1

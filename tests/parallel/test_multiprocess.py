@@ -120,7 +120,18 @@ def test_two_processes_train_as_one_and_write_one_artifact(upstream, one_process
   # The same losses, step by step, as one process over the same 8 devices.
   np.testing.assert_allclose(_losses(two), _losses(one), rtol=0, atol=1e-5)
   with open(os.path.join(two, "process0.log")) as f:
-    assert "process 0 of 2: 4 local / 8 global devices" in f.read()
+    log = f.read()
+  assert "process 0 of 2: 4 local / 8 global devices" in log
+  # Each process reads only its half of every global batch of 8 rows (process 1 logs warnings
+  # only; had it fed rows 0..3 too, the losses above would differ).
+  assert "process 0 reads rows 0..4 of each global batch of 8" in log
+  # The tokens each task contributed, counted by each process on its half and summed.
+  for phase in ("warmup", "train"):
+    counts = []
+    for work in (two, one):
+      with open(os.path.join(_out(work), "eval.json")) as f:
+        counts.append(json.load(f)["training"][phase]["task_tokens"])
+    assert counts[0] == pytest.approx(counts[1]) and sum(counts[0].values()) > 0
 
   # Written once: process 0's metrics only (not one line per process), one done.json.
   out = _out(two)

@@ -1,6 +1,7 @@
 """Tests for the logical-axis rules table."""
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -38,3 +39,37 @@ def test_rules_from_config_lists_and_errors():
     sharding.normalize_rules([("batch",)])
   with pytest.raises(UserError, match="embed"):
     sharding.normalize_rules([("embed", 3)])
+
+
+class _HeldBy:
+  """A stand-in sharding whose process holds the given index boxes of the array."""
+
+  def __init__(self, *held):
+    self.held = held
+
+  def addressable_devices_indices_map(self, shape):
+    del shape
+    return dict(enumerate(self.held))
+
+
+def test_process_box_merges_the_devices_slices_and_refuses_a_gap():
+  s = slice(None)
+  # Two devices holding rows 4..6 and 6..8 of every column: the process's box is rows 4..8.
+  held = _HeldBy((slice(4, 6), s), (slice(6, 8), s))
+  assert sharding.process_box(held, (8, 3)) == (slice(4, 8), slice(0, 3))
+  assert sharding.box_shape((slice(4, 8), slice(0, 3)), (8, 3)) == (4, 3)
+  # A replicated copy of the same rows on a third device changes nothing.
+  held = _HeldBy((slice(4, 6), s), (slice(6, 8), s), (slice(4, 6), s))
+  assert sharding.process_box(held, (8, 3)) == (slice(4, 8), slice(0, 3))
+  with pytest.raises(ValueError, match="dimension 0: gap at 2..4"):
+    sharding.process_box(_HeldBy((slice(0, 2), s), (slice(4, 6), s)), (8, 3))
+
+
+def test_put_global_in_one_process_holds_the_whole_array():
+  mesh = mesh_lib.make_mesh((8, 1, 1), jax.devices()[:8])
+  named = jax.sharding.NamedSharding(mesh, P("data"))
+  x = np.arange(16 * 3, dtype=np.float64).reshape(16, 3)
+  assert sharding.process_box(named, x.shape) == (slice(0, 16), slice(0, 3))
+  y = sharding.put_global(x, named)
+  assert y.sharding == named and y.dtype == np.float32
+  np.testing.assert_array_equal(np.asarray(y), x)

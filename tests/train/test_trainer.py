@@ -234,3 +234,19 @@ def test_frozen_layers_beyond_the_model_is_a_clear_error():
     trainer_lib.Trainer(_model(), optim.OptimConfig(frozen_layers=2),
                         trainer_lib.TrainerConfig(num_steps=1, peak_flops=1e9),
                         mesh=mesh_lib.single_device_mesh(), workdir="/nonexistent")
+
+
+def test_batch_dataset_boxes_gather_that_part_of_each_global_batch():
+  """A process's part of a batch (rows 1..3 of 4, positions 2..8) equals that slice of the
+  whole batch, step after step; host-side fields follow the rows."""
+  rows = dict(_rows(24), task=np.arange(24) % 2)
+  whole = trainer_lib.batch_dataset(rows, batch_size=4, micro_batches=2, seed=3)
+  box = (slice(0, 2), slice(1, 3))
+  boxes = {k: box + ((slice(2, 8),) if v.ndim > 1 else ()) for k, v in rows.items()}
+  part = trainer_lib.batch_dataset(rows, batch_size=4, micro_batches=2, seed=3, boxes=boxes)
+  a, b = iter(whole.to_iter_dataset()), iter(part.to_iter_dataset())
+  for _ in range(8):  # more than one pass over the 24 rows
+    x, y = next(a), next(b)
+    assert set(y) == set(rows)
+    for k in rows:
+      np.testing.assert_array_equal(y[k], x[k][boxes[k]])
