@@ -6,11 +6,14 @@ and quality rewards, then the RL re-ranker evaluated with the full and the compr
   python -m gr2_jax.main --config=configs/compress.py:tiny --workdir=W
   python -m gr2_jax.main --config=configs/compress.py --workdir=W \
       --config.compress.quality=judge --config.compress.judge.endpoint=http://127.0.0.1:8000
+  python -m gr2_jax.main --config=configs/compress.py --workdir=W \
+      --config.compress.quality=utility+judge --config.compress.judge.checkpoint=W/rl/latest
 
 Rewards (`gr2_jax.compress.rewards`): r = (alpha r_comp + (1 - alpha) r_quality) lambda_ellipsis;
 quality "utility" (the frozen re-ranker's AUC with the summary vs the full history; no judge),
-"judge" (an OpenAI-compatible endpoint grading the rubric; `python -m gr2_jax.serve` serves a
-checkpoint of this project) or "utility+judge".
+"judge" (an OpenAI-compatible endpoint grading the rubric, `python -m gr2_jax.serve` serving a
+checkpoint of this project; or a local checkpoint judged in this process, no server) or
+"utility+judge".
 """
 
 import dataclasses
@@ -72,6 +75,10 @@ def section(preset):
   c.n_boot = 1000
   c.judge = ml_collections.ConfigDict()
   c.judge.endpoint = ""  # base URL of an OpenAI-compatible server
+  # ... or a model artifact folder (midtrain, sft, rl, opd, internalize) judged in this process.
+  c.judge.checkpoint = ""
+  c.judge.batch_size = 8  # a local judge's decoding batch
+  c.judge.max_tokens = 64  # the judge's answer budget
   c.judge.model = "judge"
   c.judge.timeout_s = 10.0
   c.judge.max_retries = 2

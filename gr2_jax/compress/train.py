@@ -23,6 +23,7 @@ from gr2_jax.errors import UserError
 from gr2_jax.eval import compare
 from gr2_jax.eval import metrics
 from gr2_jax.eval import tables
+from gr2_jax.models import artifact
 from gr2_jax.rerank import evaluate as rerank_lib
 from gr2_jax.rl import algorithm
 from gr2_jax.rl import loop as rl_loop
@@ -37,9 +38,10 @@ def check_config(c):
   if c.quality not in rewards.QUALITIES:
     raise UserError(f"compress.quality must be one of {', '.join(rewards.QUALITIES)}, got "
                     f"{c.quality!r}")
-  if "judge" in c.quality and not c.judge.endpoint:
-    raise UserError("compress.quality uses the judge: set compress.judge.endpoint (the base URL "
-                    "of an OpenAI-compatible server, e.g. http://127.0.0.1:8000)")
+  if "judge" in c.quality and bool(c.judge.endpoint) == bool(c.judge.checkpoint):
+    raise UserError("compress.quality uses the judge: set one of compress.judge.endpoint (the "
+                    "base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000) and "
+                    "compress.judge.checkpoint (a model artifact folder judged in this process)")
   if not 0 <= c.alpha <= 1:
     raise UserError(f"compress.alpha must be in [0, 1], got {c.alpha}")
   if c.max_words < 1:
@@ -47,13 +49,26 @@ def check_config(c):
   return rl_loop.check_algorithm(c, "compress")
 
 
-def make_judge(c):
+def make_judge(c, rt=None):
+  """The judge client of the section (None without the judge), its local checkpoint loaded on
+  the runtime `rt`'s mesh."""
   if "judge" not in c.quality:
     return None
   j = c.judge
-  return judge_lib.JudgeClient(judge_lib.JudgeConfig(
-      endpoint=j.endpoint, model=j.model, timeout_s=j.timeout_s, max_retries=j.max_retries,
-      backoff_s=j.backoff_s, fallback=j.fallback))
+  cfg = judge_lib.JudgeConfig(
+      endpoint=j.endpoint, checkpoint=j.checkpoint, batch_size=j.batch_size, model=j.model,
+      timeout_s=j.timeout_s, max_retries=j.max_retries, backoff_s=j.backoff_s,
+      max_tokens=j.max_tokens, fallback=j.fallback)
+  complete = None
+  if j.checkpoint:
+    if not os.path.isfile(os.path.join(j.checkpoint, "model_config.json")):
+      raise UserError(f"compress.judge.checkpoint {j.checkpoint} holds no model_config.json; "
+                      "name a finished model artifact folder (midtrain, sft, rl, ...)")
+    model, tok = (rt.load(j.checkpoint) if rt is not None
+                  else artifact.load_model_and_tokenizer(j.checkpoint))
+    complete = judge_lib.local_completer(model, tok, j.max_tokens, j.batch_size)
+    logging.info("[compress] judge: %s, in this process", j.checkpoint)
+  return judge_lib.JudgeClient(cfg, complete)
 
 
 def warmup(ctx, c, rt, model, tok, data):
@@ -140,8 +155,9 @@ def score(texts, finished, batch, c, reranker, judge, ctx_texts, ctx_tokens, auc
     quality.append(parts["utility"])
   if judge is not None:
     cand = [", ".join(reranker.data["items"][int(i)]["title"] for i in s) for s in batch["slate"]]
-    parts["judge"] = np.asarray([judge.score(ctx_texts[i // g], t, cand[i // g])
-                                 for i, t in enumerate(texts)], np.float32)
+    parts["judge"] = np.asarray(judge.score_many([ctx_texts[i // g] for i in range(len(texts))],
+                                                 texts, [cand[i // g] for i in range(len(texts))]),
+                                np.float32)
     quality.append(parts["judge"])
   parts["total"] = rewards.total(comp, np.mean(quality, axis=0), penalty, alpha=c.alpha,
                                  empty=empty, overlong=overlong,
@@ -174,7 +190,7 @@ def train(ctx, c, rt, model, tok, reranker, data):
   if n_train < p_roll:
     raise UserError(f"{n_train} training slates with a positive and a negative cannot fill "
                     f"{p_roll} rollout prompts")
-  judge = make_judge(c)
+  judge = make_judge(c, rt)
   logger = metrics_log.MetricsLogger(os.path.join(workdir, "tb"), c.iterations, "[compress] ")
   t_stage = time.time()
   try:

@@ -1,16 +1,23 @@
 """The judge client against a real local HTTP server that misbehaves on purpose: a good answer
 is scored, and an endpoint that is down, slow, failing or answering garbage ends in the counted
-fallback within a bounded time."""
+fallback within a bounded time. A local checkpoint judges without a server."""
 
+import os
 import socket
 import threading
 import time
 
 import fastapi
+import ml_collections
 import pytest
 import uvicorn
 
+from gr2_jax import config_lib
 from gr2_jax.compress import judge
+from gr2_jax.compress import train
+from gr2_jax.errors import UserError
+from gr2_jax.models import artifact
+from tests.rerank import toy
 
 MODE = {"mode": "ok"}
 
@@ -100,3 +107,70 @@ def test_parse_verdict_never_raises():
               '{"solvable": 1, "preservation": "high", "ranking_quality": 4}',
               '{"solvable": 1, "preservation": 3}', "[1, 2]", '{"a": {"b": 1}}'):
     assert judge.parse_verdict(bad) is None
+
+
+VERDICT = '{"solvable": 1, "preservation": 5, "ranking_quality": 10}'
+
+
+@pytest.fixture(scope="module")
+def memorised_judge(tmp_path_factory):
+  """A tiny model that memorised the rubric's verdict for one (history, summary, candidates),
+  saved as a model artifact."""
+  msgs = judge.messages("Alpha (1991)", "likes dramas", "Bravo, Charlie")
+  msgs.append({"role": "assistant", "content": VERDICT})
+  model, tok = toy.memorise_chat(str(tmp_path_factory.mktemp("judge_tok")), msgs)
+  out = str(tmp_path_factory.mktemp("judge_ckpt"))
+  artifact.save_model(out, model, tok)
+  return out
+
+
+def test_local_checkpoint_judges_without_a_server(memorised_judge):
+  """`compress.judge.checkpoint`: the artifact is loaded and answers in this process; its
+  memorised verdict is scored as the rubric says, one summary alone or in a batch."""
+  c = ml_collections.ConfigDict({"quality": "utility+judge", "judge": {
+      "endpoint": "", "checkpoint": memorised_judge, "batch_size": 2, "model": "judge",
+      "timeout_s": 1.0, "max_retries": 2, "backoff_s": 0.0, "max_tokens": 40,
+      "fallback": 0.25}})
+  client = train.make_judge(c)
+  assert client.url is None and client.complete is not None
+  want = 0.2 * 0.5 + 0.8 * 1.0
+  assert client.score("Alpha (1991)", "likes dramas", "Bravo, Charlie") == pytest.approx(want)
+  many = client.score_many(["Alpha (1991)"] * 3, ["likes dramas"] * 3, ["Bravo, Charlie"] * 3)
+  assert many == pytest.approx([want] * 3)
+  s = client.summary()
+  assert (s["summaries"], s["calls"], s["failures"], s["fallbacks"]) == (4, 4, 0, 0)
+
+
+def test_local_judge_garbage_or_error_falls_back_counted():
+  cfg = judge.JudgeConfig(checkpoint="x", fallback=0.25)
+  texts = iter([["no verdict", VERDICT], None])
+
+  def complete(chats):
+    out = next(texts)
+    if out is None:
+      raise RuntimeError("prompt of 9000 tokens is longer than the cache\nmore detail")
+    assert len(chats) == len(out) and chats[0][0]["content"] == judge.RUBRIC
+    return out
+
+  client = judge.JudgeClient(cfg, complete)
+  assert client.score_many(["h", "h"], ["s", "t"], ["c", "c"]) == [0.25, pytest.approx(0.9)]
+  assert client.score_many(["h"], ["s"], ["c"]) == [0.25]  # the completer raised
+  s = client.summary()
+  assert s["failure_kinds"] == {"bad_verdict": 1, "local_error": 1}
+  assert (s["summaries"], s["calls"], s["fallbacks"]) == (3, 3, 2)
+
+
+def test_judge_config_needs_exactly_one_judge():
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  c = config_lib.load_config_module(os.path.join(root, "configs", "compress.py")).get_config(
+      "tiny").compress
+  c.quality = "judge"
+  with pytest.raises(UserError, match="set one of compress.judge.endpoint"):
+    train.check_config(c)
+  c.judge.endpoint, c.judge.checkpoint = "http://127.0.0.1:1", "/tmp/x"
+  with pytest.raises(UserError, match="set one of"):
+    train.check_config(c)
+  c.judge.endpoint = ""
+  train.check_config(c)
+  with pytest.raises(UserError, match="holds no model_config.json"):
+    train.make_judge(c)

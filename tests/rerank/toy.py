@@ -40,7 +40,12 @@ def messages(answer=None, prompt=PROMPT, example=EXAMPLE):
 
 def memorise(folder, answer=ANSWER, prompt=PROMPT, example=EXAMPLE):
   """(model, tokenizer) of a tiny Qwen3 trained to answer `example` with `answer`."""
-  msgs = messages(answer, prompt, example)
+  return memorise_chat(folder, messages(answer, prompt, example))
+
+
+def memorise_chat(folder, msgs):
+  """(model, tokenizer) of a tiny Qwen3 trained to answer the chat `msgs` (its last message the
+  assistant's answer) with that answer."""
   corpus = [chat.render_chat(msgs)] * 20 + [it["title"] for it in ITEMS]
   tok = tokenizers.train_sentencepiece(corpus, folder, 400,
                                        user_defined_symbols=sid_lib.all_sid_tokens(2, 4))
