@@ -72,6 +72,10 @@ def section(preset):
   c.eval_examples = 96
   c.eval_batch = 32
   c.timing_prompts = 4
+  # RL iterations of the re-ranker (the rl section's settings, from the RL model) on full and on
+  # compressed contexts: their iteration times, and a table row for the one trained on
+  # summaries (0 = skip).
+  c.rerank_rl_iterations = 3
   c.n_boot = 1000
   c.judge = ml_collections.ConfigDict()
   c.judge.endpoint = ""  # base URL of an OpenAI-compatible server
@@ -99,6 +103,7 @@ def section(preset):
     c.eval_examples = 8
     c.eval_batch = 8
     c.timing_prompts = 2
+    c.rerank_rl_iterations = 2
     c.n_boot = 50
   return c
 

@@ -13,7 +13,9 @@ import os
 import time
 
 from absl import logging
+from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gr2_jax.compress import context as ctx_lib
@@ -259,9 +261,60 @@ def train(ctx, c, rt, model, tok, reranker, data):
   return pol.tr.model(state["params"]), report
 
 
-def evaluate(c, model, tok, reranker, slates, data, rl_c):
-  """The table: legacy, the re-ranker with the full and the compressed context; the context
-  kept; the re-ranker's RL rollout time with each; three sample summaries."""
+def compressor_contexts(model, tok, c, data):
+  """(slates) -> the compressor's greedy summary of each slate's history (" " for an empty one),
+  as the re-ranking prompt shows it."""
+
+  def contexts(slates):
+    prompts = ctx_lib.compressor_prompts(slates, data["items"], data["users"], tok,
+                                         max_words=c.max_words, max_history=c.max_history)
+    texts, _, _, _ = summarise(model, tok, prompts, c, greedy=True, key=jax.random.key(0))
+    return [t or " " for t in texts]
+
+  return contexts
+
+
+def rerank_rl(ctx, c, rt, rl_c, reranker, model, tok, data):
+  """`c.rerank_rl_iterations` RL iterations of the re-ranker with the rl stage's settings, from
+  the RL model, once on full contexts and once with the compressor's summaries in place of the
+  histories (the same slates and seeds): {"full" | "compressed": (model, report)}, or {}."""
+  if not c.rerank_rl_iterations:
+    return {}
+  sec = rl_c.copy_and_resolve_references()
+  sec.iterations = c.rerank_rl_iterations
+  sec.eval_every = 0
+  sec.checkpoint_every = c.rerank_rl_iterations
+  graphdef, state = nnx.split(reranker.model)
+  out = {}
+  for name, contexts in (("full", None), ("compressed", compressor_contexts(model, tok, c, data))):
+    fresh = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))  # the RL step donates its state
+    logging.info("[compress] re-ranker RL on %s contexts: %d iterations", name, sec.iterations)
+    out[name] = rl_loop.train_policy(ctx, sec, f"rerank_rl_{name}", fresh, reranker.tok, data,
+                                     reranker.sids, reranker.prompt_cfg, rt, contexts=contexts)
+  return out
+
+
+def rl_timing(runs):
+  """Mean seconds per RL iteration (and its rollout) on full vs compressed contexts, over the
+  iterations after the first (which compiles) when there are several."""
+  out = {}
+  for name, (_, report) in runs.items():
+    hist = report["history"]
+    steady = hist[1:] if len(hist) > 1 else hist
+    out[name] = {k: float(np.mean([h[k] for h in steady]))
+                 for k in ("iteration_seconds", "rollout_seconds", "prompt_tokens",
+                           "context_seconds") if k in steady[0]}
+    out[name]["iterations_timed"] = len(steady)
+  if "full" in out and "compressed" in out:
+    out["ratio"] = (out["compressed"]["iteration_seconds"]
+                    / max(out["full"]["iteration_seconds"], 1e-9))
+  return out
+
+
+def evaluate(c, model, tok, reranker, slates, data, rl_c, rl_runs=None):
+  """The table: legacy, the re-ranker with the full and the compressed context (and, after
+  `rerank_rl`, the re-ranker RL-trained on compressed contexts); the context kept; the
+  re-ranker's RL rollout time with each, and its RL iteration time; three sample summaries."""
   prompts = ctx_lib.compressor_prompts(slates, data["items"], data["users"], tok,
                                        max_words=c.max_words, max_history=c.max_history)
   texts, _, _, finished = summarise(model, tok, prompts, c, greedy=True, key=jax.random.key(0))
@@ -274,10 +327,20 @@ def evaluate(c, model, tok, reranker, slates, data, rl_c):
   k = slates["slate"].shape[1]
   orders = {"legacy": np.tile(np.arange(k), (len(slates["slate"]), 1)),
             "re-ranker, full context": full, "re-ranker, compressed context": comp}
+  pairs = [("re-ranker, compressed context", "re-ranker, full context")]
+  valid = {"full": d_full["valid_rate"], "compressed": d_comp["valid_rate"]}
+  rl_runs = rl_runs or {}
+  if "compressed" in rl_runs:
+    tuned = Reranker(rl_runs["compressed"][0], reranker.tok, reranker.sids, reranker.prompt_cfg,
+                     data, reranker.max_new_tokens, reranker.batch_size)
+    name = "re-ranker RL-trained on compressed contexts, compressed context"
+    orders[name], d = tuned.orders(slates, texts)
+    valid["rl_compressed"] = d["valid_rate"]
+    pairs.append((name, "re-ranker, full context"))
   rows = tables.evaluate(orders, slates, n_boot=c.n_boot, seed=c.seed)
-  paired = compare.paired_rows(orders, slates, [("re-ranker, compressed context",
-                                                 "re-ranker, full context")], c.n_boot, c.seed)
+  paired = compare.paired_rows(orders, slates, pairs, c.n_boot, c.seed)
   timing = rollout_seconds(reranker, slates, texts, rl_c, c)
+  rl_time = rl_timing(rl_runs) if rl_runs else None
   samples = []
   for i in range(min(3, len(texts))):
     hist, ratings = ctx_lib.slate_histories(slates, i)
@@ -294,15 +357,24 @@ def evaluate(c, model, tok, reranker, slates, data, rl_c):
         f"samples, {timing['max_new_tokens']} new tokens): {timing['full_s']:.2f} s with the full "
         f"context, {timing['compressed_s']:.2f} s compressed (ratio "
         f"{timing['compressed_s'] / max(timing['full_s'], 1e-9):.2f}); prompts "
-        f"{timing['full_prompt_tokens']:.0f} vs {timing['compressed_prompt_tokens']:.0f} tokens.",
-        "", "Sample summaries:"]
+        f"{timing['full_prompt_tokens']:.0f} vs {timing['compressed_prompt_tokens']:.0f} tokens."]
+  if rl_time:
+    f, r = rl_time["full"], rl_time["compressed"]
+    md.append(
+        f"The re-ranker's RL iteration (the rl stage's settings, {c.rerank_rl_iterations} "
+        f"iterations from the RL model on each, mean of {f['iterations_timed']} after the "
+        f"first): {f['iteration_seconds']:.2f} s on full contexts, {r['iteration_seconds']:.2f} "
+        f"s on compressed ones (ratio {rl_time['ratio']:.2f}; rollouts "
+        f"{f['rollout_seconds']:.2f} vs {r['rollout_seconds']:.2f} s; prompts "
+        f"{f['prompt_tokens']:.0f} vs {r['prompt_tokens']:.0f} tokens), plus "
+        f"{r['context_seconds']:.2f} s per iteration to write the summaries.")
+  md += ["", "Sample summaries:"]
   for s in samples:
     md += ["", "History: " + " / ".join(s["context"][-6:]), f"Summary: {s['summary']}"]
   result = {"rows": rows, "paired": paired, "context_kept_mean": float(kept.mean()),
             "context_tokens_mean": float(ctx_tokens.mean()),
             "context_kept_median": float(np.median(kept)), "timing": timing,
-            "samples": samples, "valid_rate": {"full": d_full["valid_rate"],
-                                               "compressed": d_comp["valid_rate"]}}
+            "rl_timing": rl_time, "samples": samples, "valid_rate": valid}
   return result, "\n".join(md)
 
 

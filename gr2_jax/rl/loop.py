@@ -189,11 +189,14 @@ def update(pol, state, prompts, responses, logps, plan, c, pad_id, rng, ref_logp
   return state, step_metrics, int(sum(m["skipped"] for m in step_metrics))
 
 
-def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, rt, teacher=None):
+def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, rt, teacher=None,
+                 contexts=None):
   """Runs the RL iterations of one variant on the runtime `rt` (gr2_jax.parallel.runtime);
   returns (model, report). `teacher`: (graphdef,
   params, mesh or None) of the frozen teacher of the OPD loss (`algorithm: opd`); with a mesh
-  the teacher runs on those devices, else inside the student's step."""
+  the teacher runs on those devices, else inside the student's step. `contexts`: (slates) ->
+  one text per slate shown in place of its history (the context compressor's summaries),
+  computed before each iteration's clock starts and timed apart (`context_seconds`)."""
   alg = check_config(c)
   g, p_roll, p_train = c.group_size, c.rollout_prompts, c.train_groups
   total_updates = c.iterations * c.ppo_epochs * c.minibatches
@@ -222,17 +225,20 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, rt, teacher=N
   t_stage = time.time()
   try:
     for it in range(start, c.iterations):
-      t0 = time.time()
+      t_ctx = time.time()
       rng = np.random.default_rng([c.seed, it])
       idx = np.sort(rng.choice(n_train, size=p_roll, replace=False))
       batch = {k: v[idx] for k, v in train.items()}
+      summaries = contexts(batch) if contexts is not None else None
+      t0 = time.time()
+      t_ctx = t0 - t_ctx
       policy_model = pol.tr.model(state["params"])
       ro = rollout_lib.rollout(
           policy_model, tok, batch, data["items"], sids, prompt_cfg, data["users"],
           group_size=g, shuffle=c.shuffle, key=jax.random.fold_in(jax.random.key(c.seed), it),
           rng=rng, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
           batch_size=c.rollout_batch, constrain_ranking=c.constrain_ranking,
-          evidence=data.get("evidence"))
+          evidence=data.get("evidence"), summaries=summaries)
       t_roll = time.time() - t0
       comps = rollout_lib.score(ro, c.reward, alpha=c.alpha, invalid_penalty=c.invalid_penalty)
       total = algorithm.shape_rewards(comps["total"], ro.lengths, ro.finished,
@@ -272,7 +278,10 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, rt, teacher=N
           "applied_updates": len(step_metrics) - n_skipped,
           "rollout_tokens_per_sec": gen_tokens / max(t_roll, 1e-9),
           "rollout_seconds": t_roll, "iteration_seconds": t_iter,
+          "prompt_tokens": float(np.mean([len(p) for p in ro.prompts])),
       }
+      if contexts is not None:
+        m["context_seconds"] = t_ctx
       hist = [int(x) for x in d["top_input_position_hist"]]
       logger.write(it + 1, m)
       logging.info(
@@ -288,7 +297,7 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, rt, teacher=N
           "reward", "valid_rate", "groups_kept", "identity_rate", "kendall_tau",
           "response_length", "entropy", "truncated_rate", "applied_updates", "approx_kl",
           "rollout_tokens_per_sec", "iteration_seconds", "rollout_seconds", "kl_ref",
-          "kl_teacher", "kl_teacher_k1")
+          "kl_teacher", "kl_teacher_k1", "prompt_tokens", "context_seconds")
           if k in m}, "top_input_position_hist": hist}
       done = it + 1
       if c.eval_every and (done % c.eval_every == 0 or done == c.iterations):
@@ -311,8 +320,8 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, rt, teacher=N
       "wall_seconds": round(time.time() - t_stage, 1),
       "rollout_tokens_per_sec": (float(np.mean([h["rollout_tokens_per_sec"] for h in trained]))
                                  if trained else None),
-      "iteration_seconds": (float(np.mean([h["iteration_seconds"] for h in trained]))
-                            if trained else None),
+      **{k: (float(np.mean([h[k] for h in trained])) if trained and k in trained[0] else None)
+         for k in ("iteration_seconds", "rollout_seconds", "prompt_tokens", "context_seconds")},
       "history": history,
   }
   return pol.tr.model(state["params"]), report

@@ -1,12 +1,16 @@
 """Compress stage: GRPO trains the context compressor (from the mid-trained model) on
-compression and quality rewards; then the RL re-ranker re-ranks test slates with the full
-history and with the compressor's summary in its place (`gr2_jax.compress.train` documents an
+compression and quality rewards; then (`rerank_rl_iterations` > 0) a few RL iterations of the
+re-ranker from the RL model on full and on compressed contexts, timed; then the RL re-ranker
+re-ranks test slates with the full history and with the compressor's summary in its place, and
+the re-ranker RL-trained on summaries with its summaries (`gr2_jax.compress.train` documents an
 iteration).
 
 Artifact: `model/`, `model_config.json`, `tokenizer/` (the compressor), `train/` (checkpoints
-that resume, metrics.jsonl, TensorBoard), `table.json` / `table.md` (full vs compressed context:
-metrics with intervals, the paired difference, context kept, rollout time, sample summaries),
-`report.json` (reward curves, empty / over-long counts, the judge's call statistics).
+that resume, metrics.jsonl, TensorBoard), `rerank_rl_full/`, `rerank_rl_compressed/` (the
+re-ranker's RL checkpoints and logs), `table.json` / `table.md` (full vs compressed context:
+metrics with intervals, the paired differences, context kept, rollout and RL iteration times,
+sample summaries), `report.json` (reward curves, empty / over-long counts, the judge's call
+statistics, the re-ranker's RL reports).
 """
 
 import time
@@ -44,13 +48,17 @@ def _run(ctx, rt):
   model, report = ctrain.train(ctx, c, rt, model, tok, reranker, data)
   report["warmup"] = warm
   rt.save(ctx.out_dir, model, tok)
+  rl_runs = ctrain.rerank_rl(ctx, c, rt, ctx.config.rl, reranker, model, tok, data)
+  if rl_runs:
+    report["rerank_rl"] = {name: {k: v for k, v in r.items() if k != "algorithm"}
+                           for name, (_, r) in rl_runs.items()}
   if c.eval_examples:
     slates = slates_lib.load_split(data["legacy_dir"], c.eval_split, max_examples=c.eval_examples,
                                    seed=c.seed)
     if not len(slates.get("slate", ())):
       raise UserError(f"no {c.eval_split} slates in {data['legacy_dir']}; use more data")
     t0 = time.time()
-    result, md = ctrain.evaluate(c, model, tok, reranker, slates, data, ctx.config.rl)
+    result, md = ctrain.evaluate(c, model, tok, reranker, slates, data, ctx.config.rl, rl_runs)
     ctx.write_json("table.json", result)
     ctx.write_text("table.md", md + "\n")
     logging.info("[compress] final table:\n%s", md)

@@ -51,8 +51,20 @@ def test_tiny_compress_with_a_judge_that_is_down(tiny_workdir):
   assert judge["failure_kinds"] == {"unreachable": judge["calls"]}
   with open(os.path.join(out, "table.json")) as f:
     table = json.load(f)
+  rl_row = "re-ranker RL-trained on compressed contexts, compressed context"
   assert set(table["rows"]) == {"legacy", "re-ranker, full context",
-                                "re-ranker, compressed context"}
+                                "re-ranker, compressed context", rl_row}
+  assert set(table["paired"]) == {f"{a} vs re-ranker, full context"
+                                  for a in ("re-ranker, compressed context", rl_row)}
+  # The re-ranker's RL on full and on compressed contexts: timed, the summaries written apart.
+  for name in ("full", "compressed"):
+    rl = report["rerank_rl"][name]
+    assert [h["iteration"] for h in rl["history"]] == list(range(1, c.rerank_rl_iterations + 1))
+    assert ("context_seconds" in rl["history"][0]) == (name == "compressed")
+    assert table["rl_timing"][name]["iteration_seconds"] > 0
+    assert os.path.isdir(os.path.join(out, f"rerank_rl_{name}", "ckpt"))
+  assert table["rl_timing"]["ratio"] == (table["rl_timing"]["compressed"]["iteration_seconds"]
+                                         / table["rl_timing"]["full"]["iteration_seconds"])
   assert table["rows"]["legacy"]["R@1"]["n"] == c.eval_examples
   assert table["context_kept_mean"] > 0 and table["timing"]["full_s"] > 0
   assert len(table["samples"]) == 3

@@ -84,3 +84,27 @@ def test_resumed_grpo_keeps_the_kl_reference_at_the_starting_policy(memorised, t
   # The same rollouts against the same reference (the starting policy, not the restored one,
   # whose first KL would be exactly 0) give the same KL.
   assert again["history"][1]["kl_ref"] == pytest.approx(kl[1], rel=1e-4)
+
+
+def test_contexts_replace_the_history_in_the_rollouts(memorised, tmp_path):
+  """`train_policy(contexts=...)`: the rollout prompts show each slate's text in place of its
+  history (longer prompts for a long text), and the time to write them is reported apart."""
+  c = _section(algorithm="dapo", iterations=1)
+  _, plain = _run(memorised, str(tmp_path / "plain"), c)
+  seen = []
+
+  def contexts(slates):
+    seen.append(len(slates["slate"]))
+    return ["likes dramas of the nineties " * 8] * len(slates["slate"])
+
+  model, tok = memorised
+  graphdef, state = nnx.split(model)
+  fresh = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+  ctx = types.SimpleNamespace(path=lambda *p: os.path.join(str(tmp_path / "ctx"), *p))
+  _, summarised = loop.train_policy(ctx, c, "train", fresh, tok, _data(), toy.SIDS, toy.PROMPT,
+                                    runtime.for_devices(None, num_devices=1), contexts=contexts)
+  assert seen == [c.rollout_prompts]  # once per iteration, for the iteration's slates
+  long, short = summarised["history"][0], plain["history"][0]
+  assert long["prompt_tokens"] > short["prompt_tokens"] + 20
+  assert long["context_seconds"] > 0 and "context_seconds" not in short
+  assert summarised["context_seconds"] == long["context_seconds"]
