@@ -387,7 +387,7 @@ class Trainer:
         counts = self._global_counts(
             [self._count(batch)]
             + [float(batch["weights"][batch["task"] == k].sum()) for k in range(len(names))])
-        real = int(counts[0])
+        real = int(round(counts[0]))
         for n, c in zip(names, counts[1:]):
           task_tokens[n] += float(c)
         if step == start:
