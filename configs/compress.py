@@ -4,6 +4,7 @@ and quality rewards, then the RL re-ranker evaluated with the full and the compr
 
   python -m gr2_jax.main --config=configs/compress.py --workdir=W
   python -m gr2_jax.main --config=configs/compress.py:tiny --workdir=W
+  python -m gr2_jax.main --config=configs/compress.py:long --workdir=W  # 1,000 test slates
   python -m gr2_jax.main --config=configs/compress.py --workdir=W \
       --config.compress.quality=judge --config.compress.judge.endpoint=http://127.0.0.1:8000
   python -m gr2_jax.main --config=configs/compress.py --workdir=W \
@@ -24,7 +25,7 @@ from ml_collections import config_dict
 from gr2_jax import config_lib
 from gr2_jax.rl import algorithm
 
-PRESETS = ("default", "tiny")
+PRESETS = ("default", "tiny", "long")
 
 
 def section(preset):
@@ -105,6 +106,12 @@ def section(preset):
     c.timing_prompts = 2
     c.rerank_rl_iterations = 2
     c.n_boot = 50
+  elif preset == "long":
+    # More weight on compression, twice the iterations, and the table on 1,000 test slates
+    # (the upstream stages stay the default pipeline's): 37 min for this stage on 2 cores.
+    c.alpha = 0.8
+    c.iterations = 16
+    c.eval_examples = 1000
   return c
 
 
