@@ -25,7 +25,6 @@ from gr2_jax.errors import UserError
 from gr2_jax.eval import compare
 from gr2_jax.eval import metrics
 from gr2_jax.eval import tables
-from gr2_jax.models import artifact
 from gr2_jax.rerank import evaluate as rerank_lib
 from gr2_jax.rl import algorithm
 from gr2_jax.rl import loop as rl_loop
@@ -51,7 +50,7 @@ def check_config(c):
   return rl_loop.check_algorithm(c, "compress")
 
 
-def make_judge(c, rt=None):
+def make_judge(c, rt):
   """The judge client of the section (None without the judge), its local checkpoint loaded on
   the runtime `rt`'s mesh."""
   if "judge" not in c.quality:
@@ -63,11 +62,7 @@ def make_judge(c, rt=None):
       max_tokens=j.max_tokens, fallback=j.fallback)
   complete = None
   if j.checkpoint:
-    if not os.path.isfile(os.path.join(j.checkpoint, "model_config.json")):
-      raise UserError(f"compress.judge.checkpoint {j.checkpoint} holds no model_config.json; "
-                      "name a finished model artifact folder (midtrain, sft, rl, ...)")
-    model, tok = (rt.load(j.checkpoint) if rt is not None
-                  else artifact.load_model_and_tokenizer(j.checkpoint))
+    model, tok = rt.load(j.checkpoint)  # one line if the folder holds no model
     complete = judge_lib.local_completer(model, tok, j.max_tokens, j.batch_size)
     logging.info("[compress] judge: %s, in this process", j.checkpoint)
   return judge_lib.JudgeClient(cfg, complete)
@@ -261,17 +256,18 @@ def train(ctx, c, rt, model, tok, reranker, data):
   return pol.tr.model(state["params"]), report
 
 
+def greedy_summaries(model, tok, c, data, slates):
+  """(texts, finished): the compressor's greedy summary of each slate's history as the
+  re-ranking prompt shows it (" " for an empty one)."""
+  prompts = ctx_lib.compressor_prompts(slates, data["items"], data["users"], tok,
+                                       max_words=c.max_words, max_history=c.max_history)
+  texts, _, _, finished = summarise(model, tok, prompts, c, greedy=True, key=jax.random.key(0))
+  return [t or " " for t in texts], finished
+
+
 def compressor_contexts(model, tok, c, data):
-  """(slates) -> the compressor's greedy summary of each slate's history (" " for an empty one),
-  as the re-ranking prompt shows it."""
-
-  def contexts(slates):
-    prompts = ctx_lib.compressor_prompts(slates, data["items"], data["users"], tok,
-                                         max_words=c.max_words, max_history=c.max_history)
-    texts, _, _, _ = summarise(model, tok, prompts, c, greedy=True, key=jax.random.key(0))
-    return [t or " " for t in texts]
-
-  return contexts
+  """(slates) -> `greedy_summaries` texts: the contexts of the re-ranker's RL on summaries."""
+  return lambda slates: greedy_summaries(model, tok, c, data, slates)[0]
 
 
 def rerank_rl(ctx, c, rt, rl_c, reranker, model, tok, data):
@@ -315,10 +311,7 @@ def evaluate(c, model, tok, reranker, slates, data, rl_c, rl_runs=None):
   """The table: legacy, the re-ranker with the full and the compressed context (and, after
   `rerank_rl`, the re-ranker RL-trained on compressed contexts); the context kept; the
   re-ranker's RL rollout time with each, and its RL iteration time; three sample summaries."""
-  prompts = ctx_lib.compressor_prompts(slates, data["items"], data["users"], tok,
-                                       max_words=c.max_words, max_history=c.max_history)
-  texts, _, _, finished = summarise(model, tok, prompts, c, greedy=True, key=jax.random.key(0))
-  texts = [t or " " for t in texts]
+  texts, finished = greedy_summaries(model, tok, c, data, slates)
   ctx_tokens = ctx_lib.context_tokens(slates, data["items"], reranker.sids, reranker.prompt_cfg,
                                       reranker.tok)
   kept = ctx_lib.summary_tokens(texts, reranker.tok) / np.maximum(ctx_tokens, 1)

@@ -201,11 +201,6 @@ def process_box(sharding, shape):
   return tuple(box)
 
 
-def box_shape(box, shape):
-  """The shape of `box` (from `process_box`) of an array of `shape`."""
-  return tuple(len(range(*b.indices(n))) for b, n in zip(box, shape))
-
-
 def make_global(local, sharding, shape):
   """The global array of `shape` under `sharding` from this process's `process_box` of it
   (`local`): each process transfers only what its own devices hold."""

@@ -17,6 +17,7 @@ from gr2_jax.compress import judge
 from gr2_jax.compress import train
 from gr2_jax.errors import UserError
 from gr2_jax.models import artifact
+from gr2_jax.parallel import runtime
 from tests.rerank import toy
 
 MODE = {"mode": "ok"}
@@ -131,7 +132,7 @@ def test_local_checkpoint_judges_without_a_server(memorised_judge):
       "endpoint": "", "checkpoint": memorised_judge, "batch_size": 2, "model": "judge",
       "timeout_s": 1.0, "max_retries": 2, "backoff_s": 0.0, "max_tokens": 40,
       "fallback": 0.25}})
-  client = train.make_judge(c)
+  client = train.make_judge(c, runtime.for_devices(None, num_devices=1))
   assert client.url is None and client.complete is not None
   want = 0.2 * 0.5 + 0.8 * 1.0
   assert client.score("Alpha (1991)", "likes dramas", "Bravo, Charlie") == pytest.approx(want)
@@ -172,5 +173,5 @@ def test_judge_config_needs_exactly_one_judge():
     train.check_config(c)
   c.judge.endpoint = ""
   train.check_config(c)
-  with pytest.raises(UserError, match="holds no model_config.json"):
-    train.make_judge(c)
+  with pytest.raises(UserError, match="/tmp/x holds no model"):
+    train.make_judge(c, runtime.for_devices(None, num_devices=1))
