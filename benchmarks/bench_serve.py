@@ -1,7 +1,7 @@
 """Serving: candidate-prefix KV reuse, and the HTTP server under loopback load.
 
   python benchmarks/bench_serve.py --workdir=W [--seconds 60] [--clients 1,8,32]
-      [--slates 4] [--users 16] [--max_batch 8]
+      [--slates 4] [--users 16] [--max_batch 8] [--jump_forward 16]
 
 Start-up: the time `python -m gr2_jax.serve` takes before its port opens (load the workdir's
 model artifact, compile the re-ranking path for every batch size).
@@ -11,7 +11,8 @@ in the part order "system_candidates_user" so that the system turn and the candi
 shared prefix; batches of `max_batch` requests of one slate; requests/s of the reasoning-free
 re-ranking path and time to first token (prefill and one decode step per batch) with the
 prefix cache on and off, each after a compiling pass (the prefix cache emptied, so the measured
-pass prefills each slate's prefix once). The rankings of both must be identical.
+pass prefills each slate's prefix once). The rankings of both must be identical. With
+jump-forward on (the default), the same again without it (one model call per answer token).
 
 Load: the server (the checkpoint's own prompt) on 127.0.0.1 in this process; for each client
 count, closed-loop clients send test-slate requests for `seconds`; latency percentiles,
@@ -46,10 +47,28 @@ def test_requests(workdir, n, seed=0):
 
 
 def prefix_bench(engine, requests, n_slates, n_users, max_batch):
+  """Requests/s and time to first token with the prefix cache on and off, with the engine's
+  jump-forward and (`no_jump`) without it."""
+  base = engine.cfg
+  out = prefix_bench_one(engine, requests, n_slates, n_users, max_batch)
+  if base.jump_forward:
+    engine.cfg = dataclasses.replace(base, jump_forward=0)
+    out["no_jump"] = prefix_bench_one(engine, requests, n_slates, n_users, max_batch)
+    engine.cfg = base
+    out["same_rankings_jump"] = out["rankings"] == out["no_jump"]["rankings"]
+    out["jump_speedup"] = out["off"]["requests_per_s"] / out["no_jump"]["off"]["requests_per_s"]
+    out["no_jump"].pop("rankings")
+  out.pop("rankings")
+  out["jump_forward"] = base.jump_forward
+  return out
+
+
+def prefix_bench_one(engine, requests, n_slates, n_users, max_batch):
   """Requests/s and time to first token with the prefix cache on and off."""
   rng = np.random.default_rng(0)
   slates = [requests[i]["candidates"] for i in range(n_slates)]
   histories = [requests[i]["history"] for i in rng.choice(len(requests), n_users, replace=False)]
+  prompt = engine.prompt
   engine.prompt = {k: dataclasses.replace(v, part_order="system_candidates_user")
                    for k, v in engine.prompt.items()}
   batches = []
@@ -91,6 +110,8 @@ def prefix_bench(engine, requests, n_slates, n_users, max_batch):
                  "ttft_batch_ms_median": 1000 * float(np.median(ttft)),
                  "prompt_tokens": len(built[0]), "prefix_tokens": built[1]}
   engine.prefix_cache = cache
+  engine.prompt = prompt
+  out["rankings"] = rankings["on"]
   out["same_rankings"] = rankings["on"] == rankings["off"]
   out["speedup"] = out["on"]["requests_per_s"] / out["off"]["requests_per_s"]
   out["ttft_speedup"] = out["off"]["ttft_batch_ms_median"] / out["on"]["ttft_batch_ms_median"]
@@ -107,6 +128,7 @@ def main():
   p.add_argument("--users", type=int, default=16)
   p.add_argument("--max_batch", type=int, default=8)
   p.add_argument("--max_wait_ms", type=float, default=10.0)
+  p.add_argument("--jump_forward", type=int, default=16, help="0: one token per decode step")
   p.add_argument("--out", default=None, help="also write the results as JSON here")
   p.add_argument("--no_append", action="store_true")
   args = p.parse_args()
@@ -115,7 +137,7 @@ def main():
   model_dir = args.model_dir or engine_lib.find_model_dir(args.workdir)
   k = engine_lib.slate_size(args.workdir) or 10
   cfg = engine_lib.ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                               max_candidates=k)
+                               max_candidates=k, jump_forward=args.jump_forward)
   engine = engine_lib.Engine.from_dirs(model_dir, os.path.join(args.workdir, "data", "latest"),
                                        cfg)
   load_s = time.time() - t0
@@ -157,7 +179,8 @@ def markdown(r, args):
       f"### bench_serve: `{os.path.relpath(r['model_dir'], args.workdir)}`", "",
       f"Machine: {r['machine']}. Command: `python benchmarks/bench_serve.py --workdir=W "
       + (f"--model_dir={args.model_dir} " if args.model_dir else "")
-      + f"--seconds {args.seconds:g} --clients {args.clients} --max_batch {args.max_batch}`.", "",
+      + f"--seconds {args.seconds:g} --clients {args.clients} --max_batch {args.max_batch} "
+      f"--jump_forward {args.jump_forward}`.", "",
       f"Start-up (load the model, compile every batch size): {r['startup']['startup_s']:.1f} s "
       f"(load {r['startup']['load_s']:.1f} s, compile {r['startup']['warmup_s']:.1f} s).", "",
       "| clients | seconds | answered | errors | lost | mixed up | requests/s | p50 ms | "
@@ -175,7 +198,15 @@ def markdown(r, args):
     lines.append(f"| {mode} | {pre[mode]['requests_per_s']:.2f} | "
                  f"{pre[mode]['ttft_batch_ms_median']:.0f} |")
   lines += ["", f"Speed-up {pre['speedup']:.2f}x requests/s, {pre['ttft_speedup']:.2f}x time to "
-            f"first token; identical rankings: {pre['same_rankings']}.", ""]
+            f"first token; identical rankings: {pre['same_rankings']} (jump-forward "
+            f"{pre['jump_forward']}).", ""]
+  if "no_jump" in pre:
+    nj = pre["no_jump"]
+    lines += [f"Without jump-forward (one token per decode step): {nj['off']['requests_per_s']:.2f} "
+              f"requests/s with the prefix cache off, {nj['on']['requests_per_s']:.2f} on "
+              f"(speed-up {nj['speedup']:.2f}x); jump-forward's own speed-up "
+              f"{pre['jump_speedup']:.2f}x (prefix cache off); identical rankings: "
+              f"{pre['same_rankings_jump']}.", ""]
   return "\n".join(lines)
 
 

@@ -26,6 +26,17 @@ into or out of the allowed set.
 Entropies: `entropies[b, i]` is the entropy (nats) of the distribution the token was actually
 drawn from, after temperature, constraint mask (and `vocab_limit`) and top-k / top-p; 0 for
 greedy decoding (a point mass) and on padding.
+
+Jump-forward (`jump_forward=C`, with a constraint): after a row picks its token, the tokens the
+constraint then leaves as the only choice (the rest of a semantic ID once its first code names
+one candidate, the separator, the closing bracket and the stop token) are appended without a
+pick, up to C tokens per step in all, and the row's chunk goes through the model in one call
+(its padding masked), so a step costs one model call per choice point instead of one per
+token. The output is the step-by-step one: forced tokens are the only ones it could pick, their
+log-probs come from the chunk's logits at the positions before them and their entropies are 0
+(a point mass). Greedy output is identical up to float rounding; sampled output follows the
+same distribution but draws from a different random stream (the loop's steps no longer count
+tokens).
 """
 
 import collections
@@ -64,6 +75,7 @@ class SamplingParams:
   stop_tokens: tuple = ()
   pad_id: int = 0
   vocab_limit: int = 0  # > 0: only ids below it are sampled (the tokenizer's ids)
+  jump_forward: int = 0  # > 1: forced tokens appended in chunks of up to this many (docstring)
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -74,6 +86,9 @@ class SamplingParams:
       raise UserError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
     if not 0 < self.top_p <= 1:
       raise UserError(f"top_p={self.top_p} must be in (0, 1]")
+    if self.jump_forward < 0 or self.jump_forward == 1:
+      raise UserError(f"jump_forward={self.jump_forward} must be 0 (off) or at least 2 (the "
+                      "picked token and one forced one per chunk)")
 
 
 def pad_prompts(prompts, lengths=None, pad_id=0, multiple=1):
@@ -264,12 +279,103 @@ def _choose(tempered, allowed, key, params):
   return token, _entropy(sampled)
 
 
+def _where_rows(take, new, old):
+  """Per row b: the pytree `new` where take[b], else `old` (leaves with a leading batch axis)."""
+  return jax.tree.map(
+      lambda a, o: jnp.where(take.reshape(take.shape + (1,) * (a.ndim - 1)), a, o), new, old)
+
+
+def _forced_run(constraint, cstate, first, going, count, budget, stops, params, width):
+  """The tokens the constraint leaves as the only choice after each row's picked token.
+
+  Returns (chunk int32 [B, width]: the picked token then the forced ones, padding after;
+  n int32 [B]: the chunk's tokens; the constraint state after them). A row stops adding at a
+  stop token, at its budget, or where the constraint leaves more than one token (or none).
+  """
+  b = first.shape[0]
+  chunk = jnp.full((b, width), params.pad_id, jnp.int32).at[:, 0].set(first)
+  n = jnp.ones((b,), jnp.int32)
+
+  def cond(c):
+    i, _, _, _, going = c
+    return (i < width) & jnp.any(going)
+
+  def body(c):
+    i, chunk, n, cstate, going = c
+    allowed = constraint.allowed(cstate)
+    if params.vocab_limit:
+      allowed = allowed & (jnp.arange(allowed.shape[1]) < params.vocab_limit)[None, :]
+    single = jnp.sum(allowed, axis=-1) == 1
+    forced = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
+    take = going & single
+    chunk = chunk.at[:, i].set(jnp.where(take, forced, chunk[:, i]))
+    cstate = _where_rows(take, constraint.update(cstate, forced), cstate)
+    n = n + take.astype(jnp.int32)
+    going = (take & ~jnp.any(forced[:, None] == stops[None, :], axis=-1)
+             & (count + n < budget))
+    return i + 1, chunk, n, cstate, going
+
+  _, chunk, n, cstate, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), chunk, n, cstate, going))
+  return chunk, n, cstate
+
+
+def _jump_body(model, constraint, key, params, budget, stops, carry):
+  """One decode step with jump-forward (module docstring): pick, append forced, one call."""
+  (step, cache, logits, out_tokens, out_logprobs, out_entropies, done, stopped, count, cstate,
+   error) = carry
+  b, v = logits.shape
+  width = params.jump_forward
+  n_out = out_tokens.shape[1]
+  active = ~done
+  allowed = constraint.allowed(cstate)
+  empty = ~jnp.any(allowed, axis=-1) & active
+  first = jnp.argmax(empty)
+  error = jnp.where((error[0] < 0) & jnp.any(empty),
+                    jnp.stack([step, first.astype(jnp.int32)]), error)
+  allowed = allowed | empty[:, None]
+  if params.vocab_limit:
+    allowed = allowed & (jnp.arange(v) < params.vocab_limit)[None, :]
+  tempered = _tempered(logits, params)
+  token, entropy = _choose(tempered, allowed, jax.random.fold_in(key, step), params)
+  token = jnp.where(active, token, params.pad_id)
+  logprob = jnp.take_along_axis(jax.nn.log_softmax(tempered, axis=-1), token[:, None], axis=1)
+  cstate = constraint.update(cstate, token)
+  picked_stop = jnp.any(token[:, None] == stops[None, :], axis=-1)
+  going = active & ~empty & ~picked_stop & (count + 1 < budget)
+  chunk, n, cstate = _forced_run(constraint, cstate, token, going, count, budget, stops,
+                                 params, width)
+  n = jnp.where(active, n, 0)
+  valid = jnp.arange(width)[None, :] < n[:, None]  # [B, C]
+  # The chunk in one call at each row's current length (padding masked: `end` advances by n).
+  x, cache = model.hidden(chunk, cache["end"][:, None] + jnp.arange(width)[None, :],
+                          segment_ids=valid.astype(jnp.int32), cache=cache)
+  chunk_logits = model.logits(x)  # [B, C, V]
+  # Log-probs of the forced tokens: the chunk's logits one position before each.
+  logp = jax.nn.log_softmax(_tempered(chunk_logits[:, :-1], params), axis=-1)
+  forced_lp = jnp.take_along_axis(logp, chunk[:, 1:, None], axis=2)[..., 0]  # [B, C-1]
+  lps = jnp.concatenate([logprob, forced_lp], axis=1)
+  ents = jnp.zeros((b, width), jnp.float32).at[:, 0].set(entropy)
+  rows = jnp.arange(b)[:, None]
+  cols = jnp.where(valid, count[:, None] + jnp.arange(width)[None, :], n_out)  # n_out: dropped
+  out_tokens = out_tokens.at[rows, cols].set(chunk, mode="drop")
+  out_logprobs = out_logprobs.at[rows, cols].set(jnp.where(valid, lps, 0.0), mode="drop")
+  out_entropies = out_entropies.at[rows, cols].set(ents, mode="drop")
+  last = jnp.take_along_axis(chunk, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
+  count = count + n
+  stopped = stopped | (active & jnp.any(last[:, None] == stops[None, :], axis=-1))
+  done = done | stopped | (count >= budget) | empty
+  logits = jnp.take_along_axis(chunk_logits, jnp.maximum(n - 1, 0)[:, None, None], axis=1)
+  return (step + 1, cache, logits[:, 0], out_tokens, out_logprobs, out_entropies, done,
+          stopped, count, cstate, error)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "params"), donate_argnames=("cache",))
 def decode(graphdef, state, logits, cache, lengths, key, constraint, *, params):
   """The decode loop from the prefill's last logits; returns (SampleOutput, cache, error).
 
   The returned cache holds the prompts and the generated tokens (it reuses the donated
-  buffers). `error` is (step, row) of the first row whose constraint allowed no token, or
+  buffers; with `params.jump_forward` also KV of chunk padding past each row's end). `error` is (step, row) of the first row whose constraint allowed no token, or
   (-1, -1).
   """
   model = nnx.merge(graphdef, state)
@@ -325,6 +431,9 @@ def decode(graphdef, state, logits, cache, lengths, key, constraint, *, params):
     return (step + 1, cache, logits[:, 0], out_tokens, out_logprobs, out_entropies, done,
             stopped, count, cstate, error)
 
+  if params.jump_forward and constraint is not None:
+    body = functools.partial(_jump_body, model, constraint, key, params, budget, stops)
+
   carry = (jnp.int32(0), cache, logits, jnp.full((b, n), params.pad_id, jnp.int32),
            jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.float32),
            jnp.zeros((b,), bool), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32), cstate,
@@ -341,7 +450,8 @@ def sample(model: nnx.Module, prompts, *, lengths=None, key: jax.Array,
            cache_len: Optional[int] = None, cache_dtype=jnp.float32,
            prompt_multiple: int = 1, vocab_limit: int = 0,
            prefix_cache: Optional[PrefixCache] = None,
-           prefix_lengths: Optional[Sequence[int]] = None) -> SampleOutput:
+           prefix_lengths: Optional[Sequence[int]] = None,
+           jump_forward: int = 0) -> SampleOutput:
   """Samples up to `max_new_tokens` per prompt from a Qwen3 model.
 
   Args:
@@ -363,11 +473,16 @@ def sample(model: nnx.Module, prompts, *, lengths=None, key: jax.Array,
       per distinct prefix); only the rest of each prompt is prefilled. The output equals the
       full prefill's up to float rounding. cache_len then defaults to the larger of the padded
       prefix width and the padded longest prompt, + max_new_tokens.
+    jump_forward: with a constraint, the tokens it leaves as the only choice are appended and
+      fed in chunks of up to this many per step (module docstring); 0 = one token per step.
   """
   params = SamplingParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                           top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy),
                           stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id),
-                          vocab_limit=int(vocab_limit))
+                          vocab_limit=int(vocab_limit), jump_forward=int(jump_forward))
+  if params.jump_forward and constraint is None:
+    raise UserError("jump_forward needs a constraint (it appends the tokens the constraint "
+                    "forces)")
   if (prefix_cache is None) != (prefix_lengths is None):
     raise UserError("prefix reuse needs both prefix_cache and prefix_lengths")
   if prefix_cache is not None:

@@ -26,6 +26,7 @@ flags.DEFINE_integer("port", 8000, "Port to listen on.")
 flags.DEFINE_integer("max_batch", 8, "Requests per sampler call.")
 flags.DEFINE_float("max_wait_ms", 10.0, "How long a batch waits to fill.")
 flags.DEFINE_bool("prefix_reuse", True, "Prefill each shared prompt prefix once.")
+flags.DEFINE_integer("jump_forward", 16, "Forced answer tokens fed per decode step (0: off).")
 flags.DEFINE_integer("max_candidates", 0, "Largest K served (0: the workdir's slate size).")
 flags.DEFINE_integer("max_prompt_tokens", 4096, "Longest prompt served.")
 flags.DEFINE_bool("warmup", True, "Compile the re-ranking path before opening the port.")
@@ -41,7 +42,8 @@ def build(argv_flags):
   data_dir = f.data_dir or os.path.join(f.workdir, "data", "latest")
   k = f.max_candidates or (engine_lib.slate_size(f.workdir) if f.workdir else None) or 10
   cfg = engine_lib.ServeConfig(max_batch=f.max_batch, max_wait_ms=f.max_wait_ms,
-                               prefix_reuse=f.prefix_reuse, max_candidates=int(k),
+                               prefix_reuse=f.prefix_reuse, jump_forward=f.jump_forward,
+                               max_candidates=int(k),
                                max_prompt_tokens=f.max_prompt_tokens)
   engine = engine_lib.Engine.from_dirs(model_dir, data_dir, cfg)
   report = {"model_dir": model_dir, "load_s": round(time.time() - t0, 1)}

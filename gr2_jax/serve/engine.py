@@ -9,8 +9,9 @@ Re-ranking without an explanation: the no-reasoning variant of the checkpoint's 
 assistant turn opened with the answer's head (`{"recommendations": [`), then the list decoded
 greedily under a strict list constraint (`constraints.list_constraint` over the tokenizer's own
 ways of writing each candidate, `rerank.evaluate.answer_ways`): each candidate once, then the
-closing and the stop token, so every answer is a permutation of the candidates. An answer the
-parser still rejects falls back to the input order, counted and flagged. The
+closing and the stop token, so every answer is a permutation of the candidates; the tokens the
+constraint forces are fed in chunks, one model call per choice (`ServeConfig.jump_forward`).
+An answer the parser still rejects falls back to the input order, counted and flagged. The
 prompt's shared prefix (the system turn, and the candidates when the prompt shows them first:
 part order "system_candidates_user") is prefilled once per distinct prefix and reused
 (`sampler.PrefixCache`). With an explanation: the reasoning prompt, free greedy decoding, then
@@ -52,6 +53,9 @@ class ServeConfig:
   max_wait_ms: float = 10.0  # how long the first request of a batch waits for others
   prefix_reuse: bool = True
   prefix_cache_entries: int = 256
+  # Tokens the list constraint forces (the rest of a SID once its first code names a candidate,
+  # separators, the closing) fed in chunks of up to this many per decode step; 0 = off.
+  jump_forward: int = 16
   prompt_multiple: int = 64  # prompt (and prefix, suffix) widths are padded to this
   max_prompt_tokens: int = 4096  # longer prompts are refused
   max_candidates: int = 10  # K the model was trained for; more candidates are refused
@@ -61,6 +65,8 @@ class ServeConfig:
   def __post_init__(self):
     if self.max_batch < 1 or self.max_wait_ms < 0 or self.prompt_multiple < 1:
       raise UserError("serve: max_batch >= 1, max_wait_ms >= 0 and prompt_multiple >= 1")
+    if self.jump_forward < 0 or self.jump_forward == 1:
+      raise UserError(f"serve: jump_forward={self.jump_forward} must be 0 (off) or >= 2")
     if self.max_candidates < 2 or self.max_prompt_tokens < 16 or self.chat_max_tokens < 1:
       raise UserError("serve: max_candidates >= 2, max_prompt_tokens >= 16, "
                       "chat_max_tokens >= 1")
@@ -217,7 +223,8 @@ class Engine:
                            greedy=True, stop_tokens=self.stops, pad_id=self.tok.pad_id,
                            constraint=make_constraint(0, len(reqs)),
                            prompt_multiple=self.cfg.prompt_multiple,
-                           vocab_limit=self.tok.vocab_size, **kw)
+                           vocab_limit=self.tok.vocab_size,
+                           jump_forward=self.cfg.jump_forward, **kw)
       toks, lens, done = (np.asarray(x) for x in (out.tokens, out.lengths, out.done))
       texts, lengths = [], []
       for j in range(len(reqs)):

@@ -101,6 +101,11 @@ def test_engine_completes_the_memorised_answer_to_a_permutation(memorised):
   plain = make_engine(memorised, prefix_reuse=False).rerank_batch([req])
   assert plain[0]["ranking"] == ans[0]["ranking"]
   assert plain[0]["answer_tokens"] == ans[0]["answer_tokens"]
+  # Token by token (no jump-forward): the same answers.
+  step = make_engine(memorised, jump_forward=0).rerank_batch(
+      [req, dict(req, candidates=[3, 2, 1])])
+  assert [(a["ranking"], a["answer_tokens"]) for a in step] == [
+      (a["ranking"], a["answer_tokens"]) for a in ans]
 
 
 def test_candidates_first_prompt_shares_the_candidates(memorised):
