@@ -101,13 +101,14 @@ PROMPT_MULTIPLE = 128
 
 
 def generate(model, tok, prompts_ids, *, max_new_tokens, batch_size, make_constraint=None,
-             greedy=True, temperature=1.0, key=None):
+             greedy=True, temperature=1.0, key=None, jump_forward=0):
   """(responses, logps, finished, entropies) per prompt, in fixed-size batches (the last one
   padded with copies) so that every batch shares one compilation.
 
   A response keeps its stop token when it emitted one (`finished`); `logps` and `entropies` are
   the sampler's per-token log-probabilities and entropies of the distribution sampled from.
-  `make_constraint(start, real)` builds a batch's constraint.
+  `make_constraint(start, real)` builds a batch's constraint; with one, `jump_forward` > 1
+  feeds the tokens it forces in chunks (`sampling.sampler`).
   """
   stops = chat.chat_stop_ids(tok)
   key = jax.random.key(0) if key is None else key
@@ -120,7 +121,8 @@ def generate(model, tok, prompts_ids, *, max_new_tokens, batch_size, make_constr
     res = sampler.sample(model, batch, key=jax.random.fold_in(key, s),
                          max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
                          stop_tokens=stops, pad_id=tok.pad_id, constraint=cons,
-                         prompt_multiple=PROMPT_MULTIPLE, vocab_limit=tok.vocab_size)
+                         prompt_multiple=PROMPT_MULTIPLE, vocab_limit=tok.vocab_size,
+                         jump_forward=jump_forward if cons is not None else 0)
     toks, lps, ents = (np.asarray(x) for x in (res.tokens, res.logprobs, res.entropies))
     lens, done = np.asarray(res.lengths), np.asarray(res.done)
     for j in range(real):

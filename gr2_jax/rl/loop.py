@@ -238,7 +238,8 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, rt, teacher=N
           group_size=g, shuffle=c.shuffle, key=jax.random.fold_in(jax.random.key(c.seed), it),
           rng=rng, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
           batch_size=c.rollout_batch, constrain_ranking=c.constrain_ranking,
-          evidence=data.get("evidence"), summaries=summaries)
+          evidence=data.get("evidence"), summaries=summaries,
+          jump_forward=c.get("jump_forward", 0))
       t_roll = time.time() - t0
       comps = rollout_lib.score(ro, c.reward, alpha=c.alpha, invalid_penalty=c.invalid_penalty)
       total = algorithm.shape_rewards(comps["total"], ro.lengths, ro.finished,

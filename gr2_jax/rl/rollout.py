@@ -58,15 +58,16 @@ def slate_permutations(num_prompts, group_size, k, shuffle, rng):
 
 
 def _sample(model, tok, prompt_ids, *, key, batch_size, max_new_tokens, temperature,
-            make_constraint=None):
+            make_constraint=None, jump_forward=0):
   """(responses, logps, finished, entropies) of one sampled answer per prompt."""
   return rerank_lib.generate(model, tok, prompt_ids, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, make_constraint=make_constraint,
-                             greedy=False, temperature=temperature, key=key)
+                             greedy=False, temperature=temperature, key=key,
+                             jump_forward=jump_forward)
 
 
 def _constrained_tails(model, tok, prompt_ids, sampled, shown_sids, answer_format, *, key,
-                       batch_size, max_new_tokens, temperature):
+                       batch_size, max_new_tokens, temperature, jump_forward=0):
   """Resamples each answer's ranking under the slate constraint (see the module docstring)."""
   responses, logps, finished, entropies = (list(x) for x in sampled)
   heads, rows = [], []
@@ -85,7 +86,7 @@ def _constrained_tails(model, tok, prompt_ids, sampled, shown_sids, answer_forma
   tails, tail_lps, tail_done, tail_ents = _sample(
       model, tok, [prompt_ids[i] + h for i, h in zip(rows, heads)], key=key,
       batch_size=batch_size, max_new_tokens=budget, temperature=temperature,
-      make_constraint=make_constraint)
+      make_constraint=make_constraint, jump_forward=jump_forward)
   for j, i in enumerate(rows):
     room = max_new_tokens - len(heads[j])  # the answer keeps its overall token budget
     tail = tails[j][:room]
@@ -98,10 +99,12 @@ def _constrained_tails(model, tok, prompt_ids, sampled, shown_sids, answer_forma
 
 def rollout(model, tok, slates, items, sids, prompt_cfg, users=None, *, group_size, shuffle,
             key, rng, max_new_tokens, temperature=1.0, batch_size=64, constrain_ranking=False,
-            evidence=None, summaries=None):
+            evidence=None, summaries=None, jump_forward=0):
   """Samples `group_size` answers for each slate of the stacked records `slates` (`evidence`:
   the `teachers.evidence.SlateEvidence` of a prompt that shows the "evidence" field;
-  `summaries`: one context-compressor text per slate, shown in place of its history)."""
+  `summaries`: one context-compressor text per slate, shown in place of its history;
+  `jump_forward`: the constrained passes feed the tokens the constraint forces in chunks of up
+  to this many, `sampling.sampler`; the same distribution, another random stream)."""
   examples = base.examples_from_slates(slates, users, evidence, summaries)
   p, k = slates["slate"].shape
   perms = slate_permutations(p, group_size, k, shuffle, rng)
@@ -124,7 +127,7 @@ def rollout(model, tok, slates, items, sids, prompt_cfg, users=None, *, group_si
         tok, model.cfg.vocab_size, shown_sids, fmt, batch_size)
     sampled = _sample(model, tok, prompt_ids, key=key, batch_size=batch_size,
                       max_new_tokens=min(max_new_tokens, budget), temperature=temperature,
-                      make_constraint=make_constraint)
+                      make_constraint=make_constraint, jump_forward=jump_forward)
   else:
     sampled = _sample(model, tok, prompt_ids, key=key, batch_size=batch_size,
                       max_new_tokens=max_new_tokens, temperature=temperature)
@@ -132,7 +135,7 @@ def rollout(model, tok, slates, items, sids, prompt_cfg, users=None, *, group_si
       sampled = _constrained_tails(
           model, tok, prompt_ids, sampled, shown_sids, fmt,
           key=jax.random.fold_in(key, 1 << 20), batch_size=batch_size,
-          max_new_tokens=max_new_tokens, temperature=temperature)
+          max_new_tokens=max_new_tokens, temperature=temperature, jump_forward=jump_forward)
   responses, logps, finished, entropies = sampled
   lead = ([list(rerank_lib.head_ids(tok, fmt, s[0])) for s in shown_sids]
           if prompt_cfg.answer_head else [[] for _ in shown_sids])

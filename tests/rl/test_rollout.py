@@ -1,6 +1,7 @@
 """Rollouts: per-sample slate shuffles, prompts showing that order, answers parsed in shown
 positions and scored in legacy positions, so that a reward does not depend on the shuffle."""
 
+import dataclasses
 import re
 
 import jax
@@ -158,3 +159,24 @@ def test_constrained_positions_list_each_number_once(memorised_positions):
     if ro.omega[i]:
       assert sorted(ro.order[i]) == list(range(12))
   assert checked >= 2, ro.texts
+
+
+def test_list_rollouts_with_jump_forward_are_permutations(memorised):
+  """The reasoning-free prompt (answer head prefilled) sampled under the strict list constraint,
+  forced tokens fed in chunks: every answer is a permutation of its shown slate, with one
+  log-prob and one entropy per response token, and the forced tokens' entropies are 0."""
+  model, tok = memorised
+  cfg = dataclasses.replace(toy.PROMPT, reasoning=False, answer_head=True)
+  ro = rollout_lib.rollout(model, tok, _slates(), toy.ITEMS, toy.SIDS, cfg, group_size=4,
+                           shuffle=True, key=jax.random.key(2), rng=np.random.default_rng(2),
+                           max_new_tokens=64, temperature=1.0, batch_size=4,
+                           constrain_ranking=True, jump_forward=8)
+  assert ro.omega.all(), ro.reasons
+  assert ro.finished.all()
+  for i in range(4):
+    assert sorted(ro.order[i]) == [0, 1, 2]
+    assert len(ro.logps[i]) == len(ro.responses[i]) == len(ro.entropies[i])
+    assert np.isfinite(ro.logps[i]).all() and (ro.logps[i] <= 0).all()
+  zero = sum(int((e == 0).sum()) for e in ro.entropies)
+  total = sum(len(e) for e in ro.entropies)
+  assert 0 < zero < total  # forced tokens (point masses) and drawn ones
