@@ -279,6 +279,35 @@ def _choose(tempered, allowed, key, params):
   return token, _entropy(sampled)
 
 
+def _pick(constraint, cstate, logits, active, step, key, error, params):
+  """One token per row from the last logits [B, V]: (token, log-prob, entropy, empty, error).
+
+  `empty` marks active rows whose constraint allowed no token (they take the unconstrained
+  distribution, no NaNs, and stop; `error` keeps the first such (step, row), raised after the
+  loop). Inactive rows get `pad_id` and log-prob 0.
+  """
+  b, v = logits.shape
+  if constraint is not None:
+    allowed = constraint.allowed(cstate)
+    empty = ~jnp.any(allowed, axis=-1) & active
+    first = jnp.argmax(empty)
+    error = jnp.where((error[0] < 0) & jnp.any(empty),
+                      jnp.stack([step, first.astype(jnp.int32)]), error)
+    allowed = allowed | empty[:, None]
+  else:
+    empty = jnp.zeros((b,), bool)
+    allowed = jnp.ones((b, v), bool)
+  if params.vocab_limit:
+    # Embedding rows past the tokenizer (padding of the vocabulary) are never emitted.
+    allowed = allowed & (jnp.arange(v) < params.vocab_limit)[None, :]
+  tempered = _tempered(logits, params)
+  token, entropy = _choose(tempered, allowed, jax.random.fold_in(key, step), params)
+  token = jnp.where(active, token, params.pad_id)
+  # Over the full vocabulary, before the mask and top-k / top-p (see the module docstring).
+  logprob = jnp.take_along_axis(jax.nn.log_softmax(tempered, axis=-1), token[:, None], axis=1)
+  return token, jnp.where(active, logprob[:, 0], 0.0), entropy, empty, error
+
+
 def _where_rows(take, new, old):
   """Per row b: the pytree `new` where take[b], else `old` (leaves with a leading batch axis)."""
   return jax.tree.map(
@@ -324,22 +353,12 @@ def _jump_body(model, constraint, key, params, budget, stops, carry):
   """One decode step with jump-forward (module docstring): pick, append forced, one call."""
   (step, cache, logits, out_tokens, out_logprobs, out_entropies, done, stopped, count, cstate,
    error) = carry
-  b, v = logits.shape
+  b = logits.shape[0]
   width = params.jump_forward
   n_out = out_tokens.shape[1]
   active = ~done
-  allowed = constraint.allowed(cstate)
-  empty = ~jnp.any(allowed, axis=-1) & active
-  first = jnp.argmax(empty)
-  error = jnp.where((error[0] < 0) & jnp.any(empty),
-                    jnp.stack([step, first.astype(jnp.int32)]), error)
-  allowed = allowed | empty[:, None]
-  if params.vocab_limit:
-    allowed = allowed & (jnp.arange(v) < params.vocab_limit)[None, :]
-  tempered = _tempered(logits, params)
-  token, entropy = _choose(tempered, allowed, jax.random.fold_in(key, step), params)
-  token = jnp.where(active, token, params.pad_id)
-  logprob = jnp.take_along_axis(jax.nn.log_softmax(tempered, axis=-1), token[:, None], axis=1)
+  token, logprob, entropy, empty, error = _pick(constraint, cstate, logits, active, step, key,
+                                                error, params)
   cstate = constraint.update(cstate, token)
   picked_stop = jnp.any(token[:, None] == stops[None, :], axis=-1)
   going = active & ~empty & ~picked_stop & (count + 1 < budget)
@@ -354,7 +373,7 @@ def _jump_body(model, constraint, key, params, budget, stops, carry):
   # Log-probs of the forced tokens: the chunk's logits one position before each.
   logp = jax.nn.log_softmax(_tempered(chunk_logits[:, :-1], params), axis=-1)
   forced_lp = jnp.take_along_axis(logp, chunk[:, 1:, None], axis=2)[..., 0]  # [B, C-1]
-  lps = jnp.concatenate([logprob, forced_lp], axis=1)
+  lps = jnp.concatenate([logprob[:, None], forced_lp], axis=1)
   ents = jnp.zeros((b, width), jnp.float32).at[:, 0].set(entropy)
   rows = jnp.arange(b)[:, None]
   cols = jnp.where(valid, count[:, None] + jnp.arange(width)[None, :], n_out)  # n_out: dropped
@@ -375,11 +394,11 @@ def decode(graphdef, state, logits, cache, lengths, key, constraint, *, params):
   """The decode loop from the prefill's last logits; returns (SampleOutput, cache, error).
 
   The returned cache holds the prompts and the generated tokens (it reuses the donated
-  buffers; with `params.jump_forward` also KV of chunk padding past each row's end). `error` is (step, row) of the first row whose constraint allowed no token, or
-  (-1, -1).
+  buffers; with `params.jump_forward` also KV of chunk padding past each row's end). `error`
+  is (step, row) of the first row whose constraint allowed no token, or (-1, -1).
   """
   model = nnx.merge(graphdef, state)
-  b, v = logits.shape
+  b = logits.shape[0]
   n = params.max_new_tokens
   cache_len = cache["k"].shape[2]
   # A row generates at most until its cache is full: token i is fed at slot length + i - 1.
@@ -395,27 +414,8 @@ def decode(graphdef, state, logits, cache, lengths, key, constraint, *, params):
     (step, cache, logits, out_tokens, out_logprobs, out_entropies, done, stopped, count, cstate,
      error) = carry
     active = ~done
-    if constraint is not None:
-      allowed = constraint.allowed(cstate)
-      empty = ~jnp.any(allowed, axis=-1) & active
-      first = jnp.argmax(empty)
-      error = jnp.where((error[0] < 0) & jnp.any(empty),
-                        jnp.stack([step, first.astype(jnp.int32)]), error)
-      # A row left without choices takes the unconstrained distribution (no NaNs) and stops;
-      # the error is raised after the loop.
-      allowed = allowed | empty[:, None]
-    else:
-      empty = jnp.zeros((b,), bool)
-      allowed = jnp.ones((b, v), bool)
-    if params.vocab_limit:
-      # Embedding rows past the tokenizer (padding of the vocabulary) are never emitted.
-      allowed = allowed & (jnp.arange(v) < params.vocab_limit)[None, :]
-    tempered = _tempered(logits, params)
-    token, entropy = _choose(tempered, allowed, jax.random.fold_in(key, step), params)
-    token = jnp.where(active, token, params.pad_id)
-    # Over the full vocabulary, before the mask and top-k / top-p (see the module docstring).
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(tempered, axis=-1), token[:, None], axis=1)
-    logprob = jnp.where(active, logprob[:, 0], 0.0)
+    token, logprob, entropy, empty, error = _pick(constraint, cstate, logits, active, step, key,
+                                                  error, params)
     out_tokens = out_tokens.at[:, step].set(token)
     out_logprobs = out_logprobs.at[:, step].set(logprob)
     out_entropies = out_entropies.at[:, step].set(jnp.where(active, entropy, 0.0))
