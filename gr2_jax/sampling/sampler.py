@@ -36,7 +36,10 @@ token. The output is the step-by-step one: forced tokens are the only ones it co
 log-probs come from the chunk's logits at the positions before them and their entropies are 0
 (a point mass). Greedy output is identical up to float rounding; sampled output follows the
 same distribution but draws from a different random stream (the loop's steps no longer count
-tokens).
+tokens). The forced tokens' log-probs need the LM head at every chunk position, which on a
+small model costs more than the rest of the chunk; a caller that does not read them (greedy
+serving) sets `forced_logprobs=False`: the head then runs at each row's last chunk position
+only and those log-probs are NaN.
 """
 
 import collections
@@ -76,6 +79,7 @@ class SamplingParams:
   pad_id: int = 0
   vocab_limit: int = 0  # > 0: only ids below it are sampled (the tokenizer's ids)
   jump_forward: int = 0  # > 1: forced tokens appended in chunks of up to this many (docstring)
+  forced_logprobs: bool = True  # False: jump-forward skips the forced tokens' log-probs (NaN)
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -369,10 +373,16 @@ def _jump_body(model, constraint, key, params, budget, stops, carry):
   # The chunk in one call at each row's current length (padding masked: `end` advances by n).
   x, cache = model.hidden(chunk, cache["end"][:, None] + jnp.arange(width)[None, :],
                           segment_ids=valid.astype(jnp.int32), cache=cache)
-  chunk_logits = model.logits(x)  # [B, C, V]
-  # Log-probs of the forced tokens: the chunk's logits one position before each.
-  logp = jax.nn.log_softmax(_tempered(chunk_logits[:, :-1], params), axis=-1)
-  forced_lp = jnp.take_along_axis(logp, chunk[:, 1:, None], axis=2)[..., 0]  # [B, C-1]
+  last_pos = jnp.maximum(n - 1, 0)[:, None, None]
+  if params.forced_logprobs:
+    chunk_logits = model.logits(x)  # [B, C, V]
+    # Log-probs of the forced tokens: the chunk's logits one position before each.
+    logp = jax.nn.log_softmax(_tempered(chunk_logits[:, :-1], params), axis=-1)
+    forced_lp = jnp.take_along_axis(logp, chunk[:, 1:, None], axis=2)[..., 0]  # [B, C-1]
+    logits = jnp.take_along_axis(chunk_logits, last_pos, axis=1)[:, 0]
+  else:
+    forced_lp = jnp.full((b, width - 1), jnp.nan, jnp.float32)
+    logits = model.logits(jnp.take_along_axis(x, last_pos, axis=1))[:, 0]
   lps = jnp.concatenate([logprob[:, None], forced_lp], axis=1)
   ents = jnp.zeros((b, width), jnp.float32).at[:, 0].set(entropy)
   rows = jnp.arange(b)[:, None]
@@ -384,8 +394,7 @@ def _jump_body(model, constraint, key, params, budget, stops, carry):
   count = count + n
   stopped = stopped | (active & jnp.any(last[:, None] == stops[None, :], axis=-1))
   done = done | stopped | (count >= budget) | empty
-  logits = jnp.take_along_axis(chunk_logits, jnp.maximum(n - 1, 0)[:, None, None], axis=1)
-  return (step + 1, cache, logits[:, 0], out_tokens, out_logprobs, out_entropies, done,
+  return (step + 1, cache, logits, out_tokens, out_logprobs, out_entropies, done,
           stopped, count, cstate, error)
 
 
@@ -451,7 +460,7 @@ def sample(model: nnx.Module, prompts, *, lengths=None, key: jax.Array,
            prompt_multiple: int = 1, vocab_limit: int = 0,
            prefix_cache: Optional[PrefixCache] = None,
            prefix_lengths: Optional[Sequence[int]] = None,
-           jump_forward: int = 0) -> SampleOutput:
+           jump_forward: int = 0, forced_logprobs: bool = True) -> SampleOutput:
   """Samples up to `max_new_tokens` per prompt from a Qwen3 model.
 
   Args:
@@ -475,11 +484,13 @@ def sample(model: nnx.Module, prompts, *, lengths=None, key: jax.Array,
       prefix width and the padded longest prompt, + max_new_tokens.
     jump_forward: with a constraint, the tokens it leaves as the only choice are appended and
       fed in chunks of up to this many per step (module docstring); 0 = one token per step.
+    forced_logprobs: False skips the log-probs of jump-forward's forced tokens (NaN there).
   """
   params = SamplingParams(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                           top_k=int(top_k), top_p=float(top_p), greedy=bool(greedy),
                           stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=int(pad_id),
-                          vocab_limit=int(vocab_limit), jump_forward=int(jump_forward))
+                          vocab_limit=int(vocab_limit), jump_forward=int(jump_forward),
+                          forced_logprobs=bool(forced_logprobs))
   if params.jump_forward and constraint is None:
     raise UserError("jump_forward needs a constraint (it appends the tokens the constraint "
                     "forces)")

@@ -224,7 +224,7 @@ class Engine:
                            constraint=make_constraint(0, len(reqs)),
                            prompt_multiple=self.cfg.prompt_multiple,
                            vocab_limit=self.tok.vocab_size,
-                           jump_forward=self.cfg.jump_forward, **kw)
+                           jump_forward=self.cfg.jump_forward, forced_logprobs=False, **kw)
       toks, lens, done = (np.asarray(x) for x in (out.tokens, out.lengths, out.done))
       texts, lengths = [], []
       for j in range(len(reqs)):

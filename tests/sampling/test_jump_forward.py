@@ -81,6 +81,24 @@ def test_greedy_jump_forward_equals_step_by_step(model, jump):
   np.testing.assert_array_equal(got.entropies, np.zeros_like(ref.entropies))
 
 
+def test_without_forced_logprobs_the_tokens_stay_and_forced_logprobs_are_nan(model):
+  """forced_logprobs=False (the LM head at each row's last chunk position only): the same greedy
+  tokens; the picked tokens' log-probs as before, the forced ones' NaN."""
+  kw = dict(key=jax.random.key(0), max_new_tokens=24, greedy=True, stop_tokens=[STOP],
+            jump_forward=8)
+  ref = sampler.sample(model, PROMPTS, constraint=_constraint(), **kw)
+  got = sampler.sample(model, PROMPTS, constraint=_constraint(), forced_logprobs=False, **kw)
+  assert _rows(got) == _rows(ref)
+  lp, want = np.asarray(got.logprobs), np.asarray(ref.logprobs)
+  for b, row in enumerate(_rows(got)):
+    allowed = _allowed_along(_constraint(), b, row)
+    for i in range(len(row)):
+      if allowed[i].sum() > 1 or i == 0:  # a pick (the first token is always picked)
+        np.testing.assert_allclose(lp[b, i], want[b, i], atol=1e-5)
+  nan = np.isnan(lp)
+  assert nan.sum() > 20 and not nan[:, 0].any()
+
+
 def test_jump_forward_stops_at_the_token_budget(model):
   kw = dict(key=jax.random.key(0), max_new_tokens=6, greedy=True, stop_tokens=[STOP])
   ref = sampler.sample(model, PROMPTS, constraint=_constraint(), **kw)
