@@ -334,11 +334,14 @@ def evaluate(c, model, tok, reranker, slates, data, rl_c, rl_runs=None):
   paired = compare.paired_rows(orders, slates, pairs, c.n_boot, c.seed)
   timing = rollout_seconds(reranker, slates, texts, rl_c, c)
   rl_time = rl_timing(rl_runs) if rl_runs else None
-  samples = []
-  for i in range(min(3, len(texts))):
+  samples = []  # the first three slates with distinct histories (a user may have several)
+  for i in range(len(texts)):
     hist, ratings = ctx_lib.slate_histories(slates, i)
     lines = ctx_lib.history_lines(hist[-c.max_history:], ratings[-c.max_history:], data["items"])
-    samples.append({"context": lines, "summary": texts[i]})
+    if all(s["context"] != lines for s in samples):
+      samples.append({"context": lines, "summary": texts[i]})
+    if len(samples) == 3:
+      break
   md = [f"Re-ranking {len(texts)} seeded {c.eval_split} slates with the full history and with the "
         "compressor's summary in its place (the re-ranker greedy under the slate constraint):",
         "", tables.format_table(rows), "",

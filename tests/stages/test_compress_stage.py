@@ -68,6 +68,7 @@ def test_tiny_compress_with_a_judge_that_is_down(tiny_workdir):
   assert table["rows"]["legacy"]["R@1"]["n"] == c.eval_examples
   assert table["context_kept_mean"] > 0 and table["timing"]["full_s"] > 0
   assert len(table["samples"]) == 3
+  assert len({tuple(s["context"]) for s in table["samples"]}) == 3  # three distinct histories
   assert os.path.isfile(os.path.join(out, "model_config.json"))
   assert summary["context_kept"] == table["context_kept_mean"]
 
