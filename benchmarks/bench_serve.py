@@ -1,7 +1,7 @@
 """Serving: candidate-prefix KV reuse, and the HTTP server under loopback load.
 
   python benchmarks/bench_serve.py --workdir=W [--seconds 60] [--clients 1,8,32]
-      [--slates 4] [--users 16] [--max_batch 8] [--jump_forward 16]
+      [--slates 4] [--users 16] [--max_batch 8] [--jump_forward 8]
 
 Start-up: the time `python -m gr2_jax.serve` takes before its port opens (load the workdir's
 model artifact, compile the re-ranking path for every batch size).
@@ -128,7 +128,7 @@ def main():
   p.add_argument("--users", type=int, default=16)
   p.add_argument("--max_batch", type=int, default=8)
   p.add_argument("--max_wait_ms", type=float, default=10.0)
-  p.add_argument("--jump_forward", type=int, default=16, help="0: one token per decode step")
+  p.add_argument("--jump_forward", type=int, default=8, help="0: one token per decode step")
   p.add_argument("--out", default=None, help="also write the results as JSON here")
   p.add_argument("--no_append", action="store_true")
   args = p.parse_args()

@@ -27,7 +27,7 @@ def section(preset):
   c.temperature = 1.0
   # The tokens the list constraint forces (the rest of a SID once its first code is drawn, the
   # separators, the closing) are fed in chunks of up to this many: one model call per draw.
-  c.jump_forward = 16
+  c.jump_forward = 8
   if preset == "tiny":
     c.max_new_tokens = 128  # ten SIDs of the tiny tokenizer with their separators: ~110 tokens
   else:

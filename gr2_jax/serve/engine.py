@@ -55,7 +55,7 @@ class ServeConfig:
   prefix_cache_entries: int = 256
   # Tokens the list constraint forces (the rest of a SID once its first code names a candidate,
   # separators, the closing) fed in chunks of up to this many per decode step; 0 = off.
-  jump_forward: int = 16
+  jump_forward: int = 8
   prompt_multiple: int = 64  # prompt (and prefix, suffix) widths are padded to this
   max_prompt_tokens: int = 4096  # longer prompts are refused
   max_candidates: int = 10  # K the model was trained for; more candidates are refused
