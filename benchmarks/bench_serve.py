@@ -153,7 +153,12 @@ def main():
     for clients in (int(c) for c in args.clients.split(",")):
       def make_request(client, n, clients=clients):
         return requests[(client * 997 + n * 31) % len(requests)]
+      before = json_get(srv.url + "/healthz")["batcher"]
       res = loadtest.load_test(srv.url, make_request, clients=clients, seconds=args.seconds)
+      after = json_get(srv.url + "/healthz")["batcher"]
+      # Requests per sampler call in this run, from the server's own counters.
+      res["mean_batch"] = ((after.get("done", 0) - before.get("done", 0))
+                           / max(after.get("batches", 0) - before.get("batches", 0), 1))
       print("load", json.dumps(res), flush=True)
       rows.append(res)
     health = json_get(srv.url + "/healthz")
@@ -184,11 +189,12 @@ def markdown(r, args):
       f"Start-up (load the model, compile every batch size): {r['startup']['startup_s']:.1f} s "
       f"(load {r['startup']['load_s']:.1f} s, compile {r['startup']['warmup_s']:.1f} s).", "",
       "| clients | seconds | answered | errors | lost | mixed up | requests/s | p50 ms | "
-      "p95 ms | p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+      "p95 ms | p99 ms | requests per batch |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for x in r["load"]:
     lines.append(f"| {x['clients']} | {x['seconds']:.1f} | {x['answered']} | {x['errors']} | "
                  f"{x['lost']} | {x['mixed_up']} | {x['requests_per_s']:.2f} | "
-                 f"{x['p50_ms']:.0f} | {x['p95_ms']:.0f} | {x['p99_ms']:.0f} |")
+                 f"{x['p50_ms']:.0f} | {x['p95_ms']:.0f} | {x['p99_ms']:.0f} | "
+                 f"{x.get('mean_batch', float('nan')):.2f} |")
   lines += ["", f"Prefix reuse ({args.slates} slates x {args.users} users, batches of "
             f"{args.max_batch}, prompt {pre['on']['prompt_tokens']} tokens of which "
             f"{pre['on']['prefix_tokens']} shared):", "",
