@@ -120,15 +120,17 @@ def prefix_bench_one(engine, requests, n_slates, n_users, max_batch):
 
 def main():
   p = argparse.ArgumentParser()
+  defaults = engine_lib.ServeConfig()
   p.add_argument("--workdir", required=True)
   p.add_argument("--model_dir", default=None)
   p.add_argument("--seconds", type=float, default=60.0)
   p.add_argument("--clients", default="1,8,32")
   p.add_argument("--slates", type=int, default=4)
   p.add_argument("--users", type=int, default=16)
-  p.add_argument("--max_batch", type=int, default=8)
-  p.add_argument("--max_wait_ms", type=float, default=10.0)
-  p.add_argument("--jump_forward", type=int, default=8, help="0: one token per decode step")
+  p.add_argument("--max_batch", type=int, default=defaults.max_batch)
+  p.add_argument("--max_wait_ms", type=float, default=defaults.max_wait_ms)
+  p.add_argument("--jump_forward", type=int, default=defaults.jump_forward,
+                 help="0: one token per decode step")
   p.add_argument("--out", default=None, help="also write the results as JSON here")
   p.add_argument("--no_append", action="store_true")
   args = p.parse_args()
@@ -194,7 +196,7 @@ def markdown(r, args):
     lines.append(f"| {x['clients']} | {x['seconds']:.1f} | {x['answered']} | {x['errors']} | "
                  f"{x['lost']} | {x['mixed_up']} | {x['requests_per_s']:.2f} | "
                  f"{x['p50_ms']:.0f} | {x['p95_ms']:.0f} | {x['p99_ms']:.0f} | "
-                 f"{x.get('mean_batch', float('nan')):.2f} |")
+                 f"{x['mean_batch']:.2f} |")
   lines += ["", f"Prefix reuse ({args.slates} slates x {args.users} users, batches of "
             f"{args.max_batch}, prompt {pre['on']['prompt_tokens']} tokens of which "
             f"{pre['on']['prefix_tokens']} shared):", "",

@@ -18,17 +18,21 @@ from gr2_jax.errors import UserError
 from gr2_jax.serve import app as app_lib
 from gr2_jax.serve import engine as engine_lib
 
+_DEFAULTS = engine_lib.ServeConfig()  # one place for the serving defaults
+
 flags.DEFINE_string("workdir", None, "Pipeline workdir holding the trained artifacts.")
 flags.DEFINE_string("model_dir", None, "Model artifact folder (default: found in --workdir).")
 flags.DEFINE_string("data_dir", None, "Data artifact folder (default: <workdir>/data/latest).")
 flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on.")
 flags.DEFINE_integer("port", 8000, "Port to listen on.")
-flags.DEFINE_integer("max_batch", 8, "Requests per sampler call.")
-flags.DEFINE_float("max_wait_ms", 10.0, "How long a batch waits to fill.")
-flags.DEFINE_bool("prefix_reuse", True, "Prefill each shared prompt prefix once.")
-flags.DEFINE_integer("jump_forward", 8, "Forced answer tokens fed per decode step (0: off).")
+flags.DEFINE_integer("max_batch", _DEFAULTS.max_batch, "Requests per sampler call.")
+flags.DEFINE_float("max_wait_ms", _DEFAULTS.max_wait_ms, "How long a batch waits to fill.")
+flags.DEFINE_bool("prefix_reuse", _DEFAULTS.prefix_reuse,
+                  "Prefill each shared prompt prefix once.")
+flags.DEFINE_integer("jump_forward", _DEFAULTS.jump_forward,
+                     "Forced answer tokens fed per decode step (0: off).")
 flags.DEFINE_integer("max_candidates", 0, "Largest K served (0: the workdir's slate size).")
-flags.DEFINE_integer("max_prompt_tokens", 4096, "Longest prompt served.")
+flags.DEFINE_integer("max_prompt_tokens", _DEFAULTS.max_prompt_tokens, "Longest prompt served.")
 flags.DEFINE_bool("warmup", True, "Compile the re-ranking path before opening the port.")
 
 
