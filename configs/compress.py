@@ -53,6 +53,9 @@ def section(preset):
   c.train_groups = 4
   c.temperature = 1.0
   c.max_new_tokens = 64  # the summary's token budget
+  # Greedy summaries (the table's, the re-ranker's RL contexts) never repeat an n-gram of this
+  # many tokens (0 = off); without it a third of them looped to the budget. Rollouts: sampled.
+  c.no_repeat_ngram = 3
   c.rollout_batch = 16
   c.iterations = 8
   c.ppo_epochs = 1

@@ -29,6 +29,7 @@ from gr2_jax.rerank import evaluate as rerank_lib
 from gr2_jax.rl import algorithm
 from gr2_jax.rl import loop as rl_loop
 from gr2_jax.rl import rollout as rollout_lib
+from gr2_jax.sampling import constraints
 from gr2_jax.train import metrics_log
 from gr2_jax.train import optim
 from gr2_jax.train import packing
@@ -45,6 +46,8 @@ def check_config(c):
                     "compress.judge.checkpoint (a model artifact folder judged in this process)")
   if not 0 <= c.alpha <= 1:
     raise UserError(f"compress.alpha must be in [0, 1], got {c.alpha}")
+  if c.no_repeat_ngram < 0:
+    raise UserError(f"compress.no_repeat_ngram must be >= 0 (0 = off), got {c.no_repeat_ngram}")
   if c.max_words < 1:
     raise UserError(f"compress.max_words must be >= 1, got {c.max_words}")
   return rl_loop.check_algorithm(c, "compress")
@@ -104,10 +107,23 @@ def warmup(ctx, c, rt, model, tok, data):
 
 
 def summarise(model, tok, prompt_ids, c, *, greedy, key):
-  """(texts, responses, logps, finished) of one summary per prompt."""
+  """(texts, responses, logps, finished) of one summary per prompt.
+
+  Greedy summaries (evaluation, the re-ranker's contexts) never repeat an n-gram of
+  `c.no_repeat_ngram` tokens (0 = off), the guard against greedy decoding's loops; sampled
+  rollouts are unconstrained, so their log-probs are the policy's.
+  """
+  make_constraint = None
+  if greedy and c.no_repeat_ngram:
+    cons = constraints.no_repeat_ngram(c.no_repeat_ngram, model.cfg.vocab_size,
+                                       c.max_new_tokens)
+
+    def make_constraint(start, real):  # the same for every batch
+      del start, real
+      return cons
   responses, logps, finished, _ = rerank_lib.generate(
       model, tok, prompt_ids, max_new_tokens=c.max_new_tokens, batch_size=c.rollout_batch,
-      greedy=greedy, temperature=c.temperature, key=key)
+      make_constraint=make_constraint, greedy=greedy, temperature=c.temperature, key=key)
   texts = [tok.decode(r[:-1] if f and r else r).strip() for r, f in zip(responses, finished)]
   return texts, responses, logps, np.asarray(finished, bool)
 

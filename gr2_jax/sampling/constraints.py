@@ -21,6 +21,8 @@ Node 0 is FREE (any token; only used with a `trigger`), node 1 the trie's root. 
 (e.g. `<|sid_begin|>`) generation is free until the trigger, then must follow the trie, then is
 free again after a leaf. Without one, generation starts at the root and returns to it after each
 leaf; `root_tokens` (stop or separator tokens) are also allowed at the root.
+
+`NoRepeatNGram` bans a token that would repeat an n-gram of the row's own generated tokens.
 """
 
 from typing import Optional, Sequence
@@ -125,6 +127,59 @@ class TrieConstraint(Constraint):
       group = jnp.where(leaf >= 0, self.leaf_group[jnp.maximum(leaf, 0)], -1)  # [B]
       remaining = remaining & (self.leaf_group[None, :] != group[:, None])
     return {"node": new.astype(jnp.int32), "remaining": remaining}
+
+
+
+@flax.struct.dataclass
+class NoRepeatNGram(Constraint):
+  """Bans every token that would complete an n-gram the row has already generated (the
+  generated tokens only, not the prompt): the guard against greedy decoding's loops.
+
+  State: the row's generated tokens (`max_len` tracked; tokens past it are not remembered) and
+  their count. At each step the last n - 1 tokens are compared with every earlier window of
+  n - 1 generated tokens; the token that followed a matching window is not allowed.
+  """
+  vocab_size: int = flax.struct.field(pytree_node=False)
+  n: int = flax.struct.field(pytree_node=False)
+  max_len: int = flax.struct.field(pytree_node=False)
+
+  def init(self, batch):
+    return {"tokens": jnp.zeros((batch, self.max_len), jnp.int32),
+            "count": jnp.zeros((batch,), jnp.int32)}
+
+  def allowed(self, state):
+    toks, count = state["tokens"], jnp.minimum(state["count"], self.max_len)
+    b, length = toks.shape
+    m = self.n - 1
+    rows = jnp.arange(b)[:, None]
+    offs = jnp.arange(m)
+    suffix = toks[rows, jnp.clip(count[:, None] - m + offs[None, :], 0, length - 1)]  # [B, m]
+    starts = jnp.arange(length)
+    windows = toks[:, jnp.clip(starts[:, None] + offs[None, :], 0, length - 1)]  # [B, L, m]
+    # Window i is followed by token i + m, which must already be generated (i + m < count).
+    match = (jnp.all(windows == suffix[:, None, :], axis=-1)
+             & (starts[None, :] + m < count[:, None]))
+    banned = toks[:, jnp.clip(starts + m, 0, length - 1)]  # [B, L]
+    # Past max_len the suffix is no longer known: everything is allowed.
+    match = match & (state["count"] <= self.max_len)[:, None]
+    v = self.vocab_size
+    return jnp.ones((b, v), bool).at[rows, jnp.where(match, banned, v)].set(False, mode="drop")
+
+  def update(self, state, tokens):
+    toks, count = state["tokens"], state["count"]
+    rows = jnp.arange(toks.shape[0])
+    slot = jnp.where(count < self.max_len, count, self.max_len)  # past the end: dropped
+    return {"tokens": toks.at[rows, slot].set(tokens.astype(jnp.int32), mode="drop"),
+            "count": count + 1}
+
+
+def no_repeat_ngram(n: int, vocab_size: int, max_len: int) -> NoRepeatNGram:
+  """A `NoRepeatNGram` for n-grams of `n` >= 1 tokens over the first `max_len` generated."""
+  if int(n) < 1:
+    raise UserError(f"the no-repeat n-gram size must be >= 1, got {n}")
+  if int(max_len) < 1:
+    raise UserError(f"the no-repeat constraint must track >= 1 token, got max_len={max_len}")
+  return NoRepeatNGram(vocab_size=int(vocab_size), n=int(n), max_len=int(max_len))
 
 
 def _build_tables(sequences, vocab_size):
