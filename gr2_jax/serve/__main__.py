@@ -26,7 +26,9 @@ flags.DEFINE_string("data_dir", None, "Data artifact folder (default: <workdir>/
 flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on.")
 flags.DEFINE_integer("port", 8000, "Port to listen on.")
 flags.DEFINE_integer("max_batch", _DEFAULTS.max_batch, "Requests per sampler call.")
-flags.DEFINE_float("max_wait_ms", _DEFAULTS.max_wait_ms, "How long a batch waits to fill.")
+flags.DEFINE_float("max_wait_ms", _DEFAULTS.max_wait_ms,
+                   "The most a batch waits to fill (for as many requests as the last batch's "
+                   "clients and those queued meanwhile).")
 flags.DEFINE_bool("prefix_reuse", _DEFAULTS.prefix_reuse,
                   "Prefill each shared prompt prefix once.")
 flags.DEFINE_integer("jump_forward", _DEFAULTS.jump_forward,

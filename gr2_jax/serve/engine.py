@@ -50,7 +50,7 @@ MODEL_STAGES = ("internalize", "rl", "opd", "sft")
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
   max_batch: int = 8  # requests per sampler call (padded up to a power of two)
-  max_wait_ms: float = 10.0  # how long the first request of a batch waits for others
+  max_wait_ms: float = 10.0  # the most a batch waits to fill (see `Batcher`)
   prefix_reuse: bool = True
   prefix_cache_entries: int = 256
   # Tokens the list constraint forces (the rest of a SID once its first code names a candidate,
@@ -309,8 +309,15 @@ class Engine:
 
 
 class Batcher:
-  """Runs submitted requests in batches: one worker thread takes the oldest request, waits up
-  to `max_wait_ms` for more of the same kind (up to `max_batch`), and runs them together.
+  """Runs submitted requests in batches: one worker thread takes the oldest request, waits for
+  more of the same kind, and runs up to `max_batch` of them together.
+
+  How long it waits: until as many requests of the kind are queued as it expects, at most
+  `max_wait_ms` past the later of the oldest request's arrival and the end of the previous
+  batch. It expects the clients of the last batch back plus those that queued meanwhile (capped
+  at `max_batch`; 1 at the start): a lone client is served without waiting, and closed-loop
+  clients whose answers left together are batched together again, instead of splitting into a
+  batch of the early returners and one of the late ones.
 
   Requests cancelled before their batch starts (a client that went away) are dropped and
   counted. `pause()` / `resume()` hold the worker (tests).
@@ -326,6 +333,7 @@ class Batcher:
     self._stop = False
     self.stats = collections.Counter()
     self.batch_sizes = collections.Counter()
+    self._expect, self._t_free = 1, 0.0  # see the class docstring
     self._thread = threading.Thread(target=self._loop, name="gr2-batcher", daemon=True)
     self._thread.start()
 
@@ -364,11 +372,11 @@ class Batcher:
       if self._stop:
         return None
       kind, _, _, t_first = self._queue[0]
-      deadline = t_first + self.max_wait
+      deadline = max(t_first, self._t_free) + self.max_wait
       while True:
         same = sum(1 for q in self._queue if q[0] == kind)
         left = deadline - time.time()
-        if same >= self.max_batch or left <= 0 or self._stop:
+        if same >= self._expect or left <= 0 or self._stop:
           break
         self._cond.wait(timeout=left)
       batch, rest = [], collections.deque()
@@ -399,9 +407,17 @@ class Batcher:
       except Exception as e:  # pylint: disable=broad-except
         logging.exception("[serve] batch of %d %s requests failed", len(live), kind[0])
         self.stats["failed"] += len(live)
+        self._finished(len(live))
         for q in live:
           q[2].set_exception(e)
         continue
+      self._finished(len(live))
       for q, res in zip(live, results):
         self.stats["done"] += 1
         q[2].set_result(res)
+
+  def _finished(self, answered):
+    """After a batch: expect its clients back, with those queued meanwhile."""
+    with self._cond:
+      self._expect = max(1, min(self.max_batch, answered + len(self._queue)))
+      self._t_free = time.time()
