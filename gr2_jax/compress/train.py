@@ -331,6 +331,9 @@ def evaluate(c, model, tok, reranker, slates, data, rl_c, rl_runs=None):
   ctx_tokens = ctx_lib.context_tokens(slates, data["items"], reranker.sids, reranker.prompt_cfg,
                                       reranker.tok)
   kept = ctx_lib.summary_tokens(texts, reranker.tok) / np.maximum(ctx_tokens, 1)
+  logging.info("[compress] greedy summaries of %d slates: %.1f%% of the history block kept "
+               "(median %.1f%%), %d cut at the budget; re-ranking them", len(texts),
+               100 * kept.mean(), 100 * np.median(kept), int((~finished).sum()))
   full, d_full = reranker.orders(slates)
   comp, d_comp = reranker.orders(slates, texts)
   k = slates["slate"].shape[1]
