@@ -1,7 +1,8 @@
 """Serving: candidate-prefix KV reuse, and the HTTP server under loopback load.
 
   python benchmarks/bench_serve.py --workdir=W [--seconds 60] [--clients 1,8,32]
-      [--slates 4] [--users 16] [--max_batch 8] [--jump_forward 8]
+      [--slates 4] [--users 16] [--max_batch 8] [--jump_forward 8] [--rounds 3]
+      [--prefix_batch N]  # --clients= (empty) skips the load test
 
 Start-up: the time `python -m gr2_jax.serve` takes before its port opens (load the workdir's
 model artifact, compile the re-ranking path for every batch size).
@@ -10,9 +11,11 @@ Prefix reuse: `slates` test slates each shown to `users` users (their own histor
 in the part order "system_candidates_user" so that the system turn and the candidates form the
 shared prefix; batches of `max_batch` requests of one slate; requests/s of the reasoning-free
 re-ranking path and time to first token (prefill and one decode step per batch) with the
-prefix cache on and off, each after a compiling pass (the prefix cache emptied, so the measured
-pass prefills each slate's prefix once). The rankings of both must be identical. With
-jump-forward on (the default), the same again without it (one model call per answer token).
+prefix cache on and off: after a compiling pass of each, `--rounds` rounds that each time one
+pass with the cache off and one with it on (the prefix cache emptied before each pass, so a pass
+prefills each slate's prefix once); medians over the rounds. The rankings of both must be
+identical. With jump-forward on (the default), the same again without it (one model call per
+answer token). `--prefix_batch` sets the batch of this part (default `--max_batch`).
 
 Load: the server (the checkpoint's own prompt) on 127.0.0.1 in this process; for each client
 count, closed-loop clients send test-slate requests for `seconds`; latency percentiles,
@@ -46,14 +49,14 @@ def test_requests(workdir, n, seed=0):
   return out
 
 
-def prefix_bench(engine, requests, n_slates, n_users, max_batch):
+def prefix_bench(engine, requests, n_slates, n_users, max_batch, rounds=3):
   """Requests/s and time to first token with the prefix cache on and off, with the engine's
   jump-forward and (`no_jump`) without it."""
   base = engine.cfg
-  out = prefix_bench_one(engine, requests, n_slates, n_users, max_batch)
+  out = prefix_bench_one(engine, requests, n_slates, n_users, max_batch, rounds)
   if base.jump_forward:
     engine.cfg = dataclasses.replace(base, jump_forward=0)
-    out["no_jump"] = prefix_bench_one(engine, requests, n_slates, n_users, max_batch)
+    out["no_jump"] = prefix_bench_one(engine, requests, n_slates, n_users, max_batch, rounds)
     engine.cfg = base
     out["same_rankings_jump"] = out["rankings"] == out["no_jump"]["rankings"]
     out["jump_speedup"] = out["off"]["requests_per_s"] / out["no_jump"]["off"]["requests_per_s"]
@@ -63,8 +66,10 @@ def prefix_bench(engine, requests, n_slates, n_users, max_batch):
   return out
 
 
-def prefix_bench_one(engine, requests, n_slates, n_users, max_batch):
-  """Requests/s and time to first token with the prefix cache on and off."""
+def prefix_bench_one(engine, requests, n_slates, n_users, max_batch, rounds=3):
+  """Requests/s and time to first token with the prefix cache on and off: a compiling pass of
+  each, then `rounds` rounds that each time one pass with the cache off and one with it on
+  (interleaved, so that a change of machine load hits both); the medians over the rounds."""
   rng = np.random.default_rng(0)
   slates = [requests[i]["candidates"] for i in range(n_slates)]
   histories = [requests[i]["history"] for i in rng.choice(len(requests), n_users, replace=False)]
@@ -77,43 +82,64 @@ def prefix_bench_one(engine, requests, n_slates, n_users, max_batch):
             for h in histories]
     batches += [reqs[i:i + max_batch] for i in range(0, len(reqs), max_batch)]
   cache = engine.prefix_cache
-  out, rankings = {}, {}
-  for mode in ("off", "on"):
+
+  def one_pass(mode):
     engine.prefix_cache = cache if mode == "on" else None
-    for rep in range(2):  # a compiling pass, then the measured one
-      if cache is not None:
-        cache._entries.clear()  # pylint: disable=protected-access
-      t0 = time.perf_counter()
-      got = [a["ranking"] for b in batches for a in engine.rerank_batch(b)]
-      secs = time.perf_counter() - t0
-    rankings[mode] = got
-    # Time to first token: the prefill and one greedy step, per batch.
+    if cache is not None:
+      cache._entries.clear()  # pylint: disable=protected-access
+    t0 = time.perf_counter()
+    got = [a["ranking"] for b in batches for a in engine.rerank_batch(b)]
+    return got, time.perf_counter() - t0
+
+  def ttft_pass(mode):
+    """Time to first token: the prefill and one greedy step, per batch."""
+    if cache is not None:
+      cache._entries.clear()  # pylint: disable=protected-access
     ttft = []
-    for rep in range(2):
-      if cache is not None:
-        cache._entries.clear()  # pylint: disable=protected-access
-      ttft = []
-      for b in batches:
-        built = [engine.rerank_prompt(r["history"], r["candidates"], None, False) for r in b]
-        ids = [x[0] for x in built]
-        kw = ({"prefix_cache": cache, "prefix_lengths": [x[1] for x in built]}
-              if mode == "on" else {})
-        t0 = time.perf_counter()
-        res = sampler.sample(engine.model, ids, key=jax.random.key(0), max_new_tokens=1,
-                             greedy=True, pad_id=engine.tok.pad_id,
-                             prompt_multiple=engine.cfg.prompt_multiple, **kw)
-        jax.block_until_ready(res.tokens)
-        ttft.append(time.perf_counter() - t0)
-    built = engine.rerank_prompt(batches[0][0]["history"], batches[0][0]["candidates"], None,
-                                 False)
-    out[mode] = {"requests": len(got), "seconds": secs, "requests_per_s": len(got) / secs,
-                 "ttft_batch_ms_median": 1000 * float(np.median(ttft)),
-                 "prompt_tokens": len(built[0]), "prefix_tokens": built[1]}
+    for b in batches:
+      built = [engine.rerank_prompt(r["history"], r["candidates"], None, False) for r in b]
+      ids = [x[0] for x in built]
+      kw = ({"prefix_cache": cache, "prefix_lengths": [x[1] for x in built]}
+            if mode == "on" else {})
+      t0 = time.perf_counter()
+      res = sampler.sample(engine.model, ids, key=jax.random.key(0), max_new_tokens=1,
+                           greedy=True, pad_id=engine.tok.pad_id,
+                           prompt_multiple=engine.cfg.prompt_multiple, **kw)
+      jax.block_until_ready(res.tokens)
+      ttft.append(time.perf_counter() - t0)
+    return ttft
+
+  rankings = {}
+  for mode in ("off", "on"):  # compiling passes
+    rankings[mode], _ = one_pass(mode)
+    ttft_pass(mode)
+  secs = {"off": [], "on": []}
+  ttfts = {"off": [], "on": []}
+  for _ in range(rounds):
+    for mode in ("off", "on"):
+      got, t = one_pass(mode)
+      if got != rankings[mode]:
+        raise RuntimeError(f"prefix cache {mode}: the rankings changed between passes")
+      secs[mode].append(t)
+      ttfts[mode] += ttft_pass(mode)
+  built = engine.rerank_prompt(batches[0][0]["history"], batches[0][0]["candidates"], None,
+                               False)
   engine.prefix_cache = cache
   engine.prompt = prompt
+  n = len(rankings["on"])
+  out = {}
+  for mode in ("off", "on"):
+    out[mode] = {"requests": n, "seconds": float(np.median(secs[mode])),
+                 "requests_per_s": n / float(np.median(secs[mode])),
+                 "requests_per_s_rounds": [n / t for t in secs[mode]],
+                 "ttft_batch_ms_median": 1000 * float(np.median(ttfts[mode])),
+                 "prompt_tokens": len(built[0]), "prefix_tokens": built[1]}
+  out["rounds"] = rounds
   out["rankings"] = rankings["on"]
   out["same_rankings"] = rankings["on"] == rankings["off"]
   out["speedup"] = out["on"]["requests_per_s"] / out["off"]["requests_per_s"]
+  out["speedup_rounds"] = [a / b for a, b in zip(out["on"]["requests_per_s_rounds"],
+                                                 out["off"]["requests_per_s_rounds"])]
   out["ttft_speedup"] = out["off"]["ttft_batch_ms_median"] / out["on"]["ttft_batch_ms_median"]
   return out
 
@@ -131,6 +157,9 @@ def main():
   p.add_argument("--max_wait_ms", type=float, default=defaults.max_wait_ms)
   p.add_argument("--jump_forward", type=int, default=defaults.jump_forward,
                  help="0: one token per decode step")
+  p.add_argument("--rounds", type=int, default=3, help="interleaved off/on prefix rounds")
+  p.add_argument("--prefix_batch", type=int, default=None,
+                 help="batch of the prefix-reuse part (default: --max_batch)")
   p.add_argument("--out", default=None, help="also write the results as JSON here")
   p.add_argument("--no_append", action="store_true")
   args = p.parse_args()
@@ -152,7 +181,7 @@ def main():
   api = app_lib.create_app(engine, cfg)
   rows = []
   with loadtest.ServerThread(api) as srv:
-    for clients in (int(c) for c in args.clients.split(",")):
+    for clients in (int(c) for c in args.clients.split(",") if c.strip()):
       def make_request(client, n, clients=clients):
         return requests[(client * 997 + n * 31) % len(requests)]
       before = json_get(srv.url + "/healthz")["batcher"]
@@ -166,7 +195,13 @@ def main():
     health = json_get(srv.url + "/healthz")
   results["load"] = rows
   results["server_counters"] = health
-  results["prefix"] = prefix_bench(engine, requests, args.slates, args.users, args.max_batch)
+  prefix_batch = args.prefix_batch or args.max_batch
+  if prefix_batch > args.max_batch:
+    # The engine pads a batch to a bucket of at most max_batch; a larger one needs its own.
+    engine.cfg = dataclasses.replace(engine.cfg, max_batch=prefix_batch)
+  results["prefix_batch"] = prefix_batch
+  results["prefix"] = prefix_bench(engine, requests, args.slates, args.users, prefix_batch,
+                                   args.rounds)
   print("prefix", json.dumps(results["prefix"]), flush=True)
   if args.out:
     with open(args.out, "w") as f:
@@ -187,7 +222,9 @@ def markdown(r, args):
       f"Machine: {r['machine']}. Command: `python benchmarks/bench_serve.py --workdir=W "
       + (f"--model_dir={args.model_dir} " if args.model_dir else "")
       + f"--seconds {args.seconds:g} --clients {args.clients} --max_batch {args.max_batch} "
-      f"--jump_forward {args.jump_forward}`.", "",
+      f"--jump_forward {args.jump_forward} --max_wait_ms {args.max_wait_ms:g} --rounds "
+      f"{args.rounds}" + (f" --prefix_batch {args.prefix_batch}" if args.prefix_batch else "")
+      + "`.", "",
       f"Start-up (load the model, compile every batch size): {r['startup']['startup_s']:.1f} s "
       f"(load {r['startup']['load_s']:.1f} s, compile {r['startup']['warmup_s']:.1f} s).", "",
       "| clients | seconds | answered | errors | lost | mixed up | requests/s | p50 ms | "
@@ -198,14 +235,16 @@ def markdown(r, args):
                  f"{x['p50_ms']:.0f} | {x['p95_ms']:.0f} | {x['p99_ms']:.0f} | "
                  f"{x['mean_batch']:.2f} |")
   lines += ["", f"Prefix reuse ({args.slates} slates x {args.users} users, batches of "
-            f"{args.max_batch}, prompt {pre['on']['prompt_tokens']} tokens of which "
+            f"{r['prefix_batch']}, prompt {pre['on']['prompt_tokens']} tokens of which "
             f"{pre['on']['prefix_tokens']} shared):", "",
             "| prefix cache | requests/s | time to first token per batch (ms, median) |",
             "|---|---|---|"]
   for mode in ("off", "on"):
     lines.append(f"| {mode} | {pre[mode]['requests_per_s']:.2f} | "
                  f"{pre[mode]['ttft_batch_ms_median']:.0f} |")
-  lines += ["", f"Speed-up {pre['speedup']:.2f}x requests/s, {pre['ttft_speedup']:.2f}x time to "
+  rounds = ", ".join(f"{x:.2f}" for x in pre["speedup_rounds"])
+  lines += ["", f"Speed-up {pre['speedup']:.2f}x requests/s (medians of {pre['rounds']} "
+            f"interleaved rounds; per round {rounds}), {pre['ttft_speedup']:.2f}x time to "
             f"first token; identical rankings: {pre['same_rankings']} (jump-forward "
             f"{pre['jump_forward']}).", ""]
   if "no_jump" in pre:
