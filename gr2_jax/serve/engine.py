@@ -328,8 +328,7 @@ class Batcher:
     self.max_batch, self.max_wait = int(max_batch), float(max_wait_ms) / 1000.0
     self._queue = collections.deque()
     self._cond = threading.Condition()
-    self._open = threading.Event()
-    self._open.set()
+    self._paused = False
     self._stop = False
     self.stats = collections.Counter()
     self.batch_sizes = collections.Counter()
@@ -352,22 +351,25 @@ class Batcher:
       return len(self._queue)
 
   def pause(self):
-    self._open.clear()
+    """Hold the worker: requests stay queued (`pending`) until `resume`."""
+    with self._cond:
+      self._paused = True
 
   def resume(self):
-    self._open.set()
+    with self._cond:
+      self._paused = False
+      self._cond.notify()
 
   def close(self):
     with self._cond:
       self._stop = True
       self._cond.notify()
-    self._open.set()
     self._thread.join(timeout=30)
 
   def _take(self):
     """The next batch [(kind, payload, future)] of one kind, or None when stopping."""
     with self._cond:
-      while not self._queue and not self._stop:
+      while (not self._queue or self._paused) and not self._stop:
         self._cond.wait()
       if self._stop:
         return None
@@ -379,6 +381,8 @@ class Batcher:
         if same >= self._expect or left <= 0 or self._stop:
           break
         self._cond.wait(timeout=left)
+      while self._paused and not self._stop:
+        self._cond.wait()
       batch, rest = [], collections.deque()
       for q in self._queue:
         if q[0] == kind and len(batch) < self.max_batch:
@@ -390,11 +394,9 @@ class Batcher:
 
   def _loop(self):
     while True:
-      self._open.wait()
       batch = self._take()
       if batch is None:
         return
-      self._open.wait()
       live = [q for q in batch if q[2].set_running_or_notify_cancel()]
       self.stats["cancelled"] += len(batch) - len(live)
       if not live:
