@@ -129,7 +129,6 @@ class TrieConstraint(Constraint):
     return {"node": new.astype(jnp.int32), "remaining": remaining}
 
 
-
 @flax.struct.dataclass
 class NoRepeatNGram(Constraint):
   """Bans every token that would complete an n-gram the row has already generated (the

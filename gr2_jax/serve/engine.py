@@ -320,7 +320,7 @@ class Batcher:
   batch of the early returners and one of the late ones.
 
   Requests cancelled before their batch starts (a client that went away) are dropped and
-  counted. `pause()` / `resume()` hold the worker (tests).
+  counted. `pause()` / `resume()` keep requests queued and release them (tests).
   """
 
   def __init__(self, run_batch, max_batch, max_wait_ms):
@@ -408,12 +408,13 @@ class Batcher:
         results = self.run_batch(kind, [q[1] for q in live])
       except Exception as e:  # pylint: disable=broad-except
         logging.exception("[serve] batch of %d %s requests failed", len(live), kind[0])
-        self.stats["failed"] += len(live)
-        self._finished(len(live))
-        for q in live:
-          q[2].set_exception(e)
-        continue
+        results = e
       self._finished(len(live))
+      if isinstance(results, Exception):
+        self.stats["failed"] += len(live)
+        for q in live:
+          q[2].set_exception(results)
+        continue
       for q, res in zip(live, results):
         self.stats["done"] += 1
         q[2].set_result(res)
