@@ -76,6 +76,10 @@ def section(preset):
   c.eval_examples = 96
   c.eval_batch = 32
   c.timing_prompts = 4
+  # Reference rows of the table, each paired against the full context: "template" (the
+  # statistics summary the warm-up imitates, `compress.context.template_summary`) and "none"
+  # (an empty summary block: what the history is worth to the re-ranker). "" = neither.
+  c.reference_rows = "template,none"
   # RL iterations of the re-ranker (the rl section's settings, from the RL model) on full and on
   # compressed contexts: their iteration times, and a table row for the one trained on
   # summaries (0 = skip).

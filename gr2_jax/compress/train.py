@@ -50,7 +50,35 @@ def check_config(c):
     raise UserError(f"compress.no_repeat_ngram must be >= 0 (0 = off), got {c.no_repeat_ngram}")
   if c.max_words < 1:
     raise UserError(f"compress.max_words must be >= 1, got {c.max_words}")
+  reference_names(c)
   return rl_loop.check_algorithm(c, "compress")
+
+
+REFERENCE_ROWS = {"template": "re-ranker, template summary (reference)",
+                  "none": "re-ranker, no history (reference)"}
+
+
+def reference_names(c):
+  """The reference rows of the table named by `c.reference_rows` ("template,none"; "" = none)."""
+  names = [n.strip() for n in c.reference_rows.split(",") if n.strip()]
+  bad = [n for n in names if n not in REFERENCE_ROWS]
+  if bad:
+    raise UserError(f"compress.reference_rows: unknown {', '.join(map(repr, bad))}; use a "
+                    f"comma-separated list of {', '.join(REFERENCE_ROWS)} (or '')")
+  return names
+
+
+def reference_summaries(name, slates, items, max_history):
+  """What a reference row shows in place of each slate's history: "template" the statistics
+  summary the warm-up imitates (`context.template_summary` of the items the compressor reads),
+  "none" an empty summary block (the re-ranker without the history)."""
+  if name == "none":
+    return [" "] * len(slates["slate"])
+  out = []
+  for i in range(len(slates["slate"])):
+    hist, ratings = ctx_lib.slate_histories(slates, i)
+    out.append(ctx_lib.template_summary(hist[-max_history:], ratings[-max_history:], items))
+  return out
 
 
 def make_judge(c, rt):
@@ -334,6 +362,11 @@ def evaluate(c, model, tok, reranker, slates, data, rl_c, rl_runs=None):
   logging.info("[compress] greedy summaries of %d slates: %.1f%% of the history block kept "
                "(median %.1f%%), %d cut at the budget; re-ranking them", len(texts),
                100 * kept.mean(), 100 * np.median(kept), int((~finished).sum()))
+  histories = {tuple(ctx_lib.slate_histories(slates, i)[0][-c.max_history:])
+               for i in range(len(texts))}
+  distinct = {"summaries": len(set(texts)), "histories": len(histories)}
+  logging.info("[compress] %d distinct greedy summaries of %d distinct histories",
+               distinct["summaries"], distinct["histories"])
   full, d_full = reranker.orders(slates)
   comp, d_comp = reranker.orders(slates, texts)
   k = slates["slate"].shape[1]
@@ -341,6 +374,14 @@ def evaluate(c, model, tok, reranker, slates, data, rl_c, rl_runs=None):
             "re-ranker, full context": full, "re-ranker, compressed context": comp}
   pairs = [("re-ranker, compressed context", "re-ranker, full context")]
   valid = {"full": d_full["valid_rate"], "compressed": d_comp["valid_rate"]}
+  ref_kept = {}
+  for name in reference_names(c):
+    ref = reference_summaries(name, slates, data["items"], c.max_history)
+    orders[REFERENCE_ROWS[name]], d = reranker.orders(slates, ref)
+    valid[name] = d["valid_rate"]
+    pairs.append((REFERENCE_ROWS[name], "re-ranker, full context"))
+    ref_kept[name] = float(np.mean(ctx_lib.summary_tokens(ref, reranker.tok)
+                                   / np.maximum(ctx_tokens, 1)))
   rl_runs = rl_runs or {}
   if "compressed" in rl_runs:
     tuned = Reranker(rl_runs["compressed"][0], reranker.tok, reranker.sids, reranker.prompt_cfg,
@@ -367,7 +408,10 @@ def evaluate(c, model, tok, reranker, slates, data, rl_c, rl_runs=None):
         compare.paired_markdown(paired), "",
         f"Context kept: {100 * kept.mean():.1f}% of the history block's tokens (a block of "
         f"{ctx_tokens.mean():.1f} tokens on average; median "
-        f"{100 * np.median(kept):.1f}%; summaries cut at the budget: {int((~finished).sum())}).",
+        f"{100 * np.median(kept):.1f}%; summaries cut at the budget: {int((~finished).sum())}; "
+        f"{distinct['summaries']} distinct summaries of {distinct['histories']} distinct "
+        "histories)." + "".join(f" The {n} reference keeps {100 * v:.1f}%." for n, v in
+                                ref_kept.items()),
         f"The re-ranker's RL rollout ({timing['prompts']} prompts x {timing['group_size']} "
         f"samples, {timing['max_new_tokens']} new tokens): {timing['full_s']:.2f} s with the full "
         f"context, {timing['compressed_s']:.2f} s compressed (ratio "
@@ -389,7 +433,8 @@ def evaluate(c, model, tok, reranker, slates, data, rl_c, rl_runs=None):
   result = {"rows": rows, "paired": paired, "context_kept_mean": float(kept.mean()),
             "context_tokens_mean": float(ctx_tokens.mean()),
             "context_kept_median": float(np.median(kept)), "timing": timing,
-            "rl_timing": rl_time, "samples": samples, "valid_rate": valid}
+            "rl_timing": rl_time, "samples": samples, "valid_rate": valid,
+            "distinct": distinct, "reference_kept": ref_kept}
   return result, "\n".join(md)
 
 

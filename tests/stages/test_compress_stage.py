@@ -7,10 +7,13 @@ import os
 import socket
 
 import numpy as np
+import pytest
 
 from gr2_jax import config_lib
 from gr2_jax import runner
 from gr2_jax.compress import context as ctx_lib
+from gr2_jax.compress import train as ctrain
+from gr2_jax.errors import UserError
 from gr2_jax.text import prompts
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -52,10 +55,15 @@ def test_tiny_compress_with_a_judge_that_is_down(tiny_workdir):
   with open(os.path.join(out, "table.json")) as f:
     table = json.load(f)
   rl_row = "re-ranker RL-trained on compressed contexts, compressed context"
+  refs = ("re-ranker, template summary (reference)", "re-ranker, no history (reference)")
   assert set(table["rows"]) == {"legacy", "re-ranker, full context",
-                                "re-ranker, compressed context", rl_row}
+                                "re-ranker, compressed context", rl_row, *refs}
   assert set(table["paired"]) == {f"{a} vs re-ranker, full context"
-                                  for a in ("re-ranker, compressed context", rl_row)}
+                                  for a in ("re-ranker, compressed context", rl_row, *refs)}
+  assert set(table["valid_rate"]) == {"full", "compressed", "rl_compressed", "template", "none"}
+  assert 0 < table["reference_kept"]["none"] < table["reference_kept"]["template"]
+  assert 1 <= table["distinct"]["summaries"] <= c.eval_examples
+  assert 1 <= table["distinct"]["histories"] <= c.eval_examples
   # The re-ranker's RL on full and on compressed contexts: timed, the summaries written apart.
   for name in ("full", "compressed"):
     rl = report["rerank_rl"][name]
@@ -89,6 +97,29 @@ def test_context_tokens_count_the_history_block():
   text = ctx_lib.context_text([3, 1], [4.0, 5.0], items)
   assert text.splitlines() == ["History (oldest first):", "T3 (2000) | Drama | rated 4",
                                "T1 (2000) | Drama | rated 5"]
+
+
+def test_reference_summaries_and_their_names():
+  items = [{"title": "A", "year": 1994, "genres": ["Drama"]},
+           {"title": "B", "year": 1971, "genres": ["Comedy"]}]
+  slates = {"history": np.array([[-1, 0, 1, 1], [0, 0, 0, 1]]),
+            "history_rating": np.array([[0, 5.0, 4.0, 3.0], [1.0, 2.0, 3.0, 2.0]]),
+            "slate": np.array([[0, 1], [1, 0]])}
+  # Read through the last 2 items (max_history 2). Row 0: B twice, rated 4 then 3. Row 1: A
+  # rated 3, then B rated 2: genres and decades tie, so the first seen leads (A's).
+  assert ctrain.reference_summaries("template", slates, items, 2) == [
+      "Likes Comedy; mostly 1970s films; recently enjoyed B.",
+      "Likes Drama and Comedy; mostly 1990s films; recently enjoyed A."]
+  assert ctrain.reference_summaries("none", slates, items, 2) == [" ", " "]
+  c = _config().compress
+  assert ctrain.reference_names(c) == ["template", "none"]
+  c.reference_rows = " none , "
+  assert ctrain.reference_names(c) == ["none"]
+  c.reference_rows = ""
+  assert ctrain.reference_names(c) == []
+  c.reference_rows = "template,oracle"
+  with pytest.raises(UserError, match="compress.reference_rows: unknown 'oracle'"):
+    ctrain.check_config(c)
 
 
 def test_template_summary():
