@@ -80,6 +80,16 @@ def summary_tokens(summaries, tok):
                     np.int64)
 
 
+def history_shares(history, items):
+  """({genre: share}, {decade: share}) of the history's items: each genre's share of all the
+  genre labels, each decade's ("1990s") share of the items with a year."""
+  genres = collections.Counter(g for i in history for g in items[int(i)].get("genres") or ())
+  years = [items[int(i)].get("year") for i in history if items[int(i)].get("year")]
+  decades = collections.Counter(f"{int(y) // 10 * 10}s" for y in years)
+  norm = lambda c: {k: v / sum(c.values()) for k, v in c.items()}  # noqa: E731
+  return norm(genres), norm(decades)
+
+
 def template_summary(history, ratings, items, recent=5):
   """A summary written from the history's statistics: the leading genres, the decade most
   watched, and the genre the last `recent` items lean to when it is new. The warm-up's target

@@ -9,7 +9,9 @@
   (over half of its word 5-grams appear verbatim in the context); else 1.
 - r_quality: "utility" (no judge) = clip(1 + AUC_c - AUC_o, 0, 1): the frozen re-ranker's AUC on
   the slate with the summary against its AUC with the full history (1 at iso-quality or
-  better); "judge" = the judge's rubric score (`judge_score`); "utility+judge" their mean.
+  better); "judge" = the judge's rubric score (`judge_score`); "preservation" (no judge, no
+  re-ranker) = what the summary says of the history that is true (`preservation`); a "+" joins
+  several, whose mean is the quality.
 - An empty summary gets `empty_reward` (0) and an over-long one (not shorter than the history
   block it replaces) `overlong_reward` (-1), whatever else it scores; both counted. (One cut at
   the token budget has lambda_ellipsis 0, so it scores 0.)
@@ -22,7 +24,8 @@ import numpy as np
 from gr2_jax.errors import UserError
 from gr2_jax.rl.registry import COMPRESS_REWARDS
 
-QUALITIES = ("utility", "judge", "utility+judge")
+QUALITY_TERMS = ("utility", "judge", "preservation")
+QUALITIES = ("utility", "judge", "utility+judge", "preservation", "utility+preservation")
 _SHORTCUT = re.compile(r"\.\.\.|…|\betc\b\.?", re.IGNORECASE)
 _WORD = re.compile(r"\w+")
 COPY_NGRAM = 5
@@ -68,6 +71,36 @@ def utility(auc_compressed, auc_full):
   scores 1 (the summary cannot lose what the slate cannot measure)."""
   d = np.asarray(auc_compressed, np.float64) - np.asarray(auc_full, np.float64)
   return np.clip(1.0 + np.nan_to_num(d, nan=0.0), 0.0, 1.0).astype(np.float32)
+
+
+_DECADE = re.compile(r"(?<!\w)(\d{3}0)s(?!\w)")
+
+
+def _named_share(named, shares):
+  """Share of the history carried by the names a summary gives, over the most that as many
+  names can carry: 1 for naming the k largest, less for smaller or absent ones, 0 for none."""
+  if not named:
+    return 0.0
+  best = sum(sorted(shares.values(), reverse=True)[:len(named)])
+  return sum(shares.get(n, 0.0) for n in named) / best if best > 0 else 0.0
+
+
+@COMPRESS_REWARDS.register("preservation")
+def preservation(summaries, genre_shares, decade_shares, genres):
+  """A verifiable stand-in for the judge's preservation score, in [0, 1] per summary: the mean
+  of a genre part and a decade part (the decade part only when the history has years), each
+  `_named_share` of the names the summary gives. Genres are matched as whole words,
+  case-insensitively, from the catalogue's list `genres`; decades as "1990s". "Likes Drama" of
+  a history that is mostly Drama scores 1 on genres; "Likes Comedy" of it, Comedy's share over
+  Drama's."""
+  pats = {g: re.compile(r"(?<!\w)" + re.escape(g) + r"(?!\w)", re.IGNORECASE) for g in genres}
+  out = np.zeros(len(summaries), np.float32)
+  for i, (s, gs, ds) in enumerate(zip(summaries, genre_shares, decade_shares)):
+    parts = [_named_share({g for g, p in pats.items() if p.search(s)}, gs)]
+    if ds:
+      parts.append(_named_share(set(m.group(1) + "s" for m in _DECADE.finditer(s)), ds))
+    out[i] = np.mean(parts)
+  return out
 
 
 @COMPRESS_REWARDS.register("judge")

@@ -4,7 +4,8 @@ One iteration: draw `rollout_prompts` training slates that have a positive and a
 seeded function of the iteration, so a resumed run draws the same ones); sample `group_size`
 summaries each; score each summary (`gr2_jax.compress.rewards`): compression in the re-ranker's
 prompt tokens, the ellipsis penalty, and the quality term (the frozen re-ranker's AUC with the
-summary against its AUC with the full history, greedy under the slate constraint; or the judge);
+summary against its AUC with the full history, greedy under the slate constraint; the judge; the
+genres and decades it names that are true of the history; or a mean of several);
 then the RL algorithm's group advantages and update (`gr2_jax.rl.algorithm`, the rl stage's
 `Policy` with its jitted step, checkpoints and resume).
 """
@@ -194,6 +195,14 @@ def score(texts, finished, batch, c, reranker, judge, ctx_texts, ctx_tokens, auc
     auc_c = reranker.aucs(rows, [t or " " for t in texts])
     parts["utility"] = rewards.utility(auc_c, np.repeat(auc_full, g))
     quality.append(parts["utility"])
+  if "preservation" in c.quality:
+    items = reranker.data["items"]
+    shares = [ctx_lib.history_shares(ctx_lib.slate_histories(batch, i)[0][-c.max_history:], items)
+              for i in range(len(batch["slate"]))]
+    parts["preservation"] = rewards.preservation(
+        texts, [shares[i // g][0] for i in range(len(texts))],
+        [shares[i // g][1] for i in range(len(texts))], catalogue_genres(items))
+    quality.append(parts["preservation"])
   if judge is not None:
     cand = [", ".join(reranker.data["items"][int(i)]["title"] for i in s) for s in batch["slate"]]
     parts["judge"] = np.asarray(judge.score_many([ctx_texts[i // g] for i in range(len(texts))],
@@ -205,6 +214,11 @@ def score(texts, finished, batch, c, reranker, judge, ctx_texts, ctx_tokens, auc
                                  empty_reward=c.empty_reward, overlong_reward=c.overlong_reward)
   parts["kept"] = (sum_tokens / np.maximum(o, 1)).astype(np.float32)
   return parts, {"empty": int(empty.sum()), "overlong": int(overlong.sum())}
+
+
+def catalogue_genres(items):
+  """The genre names of the catalogue, sorted."""
+  return sorted({g for it in items for g in it.get("genres") or ()})
 
 
 def _signal(slates):
@@ -281,7 +295,7 @@ def train(ctx, c, rt, model, tok, reranker, data):
                    "%.1f%% of the context, summary %.0f tokens, empty %d overlong %d | rollout "
                    "%.0f tok/s, iter %.1fs", it + 1, c.iterations, m["reward"],
                    m["reward/compression"], m["reward/ellipsis"],
-                   "".join(f" {k} {m['reward/' + k]:.3f}" for k in ("utility", "judge")
+                   "".join(f" {k} {m['reward/' + k]:.3f}" for k in rewards.QUALITY_TERMS
                            if "reward/" + k in m),
                    100 * m["context_kept"], m["summary_tokens"], n["empty"], n["overlong"],
                    m["rollout_tokens_per_sec"], m["iteration_seconds"])

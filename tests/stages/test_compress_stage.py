@@ -122,6 +122,33 @@ def test_reference_summaries_and_their_names():
     ctrain.check_config(c)
 
 
+def test_score_with_preservation_needs_no_reranker_call():
+  class Tok:
+    def encode(self, text):
+      return text.split()
+
+  class Reranker:  # no orders/aucs: the "preservation" quality must not call the re-ranker
+    tok = Tok()
+    data = {"items": [{"title": "A", "year": 1994, "genres": ["Drama"]},
+                      {"title": "B", "year": 1994, "genres": ["Comedy"]}]}
+
+  c = _config(quality="preservation", alpha=0.5, group_size=2).compress
+  batch = {"history": np.array([[0, 0, 0, 1]]), "history_rating": np.array([[5.0] * 4]),
+           "slate": np.array([[0, 1]]), "labels": np.array([[1, 0]])}
+  texts = ["Likes Drama.", "Likes Comedy in the 1990s."]
+  parts, n = ctrain.score(texts, np.array([True, True]), batch, c, Reranker(), None,
+                          ["ctx"], np.array([20]), None)
+  # Drama 3/4, Comedy 1/4; decades 1990s only. Summary 0: genres 1, no decade 0; summary 1:
+  # genres (1/4)/(3/4), decade 1.
+  np.testing.assert_allclose(parts["preservation"], [0.5, (1 / 3 + 1) / 2], atol=1e-6)
+  head = len(prompts.SUMMARY_HEAD.split())
+  comp = 1 - np.array([head + 2, head + 5]) / 20
+  np.testing.assert_allclose(parts["compression"], comp, atol=1e-6)
+  np.testing.assert_allclose(parts["total"], 0.5 * comp + 0.5 * parts["preservation"],
+                             atol=1e-6)
+  assert "utility" not in parts and n == {"empty": 0, "overlong": 0}
+
+
 def test_template_summary():
   items = [{"title": "A", "year": 1994, "genres": ["Drama"]},
            {"title": "B", "year": 1991, "genres": ["Drama", "Comedy"]},
