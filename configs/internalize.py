@@ -28,7 +28,17 @@ def section(preset):
   # The tokens the list constraint forces (the rest of a SID once its first code is drawn, the
   # separators, the closing) are fed in chunks of up to this many: one model call per draw.
   c.jump_forward = 8
+  # Before the pass: the reasoning model's own rankings (with its reasoning, greedy, slate
+  # constraint on) of this many training slates, taught to the reasoning-free prompt by
+  # `distill_steps` SFT steps on the list alone (0 = no distillation).
+  c.distill_examples = 512
+  c.distill_steps = 128
+  c.distill_batch = 8
+  c.distill_lr = 1e-4
   if preset == "tiny":
+    c.distill_examples = 8
+    c.distill_steps = 4
+    c.distill_batch = 4
     c.max_new_tokens = 128  # ten SIDs of the tiny tokenizer with their separators: ~110 tokens
   else:
     c.max_new_tokens = 128  # ten SIDs with quotes and commas are ~90 tokens

@@ -3,11 +3,18 @@
 The prompt is the RL model's own in its no-reasoning variant with `answer_head`: the assistant
 turn opens with `{"recommendations": [`, so the policy writes only the ranking; rollouts sample
 the list under the strict list constraint (`rl.rollout`), rewards, advantages and guards are the
-RL stage's (`rl.loop.train_policy`). Artifact: the model laid out as an rl artifact whose
-`prompt.json` is the reasoning-free prompt (what `python -m gr2_jax.serve` serves), `train/`,
-`table.json` / `table.md` (baselines; the RL model with its reasoning; the RL model with the
-reasoning bypassed, before this pass; after it; with decode seconds and answer tokens per
-model), `report.json`.
+RL stage's (`rl.loop.train_policy`).
+
+Before the pass (`distill_examples` > 0), the reasoning model's own rankings are distilled into
+the reasoning-free prompt: it re-ranks `distill_examples` training slates with its reasoning
+(greedy, slate constraint on), and `distill_steps` SFT steps teach the same model, prompted
+without reasoning, to answer those rankings directly (loss on the list only).
+
+Artifact: the model laid out as an rl artifact whose `prompt.json` is the reasoning-free prompt
+(what `python -m gr2_jax.serve` serves), `distill/` (its checkpoints and targets' report),
+`train/`, `table.json` / `table.md` (baselines; the RL model with its reasoning; the RL model
+with the reasoning bypassed, before this stage; after the distillation; after the pass; with
+decode seconds and answer tokens per model), `report.json`.
 """
 
 import dataclasses
@@ -19,12 +26,20 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+import numpy as np
+
 from gr2_jax.errors import UserError
 from gr2_jax.parallel import runtime as runtime_lib
 from gr2_jax.rerank import evaluate as rerank_lib
 from gr2_jax.rl import loop
+from gr2_jax.teachers import base as teachers_base
+from gr2_jax.text import prompts
+from gr2_jax.train import optim
+from gr2_jax.train import packing
+from gr2_jax.train import trainer as trainer_lib
 
-REASONING, BEFORE, AFTER = "rl (reasoning)", "rl (reasoning-free)", "internalized"
+REASONING, BEFORE, DISTILLED, AFTER = ("rl (reasoning)", "rl (reasoning-free)", "distilled",
+                                       "internalized")
 
 
 def run(ctx):
@@ -34,6 +49,10 @@ def run(ctx):
 def _run(ctx, rt):
   c = ctx.section
   loop.check_config(c)
+  if c.distill_examples < 0 or (c.distill_examples and (c.distill_steps < 1 or
+                                                         c.distill_batch < 1)):
+    raise UserError("internalize: distill_examples must be >= 0 (0 = no distillation), and "
+                    "with it distill_steps and distill_batch >= 1")
   t_start = time.time()
   rl_dir = ctx.inputs["rl"]
   prompt_cfg, sids = rerank_lib.load_rerank_info(rl_dir)
@@ -52,11 +71,18 @@ def _run(ctx, rt):
   # The RL model as it starts, for the table (a copy: training donates the model's buffers).
   graphdef, state = nnx.split(model)
   start = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+  distilled, distill_report = None, None
+  if c.distill_examples:
+    tuned, distill_report = distill(ctx, c, rt, start, tok, data, sids, prompt_cfg, free_cfg)
+    if tuned is not None:
+      model = tuned
+      graphdef, state = nnx.split(model)
+      distilled = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
   model, train_report = loop.train_policy(ctx, c, "train", model, tok, data, sids, free_cfg, rt)
   rt.save(ctx.out_dir, model, tok)
   ctx.write_json(rerank_lib.PROMPT_FILE, dataclasses.asdict(free_cfg))
   ctx.copy_in(os.path.join(rl_dir, rerank_lib.SID_TABLE_FILE))
-  report = {"rl": rl_dir}
+  report = {"rl": rl_dir, "distill": distill_report}
   report.update({k: train_report[k] for k in (
       "iterations", "resumed_from", "skipped_updates", "algorithm", "reward",
       "rollout_tokens_per_sec", "iteration_seconds", "wall_seconds")})
@@ -67,8 +93,12 @@ def _run(ctx, rt):
     t0 = time.time()
     # The reasoning model decodes with the RL stage's budget (its answers hold the reasoning).
     models = {REASONING: (start, prompt_cfg, ctx.config.rl.max_new_tokens),
-              BEFORE: (start, free_cfg), AFTER: (model, free_cfg)}
+              BEFORE: (start, free_cfg)}
     rows = [(AFTER, REASONING), (AFTER, BEFORE)]
+    if distilled is not None:
+      models[DISTILLED] = (distilled, free_cfg)
+      rows += [(DISTILLED, REASONING), (AFTER, DISTILLED)]
+    models[AFTER] = (model, free_cfg)
     pairs = [(rerank_lib.row_name(a, cons), rerank_lib.row_name(b, cons))
              for cons in c.eval_constrained for a, b in rows]
     result, md = loop.final_table(ctx, c, models, tok, data, sids, prompt_cfg, pairs)
@@ -91,6 +121,88 @@ def _run(ctx, rt):
   ctx.write_json("report.json", report)
   logging.info("[internalize] done in %.1f s", report["wall_seconds"])
   return {k: report[k] for k in ("iterations", "wall_seconds") if k in report}
+
+
+def distill_examples(model, tok, slates, data, sids, prompt_cfg, free_cfg, *, max_new_tokens,
+                     batch_size):
+  """(examples, report): the reasoning model's greedy rankings (slate constraint on) of stacked
+  slate records, as (ids, loss weights) of the reasoning-free prompt (its head prefilled)
+  answered by the same ranking; the weights cover the list after the head and the stop token.
+  A slate whose reasoning answer was not valid is left out (counted)."""
+  examples = teachers_base.examples_from_slates(slates, data["users"], data.get("evidence"))
+  results = rerank_lib.rerank(model, tok, examples, data["items"], sids, prompt_cfg,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              constrained=(True,))
+  res = results[True]
+  p_ids = rerank_lib.prompt_ids(examples, data["items"], sids, free_cfg, tok)
+  fmt = free_cfg.answer_format
+  out, firsts = [], []
+  for i, ex in enumerate(examples):
+    if not res.omega[i]:
+      continue
+    shown = [sids[int(x)] for x in ex.slate]
+    text = prompts.render_answer(prompts.recommendations(res.order[i], shown, fmt))
+    ids = tok.encode(text)
+    head = list(rerank_lib.head_ids(tok, fmt, shown[0]))
+    if ids[:len(head)] != head:
+      raise UserError("the tokenizer writes the answer's head with its first entry")
+    target = ids[len(head):] + [tok.im_end_id]
+    out.append((np.asarray(p_ids[i] + target, np.int32),
+                np.asarray([0.0] * len(p_ids[i]) + [1.0] * len(target), np.float32)))
+    firsts.append(int(res.order[i][0]))
+  report = {"slates": len(examples), "examples": len(out),
+            "invalid": int(len(examples) - len(out)),
+            "first_is_shown_first": float(np.mean([f == 0 for f in firsts])) if firsts else None}
+  return out, report
+
+
+def distill(ctx, c, rt, model, tok, data, sids, prompt_cfg, free_cfg):
+  """`distill_steps` SFT steps of a copy of `model` (the reasoning model) on its own rankings of
+  `distill_examples` seeded training slates, prompted without reasoning; returns (model or None
+  when no ranking was valid, report). Its checkpoints (`distill/`) resume."""
+  t0 = time.time()
+  train = data["train"]
+  rng = np.random.default_rng([c.seed, 1])
+  idx = np.sort(rng.choice(len(train["slate"]), min(c.distill_examples, len(train["slate"])),
+                           replace=False))
+  slates = {k: v[idx] for k, v in train.items()}
+  examples, report = distill_examples(
+      model, tok, slates, data, sids, prompt_cfg, free_cfg,
+      max_new_tokens=ctx.config.rl.max_new_tokens, batch_size=c.eval_batch)
+  if not examples:
+    logging.warning("[internalize] the reasoning model answered none of %d training slates "
+                    "validly: no distillation, the pass starts from the RL model",
+                    report["slates"])
+    return None, report
+  logging.info("[internalize] distilling the reasoning model's rankings of %d training slates "
+               "(%d invalid, left out; the first shown item ranked first in %.0f%%)",
+               report["examples"], report["invalid"], 100 * report["first_is_shown_first"])
+  model, fit = fit_examples(model, examples, c, rt, ctx.path("distill"), tok.pad_id)
+  report.update(fit, wall_seconds=round(time.time() - t0, 1))
+  logging.info("[internalize] distillation: loss %s -> %s in %.1f s", report["first_loss"],
+               report["final_loss"], report["wall_seconds"])
+  return model, report
+
+
+def fit_examples(model, examples, c, rt, workdir, pad_id):
+  """(a copy of `model` after `c.distill_steps` SFT steps on (ids, weights) `examples` at
+  `c.distill_lr`, batches of `c.distill_batch`, {steps, first_loss, final_loss})."""
+  rows = packing.pack(examples, max(len(ids) for ids, _ in examples), pad_id)
+  ocfg = optim.OptimConfig(learning_rate=c.distill_lr, warmup_steps=min(2, c.distill_steps - 1),
+                           total_steps=c.distill_steps, weight_decay=c.weight_decay,
+                           clip_norm=c.clip_norm)
+  graphdef, state = nnx.split(model)
+  copy = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+  tr = trainer_lib.Trainer(copy, ocfg, trainer_lib.TrainerConfig(num_steps=c.distill_steps,
+                                                                 log_every=10),
+                           mesh=rt.mesh, rules=rt.rules, workdir=workdir,
+                           name="internalize/distill")
+  params, summary = tr.fit(tr.batches(rows, min(c.distill_batch, len(rows["tokens"])),
+                                      seed=c.seed))
+  hist = summary["loss_history"]
+  return tr.model(params), {"steps": c.distill_steps,
+                            "first_loss": hist[0]["loss"] if hist else None,
+                            "final_loss": hist[-1]["loss"] if hist else None}
 
 
 def per_slate_markdown(result):

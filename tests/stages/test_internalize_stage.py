@@ -34,6 +34,16 @@ def test_tiny_internalize(tiny_workdir):
   assert all(h["valid_rate"] == 1.0 for h in hist)
   with open(os.path.join(out, "table.json")) as f:
     table = json.load(f)
+  # The distillation before the pass: the reasoning model's valid rankings of 8 training
+  # slates, 4 SFT steps; the tiny reasoning model may answer none validly (its explanation's
+  # JSON), and then the pass starts from the RL model, without a distilled row.
+  d = report["distill"]
+  assert d["slates"] == config.internalize.distill_examples == d["examples"] + d["invalid"]
+  distilled = d["examples"] > 0
+  if distilled:
+    assert d["steps"] == config.internalize.distill_steps and np.isfinite(d["final_loss"])
+    assert os.path.isdir(os.path.join(out, "distill"))
+  assert ("distilled" in table["seconds"]) == distilled
   for name in ("rl (reasoning)", "rl (reasoning-free)", "internalized"):
     assert table["seconds"][name] > 0
     for row in (name, name + " (constrained)"):
@@ -46,10 +56,13 @@ def test_tiny_internalize(tiny_workdir):
   assert (diags["rl (reasoning-free) (constrained)"]["mean_response_length"]
           < diags["rl (reasoning) (constrained)"]["mean_response_length"])
   assert np.isfinite(report["per_slate"]["internalized"]["decode_ms_per_slate"])
-  # Paired differences of the internalized rows against both RL rows, free and constrained.
-  assert set(table["paired"]) == {
-      f"internalized{m} vs rl ({kind}){m}" for m in ("", " (constrained)")
-      for kind in ("reasoning", "reasoning-free")}
+  # Paired differences of the internalized rows against both RL rows and the distilled one, and
+  # of the distilled rows against the reasoning model, free and constrained.
+  pairs = [("internalized", "rl (reasoning)"), ("internalized", "rl (reasoning-free)")]
+  if distilled:
+    pairs += [("distilled", "rl (reasoning)"), ("internalized", "distilled")]
+  assert set(table["paired"]) == {f"{a}{m} vs {b}{m}" for m in ("", " (constrained)")
+                                  for a, b in pairs}
   pair = table["paired"]["internalized (constrained) vs rl (reasoning) (constrained)"]["R@1"]
   want = (table["rows"]["internalized (constrained)"]["R@1"]["mean"]
           - table["rows"]["rl (reasoning) (constrained)"]["R@1"]["mean"])
@@ -63,3 +76,51 @@ def test_a_budget_below_the_ranking_is_a_clear_error(tiny_workdir):
   config.internalize.max_new_tokens = 20
   with pytest.raises(UserError, match="max_new_tokens=20 is below the .* tokens of a ranking"):
     runner.run_stage(config, tiny_workdir, "internalize")
+
+
+def test_distillation_targets_and_fit(tiny_workdir, tmp_path):
+  """Each distillation example is the reasoning-free prompt (head prefilled) followed by the
+  teacher prompt's constrained ranking of the slate, written as the strict list constraint's
+  own ways (`answer_ways`), the loss on that list only; SFT on them lowers their loss. The
+  teacher here is the RL model prompted without reasoning, whose constrained lists are always
+  valid (the tiny model's reasoning answers may all be invalid)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from gr2_jax.data import artifacts  # pylint: disable=import-outside-toplevel
+  from gr2_jax.data import slates as slates_lib  # pylint: disable=import-outside-toplevel
+  from gr2_jax.parallel import runtime as runtime_lib  # pylint: disable=import-outside-toplevel
+  from gr2_jax.stages import internalize  # pylint: disable=import-outside-toplevel
+  from gr2_jax.teachers import base  # pylint: disable=import-outside-toplevel
+  config = config_lib.load_config_module(
+      os.path.join(CONFIGS, "internalize.py")).get_config("tiny")
+  config.sids.embedding = "collaborative"
+  runner.run_stage(config, tiny_workdir, "rl")
+  rl_dir = runner.artifact_dir(tiny_workdir, config, "rl")
+  prompt_cfg, sids = rerank_lib.load_rerank_info(rl_dir)
+  free_cfg = dataclasses.replace(prompt_cfg, reasoning=False, answer_head=True)
+  rt = runtime_lib.for_devices(None, num_devices=1)
+  model, tok = rt.load(rl_dir)
+  legacy_dir = runner.artifact_dir(tiny_workdir, config, "legacy")
+  slates = slates_lib.load_split(legacy_dir, "train", max_examples=4, seed=0)
+  data = {"items": artifacts.load_items(runner.artifact_dir(tiny_workdir, config, "data")),
+          "users": None}
+  examples, report = internalize.distill_examples(
+      model, tok, slates, data, sids, free_cfg, free_cfg, max_new_tokens=128, batch_size=4)
+  got = rerank_lib.rerank(model, tok, base.examples_from_slates(slates), data["items"], sids,
+                          free_cfg, max_new_tokens=128, batch_size=4, constrained=(True,))[True]
+  assert got.omega.all() and report == {"slates": 4, "examples": 4, "invalid": 0,
+                                        "first_is_shown_first": float(np.mean(got.order[:, 0]
+                                                                              == 0))}
+  p_ids = rerank_lib.prompt_ids(base.examples_from_slates(slates), data["items"], sids, free_cfg,
+                                tok)
+  for i, (ids, weights) in enumerate(examples):
+    shown = [sids[int(x)] for x in slates["slate"][i]]
+    _, ways = rerank_lib.answer_ways(tok, shown, free_cfg.answer_format, tok.im_end_id)
+    order = got.order[i]
+    want = [t for p in order[:-1] for t in ways[p][1][0]] + list(ways[order[-1]][2][0])
+    n = len(p_ids[i])
+    assert ids.tolist() == p_ids[i] + want
+    assert weights.tolist() == [0.0] * n + [1.0] * len(want)
+  c = config.internalize
+  c.distill_steps, c.distill_batch, c.distill_lr = 12, 4, 1e-3
+  _, fit = internalize.fit_examples(model, examples, c, rt, str(tmp_path / "distill"), tok.pad_id)
+  assert fit["steps"] == 12 and fit["final_loss"] < fit["first_loss"]
