@@ -11,7 +11,7 @@ the reasoning-free prompt: it re-ranks `distill_examples` training slates with i
 without reasoning, to answer those rankings directly (loss on the list only).
 
 Artifact: the model laid out as an rl artifact whose `prompt.json` is the reasoning-free prompt
-(what `python -m gr2_jax.serve` serves), `distill/` (its checkpoints and targets' report),
+(what `python -m gr2_jax.serve` serves), `distill/` (the distillation's checkpoints),
 `train/`, `table.json` / `table.md` (baselines; the RL model with its reasoning; the RL model
 with the reasoning bypassed, before this stage; after the distillation; after the pass; with
 decode seconds and answer tokens per model), `report.json`.
