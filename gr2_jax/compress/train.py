@@ -32,8 +32,6 @@ from gr2_jax.rl import loop as rl_loop
 from gr2_jax.rl import rollout as rollout_lib
 from gr2_jax.sampling import constraints
 from gr2_jax.train import metrics_log
-from gr2_jax.train import optim
-from gr2_jax.train import packing
 from gr2_jax.train import trainer as trainer_lib
 
 
@@ -112,27 +110,17 @@ def warmup(ctx, c, rt, model, tok, data):
   examples = ctx_lib.warmup_examples({k: v[idx] for k, v in train.items()}, data["items"],
                                      data["users"], tok, max_words=c.max_words,
                                      max_history=c.max_history)
-  seq_len = max(len(ids) for ids, _ in examples)
-  rows = packing.pack(examples, seq_len, tok.pad_id)
-  ocfg = optim.OptimConfig(learning_rate=c.warmup_lr, warmup_steps=min(2, c.warmup_steps - 1),
-                           total_steps=c.warmup_steps, weight_decay=c.weight_decay,
-                           clip_norm=c.clip_norm, frozen_layers=c.frozen_layers)
-  tr = trainer_lib.Trainer(model, ocfg, trainer_lib.TrainerConfig(num_steps=c.warmup_steps,
-                                                                  log_every=10),
-                           mesh=rt.mesh, rules=rt.rules, workdir=ctx.path("warmup"),
-                           name="compress/warmup")
-  batch = min(c.warmup_batch, len(rows["tokens"]))
-  params, summary = tr.fit(tr.batches(rows, batch, seed=c.seed))
-  hist = summary["loss_history"]
-  report = {"examples": len(examples), "steps": c.warmup_steps,
-            "first_loss": hist[0]["loss"] if hist else None,
-            "final_loss": hist[-1]["loss"] if hist else None,
-            "wall_seconds": summary["wall_seconds"],
+  model, fit = trainer_lib.fit_examples(
+      model, examples, steps=c.warmup_steps, batch_size=c.warmup_batch,
+      learning_rate=c.warmup_lr, weight_decay=c.weight_decay, clip_norm=c.clip_norm,
+      frozen_layers=c.frozen_layers, mesh=rt.mesh, rules=rt.rules, workdir=ctx.path("warmup"),
+      name="compress/warmup", pad_id=tok.pad_id, seed=c.seed)
+  report = {"examples": len(examples), **fit,
             "sample": ctx_lib.template_summary(*ctx_lib.slate_histories(train, int(idx[0])),
                                                data["items"])}
   logging.info("[compress] warm-up on %d template summaries: loss %s -> %s", len(examples),
                report["first_loss"], report["final_loss"])
-  return tr.model(params), report
+  return model, report
 
 
 def summarise(model, tok, prompt_ids, c, *, greedy, key):

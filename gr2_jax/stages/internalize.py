@@ -25,7 +25,6 @@ from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 
 from gr2_jax.errors import UserError
@@ -34,8 +33,6 @@ from gr2_jax.rerank import evaluate as rerank_lib
 from gr2_jax.rl import loop
 from gr2_jax.teachers import base as teachers_base
 from gr2_jax.text import prompts
-from gr2_jax.train import optim
-from gr2_jax.train import packing
 from gr2_jax.train import trainer as trainer_lib
 
 REASONING, BEFORE, DISTILLED, AFTER = ("rl (reasoning)", "rl (reasoning-free)", "distilled",
@@ -177,32 +174,24 @@ def distill(ctx, c, rt, model, tok, data, sids, prompt_cfg, free_cfg):
   logging.info("[internalize] distilling the reasoning model's rankings of %d training slates "
                "(%d invalid, left out; the first shown item ranked first in %.0f%%)",
                report["examples"], report["invalid"], 100 * report["first_is_shown_first"])
-  model, fit = fit_examples(model, examples, c, rt, ctx.path("distill"), tok.pad_id)
+  model, fit = fit_copy(model, examples, c, rt, ctx.path("distill"), tok.pad_id)
   report.update(fit, wall_seconds=round(time.time() - t0, 1))
   logging.info("[internalize] distillation: loss %s -> %s in %.1f s", report["first_loss"],
                report["final_loss"], report["wall_seconds"])
   return model, report
 
 
-def fit_examples(model, examples, c, rt, workdir, pad_id):
-  """(a copy of `model` after `c.distill_steps` SFT steps on (ids, weights) `examples` at
-  `c.distill_lr`, batches of `c.distill_batch`, {steps, first_loss, final_loss})."""
-  rows = packing.pack(examples, max(len(ids) for ids, _ in examples), pad_id)
-  ocfg = optim.OptimConfig(learning_rate=c.distill_lr, warmup_steps=min(2, c.distill_steps - 1),
-                           total_steps=c.distill_steps, weight_decay=c.weight_decay,
-                           clip_norm=c.clip_norm)
+def fit_copy(model, examples, c, rt, workdir, pad_id):
+  """`trainer.fit_examples` of a copy of `model` (the reasoning model stays for the table) with
+  the section's distill_* settings: (the copy trained, {steps, first_loss, final_loss})."""
   graphdef, state = nnx.split(model)
   copy = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
-  tr = trainer_lib.Trainer(copy, ocfg, trainer_lib.TrainerConfig(num_steps=c.distill_steps,
-                                                                 log_every=10),
-                           mesh=rt.mesh, rules=rt.rules, workdir=workdir,
-                           name="internalize/distill")
-  params, summary = tr.fit(tr.batches(rows, min(c.distill_batch, len(rows["tokens"])),
-                                      seed=c.seed))
-  hist = summary["loss_history"]
-  return tr.model(params), {"steps": c.distill_steps,
-                            "first_loss": hist[0]["loss"] if hist else None,
-                            "final_loss": hist[-1]["loss"] if hist else None}
+  copy, fit = trainer_lib.fit_examples(
+      copy, examples, steps=c.distill_steps, batch_size=c.distill_batch,
+      learning_rate=c.distill_lr, weight_decay=c.weight_decay, clip_norm=c.clip_norm,
+      mesh=rt.mesh, rules=rt.rules, workdir=workdir, name="internalize/distill", pad_id=pad_id,
+      seed=c.seed)
+  return copy, {k: fit[k] for k in ("steps", "first_loss", "final_loss")}
 
 
 def per_slate_markdown(result):

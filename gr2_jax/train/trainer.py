@@ -33,6 +33,7 @@ from gr2_jax.parallel import sharding as sharding_lib
 from gr2_jax.train import checkpoint as ckpt_lib
 from gr2_jax.train import metrics_log
 from gr2_jax.train import optim
+from gr2_jax.train import packing
 
 DEVICE_FIELDS = ("tokens", "positions", "segment_ids", "targets", "weights")
 # Sequence positions per log-softmax chunk of the loss: [B, 128, V] logits at most.
@@ -453,3 +454,22 @@ class Trainer:
         "peak_flops_per_device": peak,
     }
     return state["params"], summary
+
+
+def fit_examples(model, examples, *, steps, batch_size, learning_rate, weight_decay, clip_norm,
+                 mesh, rules, workdir, name, pad_id, seed, frozen_layers=0):
+  """`steps` SFT steps of `model` on (ids, loss weights) `examples`, packed into rows as long as
+  the longest, batches of `batch_size` (at most the rows), a 2-step warm-up then cosine decay;
+  checkpoints in `workdir` resume. Returns (trained model, {steps, first_loss, final_loss,
+  wall_seconds})."""
+  rows = packing.pack(examples, max(len(ids) for ids, _ in examples), pad_id)
+  ocfg = optim.OptimConfig(learning_rate=learning_rate, warmup_steps=min(2, steps - 1),
+                           total_steps=steps, weight_decay=weight_decay, clip_norm=clip_norm,
+                           frozen_layers=frozen_layers)
+  tr = Trainer(model, ocfg, TrainerConfig(num_steps=steps, log_every=10), mesh=mesh, rules=rules,
+               workdir=workdir, name=name)
+  params, summary = tr.fit(tr.batches(rows, min(batch_size, len(rows["tokens"])), seed=seed))
+  hist = summary["loss_history"]
+  return tr.model(params), {"steps": steps, "first_loss": hist[0]["loss"] if hist else None,
+                            "final_loss": hist[-1]["loss"] if hist else None,
+                            "wall_seconds": summary["wall_seconds"]}

@@ -122,5 +122,5 @@ def test_distillation_targets_and_fit(tiny_workdir, tmp_path):
     assert weights.tolist() == [0.0] * n + [1.0] * len(want)
   c = config.internalize
   c.distill_steps, c.distill_batch, c.distill_lr = 12, 4, 1e-3
-  _, fit = internalize.fit_examples(model, examples, c, rt, str(tmp_path / "distill"), tok.pad_id)
+  _, fit = internalize.fit_copy(model, examples, c, rt, str(tmp_path / "distill"), tok.pad_id)
   assert fit["steps"] == 12 and fit["final_loss"] < fit["first_loss"]
