@@ -12,12 +12,14 @@ without reasoning, to answer those rankings directly (loss on the list only).
 
 Artifact: the model laid out as an rl artifact whose `prompt.json` is the reasoning-free prompt
 (what `python -m gr2_jax.serve` serves), `distill/` (the distillation's checkpoints),
+`distill_targets.npz` (its targets, which a resumed run reads instead of decoding them again),
 `train/`, `table.json` / `table.md` (baselines; the RL model with its reasoning; the RL model
 with the reasoning bypassed, before this stage; after the distillation; after the pass; with
 decode seconds and answer tokens per model), `report.json`.
 """
 
 import dataclasses
+import json
 import os
 import time
 
@@ -35,6 +37,7 @@ from gr2_jax.teachers import base as teachers_base
 from gr2_jax.text import prompts
 from gr2_jax.train import trainer as trainer_lib
 
+TARGETS_FILE = "distill_targets.npz"
 REASONING, BEFORE, DISTILLED, AFTER = ("rl (reasoning)", "rl (reasoning-free)", "distilled",
                                        "internalized")
 
@@ -163,9 +166,17 @@ def distill(ctx, c, rt, model, tok, data, sids, prompt_cfg, free_cfg):
   idx = np.sort(rng.choice(len(train["slate"]), min(c.distill_examples, len(train["slate"])),
                            replace=False))
   slates = {k: v[idx] for k, v in train.items()}
-  examples, report = distill_examples(
-      model, tok, slates, data, sids, prompt_cfg, free_cfg,
-      max_new_tokens=ctx.config.rl.max_new_tokens, batch_size=c.eval_batch)
+  cached = load_targets(ctx.path(TARGETS_FILE))
+  if cached is not None:
+    examples, report = cached
+    logging.info("[internalize] distillation targets of %d slates read from %s (a run of this "
+                 "artifact made them)", report["slates"], ctx.path(TARGETS_FILE))
+  else:
+    examples, report = distill_examples(
+        model, tok, slates, data, sids, prompt_cfg, free_cfg,
+        max_new_tokens=ctx.config.rl.max_new_tokens, batch_size=c.eval_batch)
+    if jax.process_index() == 0:
+      save_targets(ctx.path(TARGETS_FILE), examples, report)
   if not examples:
     logging.warning("[internalize] the reasoning model answered none of %d training slates "
                     "validly: no distillation, the pass starts from the RL model",
@@ -179,6 +190,40 @@ def distill(ctx, c, rt, model, tok, data, sids, prompt_cfg, free_cfg):
   logging.info("[internalize] distillation: loss %s -> %s in %.1f s", report["first_loss"],
                report["final_loss"], report["wall_seconds"])
   return model, report
+
+
+def save_targets(path, examples, report):
+  """Writes the distillation targets (examples and their report) atomically: a resumed run
+  reads them instead of decoding the training slates again."""
+  lengths = np.asarray([len(ids) for ids, _ in examples], np.int64)
+  ids = np.concatenate([e[0] for e in examples]) if examples else np.zeros(0, np.int32)
+  weights = np.concatenate([e[1] for e in examples]) if examples else np.zeros(0, np.float32)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    np.savez(f, ids=ids.astype(np.int32), weights=weights.astype(np.float32), lengths=lengths,
+             report=np.asarray(json.dumps(report)))
+  os.replace(tmp, path)
+
+
+def load_targets(path):
+  """(examples, report) that `save_targets` wrote, or None when there are none to read (a
+  multi-process run always decodes them again: every process takes part in that decoding). A
+  file that cannot be read is logged and ignored."""
+  if jax.process_count() > 1 or not os.path.exists(path):
+    return None
+  try:
+    with np.load(path) as z:
+      ids, weights, lengths = z["ids"], z["weights"], z["lengths"]
+      report = json.loads(str(z["report"]))
+    if ids.shape != weights.shape or int(lengths.sum()) != ids.shape[0]:
+      raise ValueError("its arrays do not agree in length")
+  except (OSError, ValueError, KeyError) as e:
+    logging.warning("[internalize] %s is unreadable (%s): the targets are made again", path, e)
+    return None
+  if not lengths.size:
+    return [], report
+  bounds = np.cumsum(lengths)[:-1]
+  return list(zip(np.split(ids, bounds), np.split(weights, bounds))), report
 
 
 def fit_copy(model, examples, c, rt, workdir, pad_id):

@@ -17,7 +17,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
 
 
-def test_tiny_internalize(tiny_workdir):
+def test_tiny_internalize(tiny_workdir, monkeypatch):
   config = config_lib.load_config_module(
       os.path.join(CONFIGS, "internalize.py")).get_config("tiny")
   config.sids.embedding = "collaborative"  # as the rl stage test, so its artifacts are shared
@@ -67,6 +67,22 @@ def test_tiny_internalize(tiny_workdir):
   want = (table["rows"]["internalized (constrained)"]["R@1"]["mean"]
           - table["rows"]["rl (reasoning) (constrained)"]["R@1"]["mean"])
   assert abs(pair["diff"] - want) < 1e-9 and pair["diff_lo"] <= pair["diff"] <= pair["diff_hi"]
+  # The distillation targets are kept: a run resumed after a crash (here: the finished stage
+  # with its done marker removed) reads them instead of decoding the training slates again.
+  assert os.path.exists(os.path.join(out, "distill_targets.npz"))
+  os.remove(os.path.join(out, runner.DONE_FILE))
+  from gr2_jax.stages import internalize  # pylint: disable=import-outside-toplevel
+
+  def no_decoding(*args, **kwargs):
+    raise AssertionError("the distillation targets were decoded again")
+
+  monkeypatch.setattr(internalize, "distill_examples", no_decoding)
+  out2, _ = runner.run_stage(config, tiny_workdir, "internalize")
+  with open(os.path.join(out2, "report.json")) as f:
+    again = json.load(f)["distill"]
+  assert out2 == out
+  assert {k: again[k] for k in ("slates", "examples", "invalid")} == {
+      k: d[k] for k in ("slates", "examples", "invalid")}
 
 
 def test_a_budget_below_the_ranking_is_a_clear_error(tiny_workdir):
@@ -120,6 +136,19 @@ def test_distillation_targets_and_fit(tiny_workdir, tmp_path):
     n = len(p_ids[i])
     assert ids.tolist() == p_ids[i] + want
     assert weights.tolist() == [0.0] * n + [1.0] * len(want)
+  # Kept targets read back as written; an empty set too; a damaged file is ignored (None).
+  path = str(tmp_path / "targets.npz")
+  internalize.save_targets(path, examples, report)
+  back, back_report = internalize.load_targets(path)
+  assert back_report == report and len(back) == len(examples)
+  for (ids, weights), (ids2, weights2) in zip(examples, back):
+    assert ids.tolist() == ids2.tolist() and weights.tolist() == weights2.tolist()
+  internalize.save_targets(path, [], {"slates": 2, "examples": 0})
+  assert internalize.load_targets(path) == ([], {"slates": 2, "examples": 0})
+  with open(path, "wb") as f:
+    f.write(b"not an npz file")
+  assert internalize.load_targets(path) is None
+  assert internalize.load_targets(str(tmp_path / "missing.npz")) is None
   c = config.internalize
   c.distill_steps, c.distill_batch, c.distill_lr = 12, 4, 1e-3
   _, fit = internalize.fit_copy(model, examples, c, rt, str(tmp_path / "distill"), tok.pad_id)
