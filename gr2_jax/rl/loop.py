@@ -69,12 +69,22 @@ def _round_up(x, m):
   return -(-x // m) * m
 
 
-def _skip_reason(ro, keep):
-  if not ro.omega.any():
-    return "all_invalid"
-  if not keep.any():
-    return "no_signal_or_variance"
-  return "non_finite"
+def skip_reasons(ro, keep, step_metrics):
+  """{reason: count} of the iteration's skipped steps: "all_invalid" (no rollout valid),
+  "no_signal_or_variance" (no kept group, or a step whose minibatch held no token with a
+  non-zero advantage: e.g. GRPO groups whose rollouts all scored alike) or "non_finite" (a
+  NaN or infinite loss or gradient)."""
+  out = collections.Counter()
+  for m in step_metrics:
+    if not m["skipped"]:
+      continue
+    if not ro.omega.any():
+      out["all_invalid"] += 1
+    elif not keep.any() or float(m.get("signal_tokens", 1.0)) == 0:
+      out["no_signal_or_variance"] += 1
+    else:
+      out["non_finite"] += 1
+  return dict(out)
 
 
 class Policy:
@@ -251,10 +261,12 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, rt, teacher=N
           pol, state, ro.prompts, ro.responses, ro.logps, plan, c, tok.pad_id, rng,
           pol.reference_logps if pol.ref_params is not None else pol.teacher_logps)
       if n_skipped:
-        reason = _skip_reason(ro, plan.keep)
-        skipped[reason] += n_skipped
+        reasons = skip_reasons(ro, plan.keep, step_metrics)
+        for reason, n in reasons.items():
+          skipped[reason] += n
         logging.warning("[%s] iteration %d: %d of %d updates skipped (%s)", name, it + 1,
-                        n_skipped, len(step_metrics), reason)
+                        n_skipped, len(step_metrics),
+                        ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())))
       t_iter = time.time() - t0
       d = diag_lib.rerank_diagnostics(
           ro.omega, ro.order, lengths=ro.lengths, token_logps=np.concatenate(ro.logps),

@@ -74,8 +74,10 @@ def test_resumed_grpo_keeps_the_kl_reference_at_the_starting_policy(memorised, t
   workdir = str(tmp_path)
   _, first = _run(memorised, workdir, c)
   kl = [h["kl_ref"] for h in first["history"]]
-  assert all(h["applied_updates"] == 2 for h in first["history"]), first["history"]
-  # The second iteration's policy has left the starting one: its KL is no longer ~0.
+  # The first iteration's update moved the policy (the second one's steps may all be skipped
+  # for want of signal: whether its sampled groups score alike depends on the CPU's rounding),
+  # so the second iteration's policy has left the starting one: its KL is no longer ~0.
+  assert first["history"][0]["applied_updates"] >= 1, first["history"]
   assert kl[1] > 1e-6, kl
   # As if the run died before its last checkpoint: resume from iteration 1.
   shutil.rmtree(os.path.join(workdir, "train", "ckpt", "2"))
@@ -108,3 +110,15 @@ def test_contexts_replace_the_history_in_the_rollouts(memorised, tmp_path):
   assert long["prompt_tokens"] > short["prompt_tokens"] + 20
   assert long["context_seconds"] > 0 and "context_seconds" not in short
   assert summarised["context_seconds"] == long["context_seconds"]
+
+
+def test_skipped_steps_are_counted_by_their_reason():
+  ro = types.SimpleNamespace(omega=np.array([True, False]))
+  keep = np.array([True, False])
+  steps = [{"skipped": 0.0, "signal_tokens": 40.0}, {"skipped": 1.0, "signal_tokens": 0.0},
+           {"skipped": 1.0, "signal_tokens": 12.0}]
+  assert loop.skip_reasons(ro, keep, steps) == {"no_signal_or_variance": 1, "non_finite": 1}
+  assert loop.skip_reasons(ro, np.array([False, False]), steps) == {"no_signal_or_variance": 2}
+  none_valid = types.SimpleNamespace(omega=np.array([False, False]))
+  assert loop.skip_reasons(none_valid, keep, steps) == {"all_invalid": 2}
+  assert loop.skip_reasons(ro, keep, steps[:1]) == {}
