@@ -84,7 +84,7 @@ def list_ranking_constraint(tok, vocab_size, shown_sids, answer_format, batch_si
   """(make_constraint(start, real), token budget) of the strict reasoning-free list after the
   answer's head: each shown item exactly once, the closing and the stop token
   (`constraints.list_constraint` over `answer_ways`)."""
-  rows = [answer_ways(tok, s, answer_format, tok.im_end_id)[1] for s in shown_sids]
+  rows = [_list_ways(tok, tuple(s), answer_format) for s in shown_sids]
   budget = max(sum(max(len(w) for w in going + close) for _, going, close in r) for r in rows)
 
   def make_constraint(s, real):
@@ -93,6 +93,14 @@ def list_ranking_constraint(tok, vocab_size, shown_sids, answer_format, batch_si
     return constraints.list_constraint(part, vocab_size)
 
   return make_constraint, budget
+
+
+@functools.lru_cache(maxsize=4096)
+def _list_ways(tok, shown, answer_format):
+  """`answer_ways(...)[1]` of a slate, kept: the rows of a batch that share their candidates,
+  and slates shown again (served slates, rollouts of the same training slates), tokenize their
+  answers once."""
+  return answer_ways(tok, list(shown), answer_format, tok.im_end_id)[1]
 
 
 # Prompt widths are padded to a multiple of this, so that the sampler (and the RL update, whose
@@ -172,7 +180,7 @@ _DIGIT = re.compile(r"[0-9]")
 
 def _token_ends(tok, ids, text):
   """End offset in `text` of each token of `ids` (which encode `text`)."""
-  parts = [tok.decode(ids[:j + 1]) for j in range(len(ids))]
+  parts = tok.decode_batch([ids[:j + 1] for j in range(len(ids))])
   if not parts or parts[-1] != text or not all(text.startswith(p) for p in parts):
     raise UserError(f"the tokenizer does not decode {text!r} piece by piece; use "
                     "answer_format=sids")
