@@ -180,7 +180,7 @@ _DIGIT = re.compile(r"[0-9]")
 
 def _token_ends(tok, ids, text):
   """End offset in `text` of each token of `ids` (which encode `text`)."""
-  parts = tok.decode_batch([ids[:j + 1] for j in range(len(ids))])
+  parts = [tok.decode(ids[:j + 1]) for j in range(len(ids))]
   if not parts or parts[-1] != text or not all(text.startswith(p) for p in parts):
     raise UserError(f"the tokenizer does not decode {text!r} piece by piece; use "
                     "answer_format=sids")

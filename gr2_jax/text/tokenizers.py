@@ -44,10 +44,6 @@ class Tokenizer(abc.ABC):
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids`, control tokens included verbatim."""
 
-  def decode_batch(self, seqs: Sequence[Sequence[int]]) -> list[str]:
-    """`decode` of each id sequence (the libraries decode a batch in one call)."""
-    return [self.decode(ids) for ids in seqs]
-
   @property
   @abc.abstractmethod
   def vocab_size(self) -> int:
@@ -120,9 +116,6 @@ class SentencePieceTokenizer(Tokenizer):
 
   def decode(self, ids):
     return self._sp.decode([int(i) for i in ids])
-
-  def decode_batch(self, seqs):
-    return list(self._sp.decode([[int(i) for i in ids] for ids in seqs])) if seqs else []
 
   @property
   def vocab_size(self):
@@ -267,10 +260,6 @@ class HFTokenizer(Tokenizer):
 
   def decode(self, ids):
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
-
-  def decode_batch(self, seqs):
-    return self._tok.decode_batch([[int(i) for i in ids] for ids in seqs],
-                                  skip_special_tokens=False) if seqs else []
 
   @property
   def vocab_size(self):

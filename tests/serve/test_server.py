@@ -72,6 +72,24 @@ def test_answer_ways_rebuild_every_order(memorised):
       assert got.omega and list(got.order) == list(order), text
 
 
+def test_list_ranking_constraint_keeps_the_ways_of_a_slate(memorised):
+  """The ways of a slate are tokenized once and kept: a batch whose rows share their slate, and
+  the same slate again, reuse them; the constraint is the one built from `answer_ways`."""
+  _, tok = memorised
+  shown = [toy.SIDS[i] for i in SLATE]
+  evaluate._list_ways.cache_clear()  # pylint: disable=protected-access
+  make, budget = evaluate.list_ranking_constraint(tok, 512, [shown] * 3, "sids", 3)
+  info = evaluate._list_ways.cache_info()  # pylint: disable=protected-access
+  assert (info.misses, info.hits) == (1, 2)
+  rows = [evaluate.answer_ways(tok, shown, "sids", tok.im_end_id)[1]] * 3
+  want = constraints.list_constraint(rows, 512)
+  got = make(0, 3)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert budget == max(sum(max(len(w) for w in going + close) for _, going, close in r)
+                       for r in rows)
+
+
 def test_list_constraint_masks_by_hand():
   # Row 0 lists items "a" (tokens 5 6) and "b" (7); row 1 only "b". Going on: item + 3 (comma);
   # closing: item + 4 (stop).

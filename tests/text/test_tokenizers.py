@@ -87,15 +87,6 @@ def test_unicode_round_trip(name, text, sp_tok, hf_tok):
   assert tok.decode(tok.encode(text)) == text
 
 
-@pytest.mark.parametrize("name", ["sp", "hf"])
-def test_decode_batch_is_decode_of_each(name, sp_tok, hf_tok):
-  tok = sp_tok if name == "sp" else hf_tok
-  ids = tok.encode('<|im_start|>assistant\n{"recommendations": ["Amélie (2001)", "日本"]}')
-  seqs = [ids[:j] for j in range(len(ids) + 1)]
-  assert tok.decode_batch(seqs) == [tok.decode(s) for s in seqs]
-  assert tok.decode_batch([]) == []
-
-
 def test_sp_pieces_concatenate(sp_tok):
   # No dummy prefix: ids of two strings decode to the two strings joined.
   a, b = "toy story ", " (1995)\n"
