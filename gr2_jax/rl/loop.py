@@ -69,18 +69,18 @@ def _round_up(x, m):
   return -(-x // m) * m
 
 
-def skip_reasons(ro, keep, step_metrics):
+def skip_reasons(ro, step_metrics):
   """{reason: count} of the iteration's skipped steps: "all_invalid" (no rollout valid),
-  "no_signal_or_variance" (no kept group, or a step whose minibatch held no token with a
-  non-zero advantage: e.g. GRPO groups whose rollouts all scored alike) or "non_finite" (a
-  NaN or infinite loss or gradient)."""
+  "no_signal_or_variance" (a step whose minibatch held no token with signal: no kept group,
+  whose filler rows are masked out, or GRPO groups whose rollouts all scored alike) or
+  "non_finite" (a NaN or infinite loss or gradient)."""
   out = collections.Counter()
   for m in step_metrics:
     if not m["skipped"]:
       continue
     if not ro.omega.any():
       out["all_invalid"] += 1
-    elif not keep.any() or float(m.get("signal_tokens", 1.0)) == 0:
+    elif float(m["signal_tokens"]) == 0:
       out["no_signal_or_variance"] += 1
     else:
       out["non_finite"] += 1
@@ -261,7 +261,7 @@ def train_policy(ctx, c, name, model, tok, data, sids, prompt_cfg, rt, teacher=N
           pol, state, ro.prompts, ro.responses, ro.logps, plan, c, tok.pad_id, rng,
           pol.reference_logps if pol.ref_params is not None else pol.teacher_logps)
       if n_skipped:
-        reasons = skip_reasons(ro, plan.keep, step_metrics)
+        reasons = skip_reasons(ro, step_metrics)
         for reason, n in reasons.items():
           skipped[reason] += n
         logging.warning("[%s] iteration %d: %d of %d updates skipped (%s)", name, it + 1,

@@ -114,11 +114,12 @@ def test_contexts_replace_the_history_in_the_rollouts(memorised, tmp_path):
 
 def test_skipped_steps_are_counted_by_their_reason():
   ro = types.SimpleNamespace(omega=np.array([True, False]))
-  keep = np.array([True, False])
   steps = [{"skipped": 0.0, "signal_tokens": 40.0}, {"skipped": 1.0, "signal_tokens": 0.0},
            {"skipped": 1.0, "signal_tokens": 12.0}]
-  assert loop.skip_reasons(ro, keep, steps) == {"no_signal_or_variance": 1, "non_finite": 1}
-  assert loop.skip_reasons(ro, np.array([False, False]), steps) == {"no_signal_or_variance": 2}
+  assert loop.skip_reasons(ro, steps) == {"no_signal_or_variance": 1, "non_finite": 1}
+  # No kept group: every row is masked filler, so every step has no signal.
+  filler = [{"skipped": 1.0, "signal_tokens": 0.0}] * 2
+  assert loop.skip_reasons(ro, filler) == {"no_signal_or_variance": 2}
   none_valid = types.SimpleNamespace(omega=np.array([False, False]))
-  assert loop.skip_reasons(none_valid, keep, steps) == {"all_invalid": 2}
-  assert loop.skip_reasons(ro, keep, steps[:1]) == {}
+  assert loop.skip_reasons(none_valid, steps) == {"all_invalid": 2}
+  assert loop.skip_reasons(ro, steps[:1]) == {}
