@@ -32,8 +32,10 @@ def prompt_section(preset="default"):
   p.answer_format = "sids"
   # "evidence" in item_fields ends each candidate line with training-period counts
   # (`gr2_jax.teachers.evidence`: co-watched with the shown history, followed the last item);
-  # this is their co-occurrence window.
+  # this is their co-occurrence window, and "counts" shows the counts, "ranks" their rank
+  # within the slate (#1 = largest).
   p.evidence_window = 5
+  p.evidence_format = "counts"
   if preset == "tiny":
     p.max_history = 5
   if preset == "smollm2":

@@ -10,21 +10,39 @@ followed the last history item, both over the training periods only (`cf_stats.c
 no validation or test interaction). The CF teacher scores candidates by normalised, recency-
 weighted forms of these counts; the prompt shows the raw counts, so that a student can learn to
 read them rather than memorise the catalogue's co-occurrences.
+
+With the prompt's `evidence_format = "ranks"` the line shows each count's rank within the slate
+instead (`co-watched #2, followed last #1`; 1 = the slate's largest, ties share the better
+rank, a zero count reads `none`): reading which candidate holds "#1" is a lookup, where
+comparing ten multi-digit counts written digit by digit is arithmetic a small model learns
+slowly (BENCHMARKS.md, "probe_choice").
 """
 
 import numpy as np
 
+from gr2_jax.errors import UserError
 from gr2_jax.teachers import cf_stats
+
+FORMATS = ("counts", "ranks")
+
+
+def slate_ranks(counts):
+  """Competition ranks within the slate, largest first: 1 + how many counts are larger."""
+  c = np.asarray(counts)
+  return 1 + (c[None, :] > c[:, None]).sum(1)
 
 
 class SlateEvidence:
   """(history, slate) item ids -> {candidate item id: evidence text}."""
 
-  def __init__(self, stats: cf_stats.CFStats, recent: int):
+  def __init__(self, stats: cf_stats.CFStats, recent: int, fmt: str = "counts"):
     if recent < 1:
       raise ValueError(f"evidence needs recent >= 1 history items, got {recent}")
+    if fmt not in FORMATS:
+      raise UserError(f"evidence format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     self.stats = stats
     self.recent = int(recent)
+    self.fmt = fmt
 
   def counts(self, history, slate):
     """(co-watched [K], followed-last [K]) integer counts of the slate's items."""
@@ -39,8 +57,15 @@ class SlateEvidence:
 
   def __call__(self, history, slate):
     cooc, follows = self.counts(history, slate)
+    if self.fmt == "counts":
+      return {int(i): f"co-watched {c}, followed last {f}"
+              for i, c, f in zip(slate, cooc, follows)}
+
+    def rank(counts):
+      return [f"#{r}" if c > 0 else "none" for c, r in zip(counts, slate_ranks(counts))]
+
     return {int(i): f"co-watched {c}, followed last {f}"
-            for i, c, f in zip(slate, cooc, follows)}
+            for i, c, f in zip(slate, rank(cooc), rank(follows))}
 
 
 def for_prompt(prompt_cfg, data_dir):
@@ -53,4 +78,4 @@ def for_prompt(prompt_cfg, data_dir):
   if "evidence" not in prompt_cfg.item_fields:
     return None
   return SlateEvidence(cf_stats.load_stats(data_dir, prompt_cfg.evidence_window),
-                       recent=prompt_cfg.max_history)
+                       recent=prompt_cfg.max_history, fmt=prompt_cfg.evidence_format)

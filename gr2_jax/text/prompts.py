@@ -51,6 +51,9 @@ class PromptConfig:
   answer_format: str = "sids"
   # Co-occurrence window (steps) of the training-period statistics behind the "evidence" field.
   evidence_window: int = 5
+  # How the "evidence" field reads: "counts" (co-watched 37, followed last 4) or "ranks" within
+  # the slate (co-watched #2, followed last #1); see `teachers.evidence`.
+  evidence_format: str = "counts"
   # With reasoning=False: the assistant turn opens with the answer's head ({"recommendations":
   # [), so the model writes only the list (the reasoning bypassed, the serving setting).
   answer_head: bool = False
@@ -67,6 +70,9 @@ class PromptConfig:
     if self.answer_format not in ANSWER_FORMATS:
       raise UserError(f"prompt answer_format must be one of {', '.join(ANSWER_FORMATS)}, "
                       f"got {self.answer_format!r}")
+    if self.evidence_format not in ("counts", "ranks"):
+      raise UserError(f"prompt evidence_format must be counts or ranks, "
+                      f"got {self.evidence_format!r}")
     if self.evidence_window < 1:
       raise UserError(f"prompt evidence_window must be >= 1, got {self.evidence_window}")
     if self.answer_head and self.reasoning:

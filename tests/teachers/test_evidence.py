@@ -3,7 +3,9 @@
 import dataclasses
 
 import numpy as np
+import pytest
 
+from gr2_jax.errors import UserError
 from gr2_jax.teachers import base
 from gr2_jax.teachers import cf_stats
 from gr2_jax.teachers import evidence as evidence_lib
@@ -36,6 +38,23 @@ def test_counts_are_the_co_occurrences_with_the_shown_history_and_the_last_trans
   assert ev((4, 0, 1), (2, 3, 4)) == {2: "co-watched 3, followed last 2",
                                       3: "co-watched 1, followed last 0",
                                       4: "co-watched 1, followed last 0"}
+
+
+def test_ranks_format_shows_each_count_s_rank_within_the_slate():
+  ev = evidence_lib.SlateEvidence(_stats(), recent=2, fmt="ranks")
+  # Counts of the test above: co-watched 3, 1, 1 -> ranks 1, 2, 2 (ties share the better rank);
+  # followed last 2, 0, 0 -> #1, then zero counts read "none".
+  assert ev((4, 0, 1), (2, 3, 4)) == {2: "co-watched #1, followed last #1",
+                                      3: "co-watched #2, followed last none",
+                                      4: "co-watched #2, followed last none"}
+  np.testing.assert_array_equal(evidence_lib.slate_ranks([5, 9, 5, 0, 9]), [3, 1, 3, 5, 1])
+
+
+def test_unknown_evidence_format_is_one_clear_error():
+  with pytest.raises(UserError, match="evidence format must be one of counts, ranks"):
+    evidence_lib.SlateEvidence(_stats(), recent=2, fmt="bars")
+  with pytest.raises(UserError, match="evidence_format must be counts or ranks"):
+    prompts.PromptConfig(evidence_format="bars")
 
 
 def test_the_prompt_shows_evidence_on_candidates_only_and_it_follows_a_shuffle():

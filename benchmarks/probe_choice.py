@@ -1,0 +1,264 @@
+"""Can a pretrained LLM learn the re-ranker's first choice, and at what budget? A probe on 2 cores.
+
+The smollm2 pipeline's SFT models settle on a shown slot (BENCHMARKS.md, "The smollm2 preset"):
+~70 steps at lr 1e-4 with 10 trained layers never moved the choice. This probe isolates the
+first choice and buys many more optimiser steps for the same time:
+
+- prompts as the pipeline renders them (`text.prompts`: history and candidates with their
+  title and the `--fields` chosen: year, genres, the evidence counts; candidates numbered
+  0..K-1 in a seeded random order; no SIDs: this model has not learnt them), the assistant
+  turn opened with the answer's head `{"recommendations": [`, so the next token is the first
+  choice (one digit token);
+- the target is the CF teacher's first item (`--target=teacher`) or the slate's positive
+  (`--target=label`), loss on that one token only (full-vocabulary cross-entropy);
+- the lower `--frozen` layers never change, so their output for each prompt is computed once
+  and kept; each step runs only the upper layers forward and backward;
+- evaluation: the arg-max over the K number tokens at that position (what the slate constraint
+  makes of the first choice) on test slates: R@1 against the labels with a paired bootstrap
+  interval against the legacy order, agreement with the teacher's first item, and the histogram
+  of the chosen shown slot (a model that settles on a slot shows it at once).
+
+  python benchmarks/probe_choice.py --workdir=W --steps=300 --fields=year,evidence
+
+W needs the data and legacy stages (`python -m gr2_jax.main --config=configs/legacy.py
+--workdir=W`). Results print as a markdown block; nothing is written to the repository.
+"""
+
+import os
+import time
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+import optax
+
+from gr2_jax.data import artifacts
+from gr2_jax.data import slates as slates_lib
+from gr2_jax.eval import tables
+from gr2_jax.models import gguf_io, qwen3
+from gr2_jax.teachers import cf, cf_stats
+from gr2_jax.teachers import evidence as evidence_lib
+from gr2_jax.text import chat, prompts
+from gr2_jax.train import optim
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "workdir with data and legacy artifacts", required=True)
+flags.DEFINE_string("model", "smollm2", "GGUF path or pretrained name")
+flags.DEFINE_integer("frozen", 20, "lower decoder layers kept fixed (their outputs cached)")
+flags.DEFINE_integer("train_examples", 800, "training-period slates")
+flags.DEFINE_integer("test_examples", 500, "test slates")
+flags.DEFINE_integer("steps", 200, "optimiser steps")
+flags.DEFINE_integer("batch", 8, "rows per step")
+flags.DEFINE_float("lr", 1e-4, "peak learning rate (cosine to 10%, 10 warm-up steps)")
+flags.DEFINE_integer("eval_every", 50, "steps between test evaluations")
+flags.DEFINE_list("fields", ["year", "evidence"], "item fields shown beside the title "
+                  "(year, genres, evidence)")
+flags.DEFINE_enum("target", "teacher", ["teacher", "label"], "what the first choice learns")
+flags.DEFINE_integer("max_history", 4, "history items shown")
+flags.DEFINE_enum("evidence_format", "counts", ["counts", "ranks"], "how the evidence reads")
+flags.DEFINE_integer("seed", 0, "display shuffle and batch order")
+flags.DEFINE_integer("n_boot", 1000, "bootstrap resamples")
+
+ANSWER_HEAD = '{"recommendations": ['
+
+
+def _prompt_cfg():
+  fields = ("sid", "title") + tuple(FLAGS.fields)
+  return prompts.PromptConfig(max_history=FLAGS.max_history, item_fields=fields,
+                              evidence_format=FLAGS.evidence_format,
+                              reasoning=False, answer_format="positions0")
+
+
+def build(split, n, items, stats, teacher, tok, pcfg, rng, legacy_dir):
+  """Token ids of each prompt (ending with the answer head), the shown order, targets."""
+  sl = slates_lib.load_split(legacy_dir, split, max_examples=n, seed=1)
+  k = sl["slate"].shape[1]
+  ev = (evidence_lib.SlateEvidence(stats, recent=pcfg.max_history, fmt=pcfg.evidence_format)
+        if "evidence" in pcfg.item_fields else None)
+  teacher_top = teacher.greedy_orders(sl)[:, 0]
+  no_sid = [""] * len(items)
+  head = tok.encode(ANSWER_HEAD)
+  ids, perms = [], []
+  for i in range(len(sl["slate"])):
+    hist = [int(h) for h in sl["history"][i] if h >= 0]
+    perm = rng.permutation(k)  # shown slot j holds legacy position perm[j]
+    slate = [int(sl["slate"][i][p]) for p in perm]
+    e = ev(hist, slate) if ev is not None else None
+    msgs = prompts.build_messages(
+        prompts.with_sids(hist, items, no_sid),
+        prompts.with_sids(slate, items, no_sid, e), pcfg)
+    ids.append(np.asarray(chat.encode_chat(msgs, tok, add_generation_prompt=True) + head,
+                          np.int32))
+    perms.append(perm)
+  perms = np.stack(perms)
+  inv = np.argsort(perms, 1)  # legacy position -> shown slot
+  label_pos = np.argmax(sl["labels"], 1)
+  target_pos = teacher_top if FLAGS.target == "teacher" else label_pos
+  return {"ids": ids, "perm": perms, "target_slot": inv[np.arange(len(inv)), target_pos],
+          "teacher_slot": inv[np.arange(len(inv)), teacher_top], "slates": sl}
+
+
+def main(argv):
+  del argv
+  t0 = time.time()
+  real = lambda s: os.path.realpath(os.path.join(FLAGS.workdir, s, "latest"))
+  items = artifacts.load_items(real("data"))
+  pcfg = _prompt_cfg()
+  stats = cf_stats.compute_stats(artifacts.load_interactions(real("data")), items,
+                                 window=pcfg.evidence_window)
+  teacher = cf.CFTeacher(stats, items, [str(i) for i in range(len(items))])
+  model, mcfg, tok = gguf_io.load_gguf(FLAGS.model)
+  rng = np.random.default_rng(FLAGS.seed)
+  train = build("train", FLAGS.train_examples, items, stats, teacher, tok, pcfg, rng,
+                real("legacy"))
+  test = build("test", FLAGS.test_examples, items, stats, teacher, tok, pcfg, rng,
+               real("legacy"))
+  k = train["perm"].shape[1]
+  digits = np.asarray([tok.encode(str(d)) for d in range(k)])
+  assert digits.shape == (k, 1), "each candidate number must be one token"
+  digits = digits[:, 0]
+  lens = [len(x) for x in train["ids"] + test["ids"]]
+  logging.info("prompts: %d train, %d test, %d..%d tokens (mean %.0f); %.0f s", len(train["ids"]),
+               len(test["ids"]), min(lens), max(lens), np.mean(lens), time.time() - t0)
+
+  L = FLAGS.frozen
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def bottom(state, tokens):
+    m = nnx.merge(graphdef, state)
+    b, t = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    x = m.embed_tokens(tokens)
+    cos, sin = qwen3.rope_tables(pos, mcfg.head_dim, mcfg.rope_theta)
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    for layer in m.layers[:L]:
+      x, _ = qwen3._run_layer(layer, x, cos, sin, mask, None, None)
+    return x
+
+  def top_logits(state, x, last):
+    m = nnx.merge(graphdef, state)
+    b, t, _ = x.shape
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    cos, sin = qwen3.rope_tables(pos, mcfg.head_dim, mcfg.rope_theta)
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    for layer in m.layers[L:]:
+      x, _ = qwen3._run_layer(layer, x, cos, sin, mask, None, None)
+    h = m.norm(x[jnp.arange(b), last])[:, None]
+    return m.logits(h)[:, 0]  # [B, V]
+
+  def bucket(n):
+    return int(-(-n // 32) * 32)
+
+  def batches(ids, order, size):
+    for s in range(0, len(order), size):
+      idx = order[s:s + size]
+      t = bucket(max(len(ids[i]) for i in idx))
+      tokens = np.full((len(idx), t), tok.pad_id, np.int32)
+      for r, i in enumerate(idx):
+        tokens[r, :len(ids[i])] = ids[i]
+      yield idx, tokens, np.asarray([len(ids[i]) - 1 for i in idx], np.int32)
+
+  def cache(data):
+    t1 = time.time()
+    order = np.argsort([len(x) for x in data["ids"]])  # similar lengths share a bucket
+    xs = [None] * len(order)
+    ntok = 0
+    for idx, tokens, _ in batches(data["ids"], order, 8):
+      x = np.asarray(bottom(state, jnp.asarray(tokens)))
+      for r, i in enumerate(idx):
+        xs[i] = x[r, :len(data["ids"][i])]
+      ntok += tokens.size
+    logging.info("lower %d layers cached for %d prompts: %.0f s (%.0f tok/s)", L, len(xs),
+                 time.time() - t1, ntok / (time.time() - t1))
+    return xs
+
+  train["x"], test["x"] = cache(train), cache(test)
+
+  def xbatch(data, idx):
+    t = bucket(max(len(data["x"][i]) for i in idx))
+    x = np.zeros((len(idx), t, mcfg.hidden_size), np.float32)
+    for r, i in enumerate(idx):
+      x[r, :len(data["x"][i])] = data["x"][i]
+    return jnp.asarray(x), jnp.asarray([len(data["x"][i]) - 1 for i in idx], np.int32)
+
+  ocfg = optim.OptimConfig(learning_rate=FLAGS.lr, warmup_steps=10, total_steps=FLAGS.steps,
+                           frozen_layers=L, weight_decay=0.0)
+  tx = optim.make_optimizer(ocfg)
+  params = state
+  opt_state = tx.init(params)
+  digits_j = jnp.asarray(digits)
+
+  @jax.jit
+  def step(params, opt_state, x, last, target_tok):
+    def loss_fn(p):
+      logits = top_logits(optim.stop_frozen(p, L), x, last)
+      lp = jax.nn.log_softmax(logits)
+      return -jnp.mean(jnp.take_along_axis(lp, target_tok[:, None], 1))
+    loss, g = jax.value_and_grad(loss_fn)(params)
+    upd, opt_state = tx.update(g, opt_state, params)
+    return optax.apply_updates(params, upd), opt_state, loss
+
+  @jax.jit
+  def choose(params, x, last):
+    return jnp.argmax(top_logits(params, x, last)[:, digits_j], -1)
+
+  sl = test["slates"]
+  legacy_vals = tables.per_example(np.tile(np.arange(k), (len(sl["slate"]), 1)), sl)
+  teacher_vals = tables.per_example(teacher.greedy_orders(sl), sl)
+
+  def evaluate(params, at):
+    slots = np.concatenate([np.asarray(choose(params, *xbatch(test, idx)))
+                            for idx in np.array_split(np.arange(len(test["x"])),
+                                                      -(-len(test["x"]) // 16))])
+    first = test["perm"][np.arange(len(slots)), slots]  # legacy position of the choice
+    order = np.stack([np.concatenate([[f], [p for p in range(k) if p != f]]) for f in first])
+    vals = tables.per_example(order, sl)
+    r1 = vals["R@1"]
+    rs = np.random.default_rng(0)
+    idx = rs.integers(0, len(r1), (FLAGS.n_boot, len(r1)))
+    diff = (r1[idx] - legacy_vals["R@1"][idx]).mean(1)
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    hist = np.bincount(slots, minlength=k)
+    agree = float((slots == test["teacher_slot"]).mean())
+    logging.info("step %d: R@1 %.4f (legacy %.4f, teacher %.4f) diff %+.4f [%+.4f, %+.4f]; "
+                 "agrees with the teacher %.3f; shown slot %s", at, r1.mean(),
+                 legacy_vals["R@1"].mean(), teacher_vals["R@1"].mean(), r1.mean() -
+                 legacy_vals["R@1"].mean(), lo, hi, agree, " ".join(map(str, hist)))
+    return at, float(r1.mean()), float(lo), float(hi), agree, hist
+
+  rows = [evaluate(params, 0)]
+  targets = digits[train["target_slot"]]
+  n = len(train["x"])
+  t1, losses = time.time(), []
+  for s in range(1, FLAGS.steps + 1):
+    idx = rng.choice(n, FLAGS.batch, replace=False)
+    x, last = xbatch(train, idx)
+    params, opt_state, loss = step(params, opt_state, x, last, jnp.asarray(targets[idx]))
+    losses.append(float(loss))
+    if s % 10 == 0:
+      logging.info("step %d/%d loss %.3f (mean of 10), %.2f s/step", s, FLAGS.steps,
+                   np.mean(losses[-10:]), (time.time() - t1) / s)
+    if s % FLAGS.eval_every == 0 or s == FLAGS.steps:
+      rows.append(evaluate(params, s))
+  train_s = time.time() - t1
+  shown = ",".join(("title",) + tuple(FLAGS.fields))
+  print(f"\nprobe_choice: frozen {L}, fields {shown} ({FLAGS.evidence_format}), "
+        f"history {FLAGS.max_history}, "
+        f"target {FLAGS.target}, "
+        f"lr {FLAGS.lr}, batch {FLAGS.batch}, {FLAGS.steps} steps in {train_s:.0f} s "
+        f"({train_s / FLAGS.steps:.2f} s/step); {len(train['x'])} train / {len(test['x'])} test "
+        f"slates; total {time.time() - t0:.0f} s\n")
+  print("| step | R@1 | R@1 - legacy [95%] | agrees with teacher | chosen shown slot 0..9 |")
+  print("|---:|---|---|---:|---|")
+  for at, r1, lo, hi, agree, hist in rows:
+    print(f"| {at} | {r1:.4f} | {r1 - legacy_vals['R@1'].mean():+.4f} [{lo:+.4f}, {hi:+.4f}] "
+          f"| {agree:.3f} | {' '.join(map(str, hist))} |")
+  print(f"\nlegacy R@1 {legacy_vals['R@1'].mean():.4f}, "
+        f"CF teacher {teacher_vals['R@1'].mean():.4f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
