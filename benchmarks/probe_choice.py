@@ -60,6 +60,7 @@ flags.DEFINE_integer("max_history", 4, "history items shown")
 flags.DEFINE_enum("evidence_format", "counts", ["counts", "ranks"], "how the evidence reads")
 flags.DEFINE_integer("seed", 0, "display shuffle and batch order")
 flags.DEFINE_integer("n_boot", 1000, "bootstrap resamples")
+flags.DEFINE_bool("rules_only", False, "only the rules' rows (no training)")
 
 ANSWER_HEAD = '{"recommendations": ['
 
@@ -94,10 +95,30 @@ def build(split, n, items, stats, teacher, tok, pcfg, rng, legacy_dir):
     perms.append(perm)
   perms = np.stack(perms)
   inv = np.argsort(perms, 1)  # legacy position -> shown slot
-  label_pos = np.argmax(sl["labels"], 1)
+  label_pos = np.asarray(sl["target_index"])
   target_pos = teacher_top if FLAGS.target == "teacher" else label_pos
+  # The rules a reader of the evidence could apply: arg-max of each count (ties: legacy order).
+  counter = evidence_lib.SlateEvidence(stats, recent=pcfg.max_history)
+  counts = [counter.counts([int(h) for h in sl["history"][i] if h >= 0], sl["slate"][i])
+            for i in range(len(sl["slate"]))]
+  rules = {"arg-max co-watched": np.asarray([np.argmax(c) for c, _ in counts]),
+           "arg-max followed last": np.asarray([np.argmax(f) for _, f in counts])}
   return {"ids": ids, "perm": perms, "target_slot": inv[np.arange(len(inv)), target_pos],
-          "teacher_slot": inv[np.arange(len(inv)), teacher_top], "slates": sl}
+          "teacher_slot": inv[np.arange(len(inv)), teacher_top], "slates": sl,
+          "teacher_top": teacher_top, "rules": rules}
+
+
+def print_rules(test):
+  """R@1 of first choices on the test slates, and how often each is the teacher's first item."""
+  sl = test["slates"]
+  print("\nOn the same test slates (first choice only):\n")
+  print("| rule | R@1 | agrees with teacher |")
+  print("|---|---|---:|")
+  firsts = {"legacy order": np.zeros(len(sl["slate"]), np.int64),
+            "CF teacher": test["teacher_top"], **test["rules"]}
+  for name, first in firsts.items():
+    r1 = float((first == sl["target_index"]).mean())
+    print(f"| {name} | {r1:.4f} | {float((first == test['teacher_top']).mean()):.3f} |")
 
 
 def main(argv):
@@ -111,6 +132,12 @@ def main(argv):
   teacher = cf.CFTeacher(stats, items, [str(i) for i in range(len(items))])
   model, mcfg, tok = gguf_io.load_gguf(FLAGS.model)
   rng = np.random.default_rng(FLAGS.seed)
+  if FLAGS.rules_only:
+    test = build("test", FLAGS.test_examples, items, stats, teacher, tok, pcfg, rng,
+                 real("legacy"))
+    print(f"{len(test['ids'])} test slates, {FLAGS.max_history} history items shown")
+    print_rules(test)
+    return
   train = build("train", FLAGS.train_examples, items, stats, teacher, tok, pcfg, rng,
                 real("legacy"))
   test = build("test", FLAGS.test_examples, items, stats, teacher, tok, pcfg, rng,
@@ -256,8 +283,7 @@ def main(argv):
   for at, r1, lo, hi, agree, hist in rows:
     print(f"| {at} | {r1:.4f} | {r1 - legacy_vals['R@1'].mean():+.4f} [{lo:+.4f}, {hi:+.4f}] "
           f"| {agree:.3f} | {' '.join(map(str, hist))} |")
-  print(f"\nlegacy R@1 {legacy_vals['R@1'].mean():.4f}, "
-        f"CF teacher {teacher_vals['R@1'].mean():.4f}")
+  print_rules(test)
 
 
 if __name__ == "__main__":
