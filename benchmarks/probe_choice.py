@@ -60,6 +60,7 @@ flags.DEFINE_integer("max_history", 4, "history items shown")
 flags.DEFINE_enum("evidence_format", "counts", ["counts", "ranks"], "how the evidence reads")
 flags.DEFINE_integer("seed", 0, "display shuffle and batch order")
 flags.DEFINE_integer("n_boot", 1000, "bootstrap resamples")
+flags.DEFINE_bool("evidence_first", False, "each candidate's evidence right after its number")
 flags.DEFINE_bool("rules_only", False, "only the rules' rows (no training)")
 
 ANSWER_HEAD = '{"recommendations": ['
@@ -70,6 +71,18 @@ def _prompt_cfg():
   return prompts.PromptConfig(max_history=FLAGS.max_history, item_fields=fields,
                               evidence_format=FLAGS.evidence_format,
                               reasoning=False, answer_format="positions0")
+
+
+def _evidence_first(content, k):
+  """Candidate lines `3. Title (1995) | co-watched #2, followed last #1` rewritten as
+  `3. co-watched #2, followed last #1 | Title (1995)`: the evidence beside its number."""
+  lines = content.split("\n")
+  for j, line in enumerate(lines):
+    num, dot, rest = line.partition(". ")
+    if dot and num.isdigit() and int(num) < k and " | " in rest:
+      body, _, ev = rest.rpartition(" | ")
+      lines[j] = f"{num}. {ev} | {body}"
+  return "\n".join(lines)
 
 
 def build(split, n, items, stats, teacher, tok, pcfg, rng, legacy_dir):
@@ -90,6 +103,8 @@ def build(split, n, items, stats, teacher, tok, pcfg, rng, legacy_dir):
     msgs = prompts.build_messages(
         prompts.with_sids(hist, items, no_sid),
         prompts.with_sids(slate, items, no_sid, e), pcfg)
+    if FLAGS.evidence_first and e:
+      msgs[1]["content"] = _evidence_first(msgs[1]["content"], k)
     ids.append(np.asarray(chat.encode_chat(msgs, tok, add_generation_prompt=True) + head,
                           np.int32))
     perms.append(perm)
@@ -272,7 +287,8 @@ def main(argv):
       rows.append(evaluate(params, s))
   train_s = time.time() - t1
   shown = ",".join(("title",) + tuple(FLAGS.fields))
-  print(f"\nprobe_choice: frozen {L}, fields {shown} ({FLAGS.evidence_format}), "
+  print(f"\nprobe_choice: frozen {L}, fields {shown} ({FLAGS.evidence_format}"
+        f"{', first' if FLAGS.evidence_first else ''}), "
         f"history {FLAGS.max_history}, "
         f"target {FLAGS.target}, "
         f"lr {FLAGS.lr}, batch {FLAGS.batch}, {FLAGS.steps} steps in {train_s:.0f} s "
