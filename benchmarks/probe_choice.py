@@ -36,7 +36,7 @@ import optax
 
 from gr2_jax.data import artifacts
 from gr2_jax.data import slates as slates_lib
-from gr2_jax.eval import tables
+from gr2_jax.eval import metrics, tables
 from gr2_jax.models import gguf_io, qwen3
 from gr2_jax.teachers import cf, cf_stats
 from gr2_jax.teachers import evidence as evidence_lib
@@ -57,7 +57,8 @@ flags.DEFINE_list("fields", ["year", "evidence"], "item fields shown beside the 
                   "(year, genres, evidence)")
 flags.DEFINE_enum("target", "teacher", ["teacher", "label"], "what the first choice learns")
 flags.DEFINE_integer("max_history", 4, "history items shown")
-flags.DEFINE_enum("evidence_format", "counts", ["counts", "ranks"], "how the evidence reads")
+flags.DEFINE_enum("evidence_format", "counts", list(prompts.EVIDENCE_FORMATS),
+                  "how the evidence reads")
 flags.DEFINE_integer("seed", 0, "display shuffle and batch order")
 flags.DEFINE_integer("n_boot", 1000, "bootstrap resamples")
 flags.DEFINE_bool("evidence_first", False, "each candidate's evidence right after its number")
@@ -168,14 +169,17 @@ def main(argv):
   L = FLAGS.frozen
   graphdef, state = nnx.split(model)
 
+  def rope_and_mask(b, t):
+    """RoPE tables and the causal mask of unpacked rows of t tokens from position 0."""
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    cos, sin = qwen3.rope_tables(pos, mcfg.head_dim, mcfg.rope_theta)
+    return cos, sin, jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+
   @jax.jit
   def bottom(state, tokens):
     m = nnx.merge(graphdef, state)
-    b, t = tokens.shape
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     x = m.embed_tokens(tokens)
-    cos, sin = qwen3.rope_tables(pos, mcfg.head_dim, mcfg.rope_theta)
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    cos, sin, mask = rope_and_mask(*tokens.shape)
     for layer in m.layers[:L]:
       x, _ = qwen3._run_layer(layer, x, cos, sin, mask, None, None)
     return x
@@ -183,9 +187,7 @@ def main(argv):
   def top_logits(state, x, last):
     m = nnx.merge(graphdef, state)
     b, t, _ = x.shape
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    cos, sin = qwen3.rope_tables(pos, mcfg.head_dim, mcfg.rope_theta)
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    cos, sin, mask = rope_and_mask(b, t)
     for layer in m.layers[L:]:
       x, _ = qwen3._run_layer(layer, x, cos, sin, mask, None, None)
     h = m.norm(x[jnp.arange(b), last])[:, None]
@@ -259,10 +261,8 @@ def main(argv):
     order = np.stack([np.concatenate([[f], [p for p in range(k) if p != f]]) for f in first])
     vals = tables.per_example(order, sl)
     r1 = vals["R@1"]
-    rs = np.random.default_rng(0)
-    idx = rs.integers(0, len(r1), (FLAGS.n_boot, len(r1)))
-    diff = (r1[idx] - legacy_vals["R@1"][idx]).mean(1)
-    lo, hi = np.percentile(diff, [2.5, 97.5])
+    paired = metrics.paired_bootstrap(r1, legacy_vals["R@1"], n_boot=FLAGS.n_boot)
+    lo, hi = paired["diff_lo"], paired["diff_hi"]
     hist = np.bincount(slots, minlength=k)
     agree = float((slots == test["teacher_slot"]).mean())
     logging.info("step %d: R@1 %.4f (legacy %.4f, teacher %.4f) diff %+.4f [%+.4f, %+.4f]; "

@@ -22,8 +22,9 @@ import numpy as np
 
 from gr2_jax.errors import UserError
 from gr2_jax.teachers import cf_stats
+from gr2_jax.text import prompts
 
-FORMATS = ("counts", "ranks")
+FORMATS = prompts.EVIDENCE_FORMATS
 
 
 def slate_ranks(counts):
@@ -57,15 +58,12 @@ class SlateEvidence:
 
   def __call__(self, history, slate):
     cooc, follows = self.counts(history, slate)
-    if self.fmt == "counts":
-      return {int(i): f"co-watched {c}, followed last {f}"
-              for i, c, f in zip(slate, cooc, follows)}
-
-    def rank(counts):
-      return [f"#{r}" if c > 0 else "none" for c, r in zip(counts, slate_ranks(counts))]
-
+    if self.fmt == "ranks":
+      cooc, follows = (
+          [f"#{r}" if c > 0 else "none" for c, r in zip(counts, slate_ranks(counts))]
+          for counts in (cooc, follows))
     return {int(i): f"co-watched {c}, followed last {f}"
-            for i, c, f in zip(slate, rank(cooc), rank(follows))}
+            for i, c, f in zip(slate, cooc, follows)}
 
 
 def for_prompt(prompt_cfg, data_dir):

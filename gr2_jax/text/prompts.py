@@ -20,6 +20,7 @@ ITEM_FIELDS = ("sid", "title", "year", "genres", "evidence")
 DEFAULT_ITEM_FIELDS = ("sid", "title", "year", "genres")
 USER_FIELDS = ("age", "gender", "occupation")
 ANSWER_FORMATS = ("sids", "positions", "positions0")
+EVIDENCE_FORMATS = ("counts", "ranks")  # see `teachers.evidence`
 
 
 def first_number(answer_format):
@@ -70,8 +71,8 @@ class PromptConfig:
     if self.answer_format not in ANSWER_FORMATS:
       raise UserError(f"prompt answer_format must be one of {', '.join(ANSWER_FORMATS)}, "
                       f"got {self.answer_format!r}")
-    if self.evidence_format not in ("counts", "ranks"):
-      raise UserError(f"prompt evidence_format must be counts or ranks, "
+    if self.evidence_format not in EVIDENCE_FORMATS:
+      raise UserError(f"prompt evidence_format must be {' or '.join(EVIDENCE_FORMATS)}, "
                       f"got {self.evidence_format!r}")
     if self.evidence_window < 1:
       raise UserError(f"prompt evidence_window must be >= 1, got {self.evidence_window}")
