@@ -9,21 +9,41 @@ first choice and buys many more optimiser steps for the same time:
   0..K-1 in a seeded random order; no SIDs: this model has not learnt them), the assistant
   turn opened with the answer's head `{"recommendations": [`, so the next token is the first
   choice (one digit token);
-- the target is the CF teacher's first item (`--target=teacher`) or the slate's positive
-  (`--target=label`), loss on that one token only (full-vocabulary cross-entropy);
+- the target is the CF teacher's first item (`--target=teacher`), the slate's positive
+  (`--target=label`) or a rule read off the shown evidence (`--target=co_watched` /
+  `followed_last`: the candidate with the largest count, a function of the prompt wherever that
+  maximum is unique and non-zero; can the model learn to read at all?), loss on that one token
+  only (full-vocabulary cross-entropy);
 - the lower `--frozen` layers never change, so their output for each prompt is computed once
   and kept; each step runs only the upper layers forward and backward;
 - evaluation: the arg-max over the K number tokens at that position (what the slate constraint
   makes of the first choice) on test slates: R@1 against the labels with a paired bootstrap
   interval against the legacy order, agreement with the teacher's first item, and the histogram
-  of the chosen shown slot (a model that settles on a slot shows it at once).
+  of the chosen shown slot (a model that settles on a slot shows it at once), and how often the
+  choice is the target where the prompt fixes it;
+- `--linear`: where the choice can be read in the lower layers' outputs. Two linear read-outs
+  fitted on the cached outputs (no model step): one weight vector scoring every candidate at
+  the token where its evidence ends (softmax over the slate), and a K-way classifier at the
+  answer position. The first says whether the evidence is there, the second whether the lower
+  layers already carry the choice to where it must be written;
+- `--route_weight`: a second loss that teaches the upper layers where to look: the first trained
+  layer's first KV group of heads, from the answer position, puts its attention on the token
+  where the target's evidence ends;
+- `--number_again`: each candidate line ends with its number again, after the evidence, so the
+  token that sees the evidence is the digit to be written.
 
   python benchmarks/probe_choice.py --workdir=W --steps=300 --fields=year,evidence
+  python benchmarks/probe_choice.py --workdir=W --steps=0 --linear --evidence_format=ranks \
+      --cache_dir=/tmp/probe_cache
+
+`--cache_dir` keeps the lower layers' outputs (about 1.4 GB for 1,600 prompts at 24 layers), so
+runs that differ only in target, learning rate or steps skip the caching pass.
 
 W needs the data and legacy stages (`python -m gr2_jax.main --config=configs/legacy.py
 --workdir=W`). Results print as a markdown block; nothing is written to the repository.
 """
 
+import hashlib
 import os
 import time
 
@@ -55,14 +75,28 @@ flags.DEFINE_float("lr", 1e-4, "peak learning rate (cosine to 10%, 10 warm-up st
 flags.DEFINE_integer("eval_every", 50, "steps between test evaluations")
 flags.DEFINE_list("fields", ["year", "evidence"], "item fields shown beside the title "
                   "(year, genres, evidence)")
-flags.DEFINE_enum("target", "teacher", ["teacher", "label"], "what the first choice learns")
+flags.DEFINE_enum("target", "teacher", ["teacher", "label", "co_watched", "followed_last"],
+                  "what the first choice learns: the CF teacher's first item, the slate's "
+                  "positive, or a rule read off the shown evidence (arg-max of one count)")
 flags.DEFINE_integer("max_history", 4, "history items shown")
 flags.DEFINE_enum("evidence_format", "counts", list(prompts.EVIDENCE_FORMATS),
                   "how the evidence reads")
 flags.DEFINE_integer("seed", 0, "display shuffle and batch order")
 flags.DEFINE_integer("n_boot", 1000, "bootstrap resamples")
 flags.DEFINE_bool("evidence_first", False, "each candidate's evidence right after its number")
+flags.DEFINE_bool("number_again", False, "each candidate line ends with its number again, "
+                  "after the evidence (`3. Title (1995) | co-watched #2, followed last #1 -> 3`): "
+                  "the token that sees the evidence is the number to write")
 flags.DEFINE_bool("rules_only", False, "only the rules' rows (no training)")
+flags.DEFINE_bool("linear", False, "also fit two linear read-outs of the lower layers' cached "
+                  "outputs (no model step): a scorer shared by the candidates, read where each "
+                  "candidate's evidence ends, and a K-way classifier of the answer position")
+flags.DEFINE_float("route_weight", 0.0, "weight of a second loss on the first trained layer's "
+                   "attention: from the answer position, the heads of its first KV group put "
+                   "their mass on the token where the target's evidence ends (0 = off)")
+flags.DEFINE_integer("linear_steps", 1000, "full-batch AdamW steps of each linear read-out")
+flags.DEFINE_string("cache_dir", "", "keep the lower layers' outputs here, keyed by everything "
+                    "that makes them (reruns with another target, lr or step count skip the pass)")
 
 ANSWER_HEAD = '{"recommendations": ['
 
@@ -86,6 +120,16 @@ def _evidence_first(content, k):
   return "\n".join(lines)
 
 
+def _number_again(content, k):
+  """Candidate lines `3. Title (1995) | ...` get ` -> 3` at their end."""
+  lines = content.split("\n")
+  for j, line in enumerate(lines):
+    num, dot, rest = line.partition(". ")
+    if dot and num.isdigit() and int(num) < k and " | " in rest:
+      lines[j] = f"{line} -> {num}"
+  return "\n".join(lines)
+
+
 def build(split, n, items, stats, teacher, tok, pcfg, rng, legacy_dir):
   """Token ids of each prompt (ending with the answer head), the shown order, targets."""
   sl = slates_lib.load_split(legacy_dir, split, max_examples=n, seed=1)
@@ -106,22 +150,36 @@ def build(split, n, items, stats, teacher, tok, pcfg, rng, legacy_dir):
         prompts.with_sids(slate, items, no_sid, e), pcfg)
     if FLAGS.evidence_first and e:
       msgs[1]["content"] = _evidence_first(msgs[1]["content"], k)
+    if FLAGS.number_again:
+      msgs[1]["content"] = _number_again(msgs[1]["content"], k)
     ids.append(np.asarray(chat.encode_chat(msgs, tok, add_generation_prompt=True) + head,
                           np.int32))
     perms.append(perm)
   perms = np.stack(perms)
   inv = np.argsort(perms, 1)  # legacy position -> shown slot
   label_pos = np.asarray(sl["target_index"])
-  target_pos = teacher_top if FLAGS.target == "teacher" else label_pos
   # The rules a reader of the evidence could apply: arg-max of each count (ties: legacy order).
   counter = evidence_lib.SlateEvidence(stats, recent=pcfg.max_history)
   counts = [counter.counts([int(h) for h in sl["history"][i] if h >= 0], sl["slate"][i])
             for i in range(len(sl["slate"]))]
   rules = {"arg-max co-watched": np.asarray([np.argmax(c) for c, _ in counts]),
            "arg-max followed last": np.asarray([np.argmax(f) for _, f in counts])}
+  # A rule's target is a function of the prompt where its maximum is unique and non-zero
+  # (elsewhere the tie is broken by the legacy order, which the shuffled display hides).
+  unique = {"co_watched": np.asarray([_unique_max(c) for c, _ in counts]),
+            "followed_last": np.asarray([_unique_max(f) for _, f in counts])}
+  target_pos = {"teacher": teacher_top, "label": label_pos,
+                "co_watched": rules["arg-max co-watched"],
+                "followed_last": rules["arg-max followed last"]}[FLAGS.target]
   return {"ids": ids, "perm": perms, "target_slot": inv[np.arange(len(inv)), target_pos],
+          "readable": unique.get(FLAGS.target, np.ones(len(inv), bool)),
           "teacher_slot": inv[np.arange(len(inv)), teacher_top], "slates": sl,
           "teacher_top": teacher_top, "rules": rules}
+
+
+def _unique_max(values):
+  v = np.asarray(values)
+  return bool(v.max() > 0 and (v == v.max()).sum() == 1)
 
 
 def print_rules(test):
@@ -135,6 +193,82 @@ def print_rules(test):
   for name, first in firsts.items():
     r1 = float((first == sl["target_index"]).mean())
     print(f"| {name} | {r1:.4f} | {float((first == test['teacher_top']).mean()):.3f} |")
+
+
+def evidence_ends(ids, k, tok):
+  """Per prompt, the token where each shown candidate's evidence ends: its line's last token
+  (evidence last), or the ` |` after the evidence (`--evidence_first`)."""
+  nl, dot, end = tok.encode("\n")[0], tok.encode(".")[0], tok.encode("<|im_end|>")[-1]
+  num = [tok.encode(str(j))[0] for j in range(k)]
+  bar = tok.encode(" |")
+  out = []
+  for x in ids:
+    starts = [max(i for i in range(len(x) - 2) if x[i] == nl and x[i + 1] == num[j] and
+                  x[i + 2] == dot) for j in range(k)]
+    ends = [s - 1 for s in starts[1:]] + [int(np.flatnonzero(x == end)[-1]) - 1]
+    if FLAGS.evidence_first and len(bar) == 1:
+      ends = [next(i for i in range(s, e + 1) if x[i] == bar[0]) for s, e in zip(starts, ends)]
+    out.append(ends)
+  return np.asarray(out)
+
+
+def fit_linear(x_train, y_train, x_test, scorer):
+  """Full-batch AdamW (lr 1e-2, decay 1e-2) on standardised features; arg-max on the test set.
+  scorer: x [N, K, D], one weight vector shared by the K candidates; else x [N, D], K-way."""
+  flat = x_train.reshape(-1, x_train.shape[-1])
+  mu, sd = flat.mean(0), flat.std(0) + 1e-6
+  xtr, xte = jnp.asarray((x_train - mu) / sd), jnp.asarray((x_test - mu) / sd)
+  k = int(y_train.max()) + 1 if not scorer else x_train.shape[1]
+  params = ({"w": jnp.zeros(x_train.shape[-1])} if scorer else
+            {"w": jnp.zeros((x_train.shape[-1], k)), "b": jnp.zeros(k)})
+  logits = ((lambda p, x: x @ p["w"]) if scorer else (lambda p, x: x @ p["w"] + p["b"]))
+  tx = optax.adamw(1e-2, weight_decay=1e-2)
+  y = jnp.asarray(y_train)
+
+  @jax.jit
+  def step(p, s):
+    def loss_fn(p):
+      return -jnp.mean(jax.nn.log_softmax(logits(p, xtr))[jnp.arange(len(y)), y])
+    loss, g = jax.value_and_grad(loss_fn)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, loss
+
+  state = tx.init(params)
+  for _ in range(FLAGS.linear_steps):
+    params, state, loss = step(params, state)
+  train_acc = float((jnp.argmax(logits(params, xtr), -1) == y).mean())
+  return np.asarray(jnp.argmax(logits(params, xte), -1)), float(loss), train_acc
+
+
+def print_linear(train, test, k, tok, judge, legacy_r1):
+  """Where the choice is readable in the lower layers' outputs: at each candidate's own line,
+  or already at the answer position (which the upper layers would then only pass on)."""
+  t0 = time.time()
+  ok = train["readable"]
+  ends = {name: evidence_ends(d["ids"], k, tok) for name, d in (("train", train), ("test", test))}
+  cand = {name: np.stack([x[e] for x, e in zip(d["x"], ends[name])])
+          for name, d in (("train", train), ("test", test))}
+  last = {name: np.stack([x[-1] for x in d["x"]]) for name, d in (("train", train),
+                                                                  ("test", test))}
+  own = fit_linear(cand["train"].reshape(-1, cand["train"].shape[-1]),
+                   np.tile(np.arange(k), len(cand["train"])),
+                   cand["test"].reshape(-1, cand["test"].shape[-1]), scorer=False)[0]
+  own_acc = float((own == np.tile(np.arange(k), len(cand["test"]))).mean())
+  print(f"\nLinear read-outs of the lower {FLAGS.frozen} layers' outputs, trained on the "
+        f"{ok.sum()} training slates where the target ({FLAGS.target}) is fixed by the prompt, "
+        f"{FLAGS.linear_steps} full-batch steps ({time.time() - t0:.0f} s with the next two); "
+        f"a candidate's own number is read at its evidence's end on {own_acc:.3f} of the test "
+        f"candidates:\n")
+  print("| read-out | train fit | hits the target (test) | agrees with teacher | R@1 | "
+        "R@1 - legacy [95%] | chosen shown slot 0..9 |")
+  print("|---|---:|---:|---:|---|---|---|")
+  for name, xs, scorer in (("scorer at each candidate's evidence end", cand, True),
+                           ("classifier at the answer position", last, False)):
+    slots, loss, acc = fit_linear(xs["train"][ok], train["target_slot"][ok], xs["test"],
+                                  scorer)
+    r1, lo, hi, agree, hit, hist = judge(slots)
+    print(f"| {name} | {acc:.3f} (loss {loss:.3f}) | {hit:.3f} | {agree:.3f} | {r1:.4f} | "
+          f"{r1 - legacy_r1:+.4f} [{lo:+.4f}, {hi:+.4f}] | {' '.join(map(str, hist))} |")
 
 
 def main(argv):
@@ -193,6 +327,25 @@ def main(argv):
     h = m.norm(x[jnp.arange(b), last])[:, None]
     return m.logits(h)[:, 0]  # [B, V]
 
+  def route_logprob(state, x, last, at):
+    """[B]: log attention mass that the first trained layer's first KV group (its query heads,
+    averaged) puts, from the answer position `last`, on the token `at`."""
+    m = nnx.merge(graphdef, state)
+    attn = m.layers[L].self_attn
+    b, t, _ = x.shape
+    cos, sin, _ = rope_and_mask(b, t)
+    h = m.layers[L].input_layernorm(x)
+    q, k = attn.q_proj(h), attn.k_proj(h)
+    if attn.qk_norm:
+      q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = qwen3.apply_rope(q, cos, sin), qwen3.apply_rope(k, cos, sin)
+    rows = jnp.arange(b)
+    group = mcfg.num_heads // mcfg.num_kv_heads  # query heads 0..group-1 read KV head 0
+    scores = jnp.einsum("bhd,btd->bht", q[rows, last, :group], k[:, :, 0]) * mcfg.head_dim ** -0.5
+    scores = jnp.where(jnp.arange(t)[None, None] <= last[:, None, None], scores, -jnp.inf)
+    lp = jax.nn.log_softmax(scores.astype(jnp.float32), -1)
+    return jnp.mean(lp[rows, :, at], -1)
+
   def bucket(n):
     return int(-(-n // 32) * 32)
 
@@ -205,7 +358,16 @@ def main(argv):
         tokens[r, :len(ids[i])] = ids[i]
       yield idx, tokens, np.asarray([len(ids[i]) - 1 for i in idx], np.int32)
 
-  def cache(data):
+  def cache(data, split):
+    key = hashlib.sha256(repr((FLAGS.model, L, split, FLAGS.seed, FLAGS.max_history,
+                               [x.tolist() for x in data["ids"]])).encode()).hexdigest()[:16]
+    path = os.path.join(FLAGS.cache_dir, f"probe_{split}_{key}.npz") if FLAGS.cache_dir else ""
+    if path and os.path.exists(path):
+      with np.load(path) as z:
+        flat, ends = z["x"], z["ends"]
+      logging.info("lower %d layers' outputs for %d %s prompts read from %s", L, len(ends), split,
+                   path)
+      return np.split(flat, ends[:-1])
     t1 = time.time()
     order = np.argsort([len(x) for x in data["ids"]])  # similar lengths share a bucket
     xs = [None] * len(order)
@@ -217,9 +379,14 @@ def main(argv):
       ntok += tokens.size
     logging.info("lower %d layers cached for %d prompts: %.0f s (%.0f tok/s)", L, len(xs),
                  time.time() - t1, ntok / (time.time() - t1))
+    if path:
+      os.makedirs(FLAGS.cache_dir, exist_ok=True)
+      tmp = path + ".tmp.npz"
+      np.savez(tmp, x=np.concatenate(xs), ends=np.cumsum([len(x) for x in xs]))
+      os.replace(tmp, path)
     return xs
 
-  train["x"], test["x"] = cache(train), cache(test)
+  train["x"], test["x"] = cache(train, "train"), cache(test, "test")
 
   def xbatch(data, idx):
     t = bucket(max(len(data["x"][i]) for i in idx))
@@ -228,7 +395,7 @@ def main(argv):
       x[r, :len(data["x"][i])] = data["x"][i]
     return jnp.asarray(x), jnp.asarray([len(data["x"][i]) - 1 for i in idx], np.int32)
 
-  ocfg = optim.OptimConfig(learning_rate=FLAGS.lr, warmup_steps=10, total_steps=FLAGS.steps,
+  ocfg = optim.OptimConfig(learning_rate=FLAGS.lr, warmup_steps=10, total_steps=max(FLAGS.steps, 1),
                            frozen_layers=L, weight_decay=0.0)
   tx = optim.make_optimizer(ocfg)
   params = state
@@ -236,14 +403,17 @@ def main(argv):
   digits_j = jnp.asarray(digits)
 
   @jax.jit
-  def step(params, opt_state, x, last, target_tok):
+  def step(params, opt_state, x, last, target_tok, target_at):
     def loss_fn(p):
-      logits = top_logits(optim.stop_frozen(p, L), x, last)
+      p = optim.stop_frozen(p, L)
+      logits = top_logits(p, x, last)
       lp = jax.nn.log_softmax(logits)
-      return -jnp.mean(jnp.take_along_axis(lp, target_tok[:, None], 1))
-    loss, g = jax.value_and_grad(loss_fn)(params)
+      loss = -jnp.mean(jnp.take_along_axis(lp, target_tok[:, None], 1))
+      route = -jnp.mean(route_logprob(p, x, last, target_at)) if FLAGS.route_weight else 0.0
+      return loss + FLAGS.route_weight * route, (loss, route)
+    (_, parts), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
     upd, opt_state = tx.update(g, opt_state, params)
-    return optax.apply_updates(params, upd), opt_state, loss
+    return optax.apply_updates(params, upd), opt_state, parts
 
   @jax.jit
   def choose(params, x, last):
@@ -253,10 +423,9 @@ def main(argv):
   legacy_vals = tables.per_example(np.tile(np.arange(k), (len(sl["slate"]), 1)), sl)
   teacher_vals = tables.per_example(teacher.greedy_orders(sl), sl)
 
-  def evaluate(params, at):
-    slots = np.concatenate([np.asarray(choose(params, *xbatch(test, idx)))
-                            for idx in np.array_split(np.arange(len(test["x"])),
-                                                      -(-len(test["x"]) // 16))])
+  def judge(slots):
+    """R@1 of first choices (shown slots of the test slates), its paired interval against the
+    legacy order, agreement with the teacher, hits of the target where the prompt fixes it."""
     first = test["perm"][np.arange(len(slots)), slots]  # legacy position of the choice
     order = np.stack([np.concatenate([[f], [p for p in range(k) if p != f]]) for f in first])
     vals = tables.per_example(order, sl)
@@ -265,40 +434,64 @@ def main(argv):
     lo, hi = paired["diff_lo"], paired["diff_hi"]
     hist = np.bincount(slots, minlength=k)
     agree = float((slots == test["teacher_slot"]).mean())
-    logging.info("step %d: R@1 %.4f (legacy %.4f, teacher %.4f) diff %+.4f [%+.4f, %+.4f]; "
-                 "agrees with the teacher %.3f; shown slot %s", at, r1.mean(),
-                 legacy_vals["R@1"].mean(), teacher_vals["R@1"].mean(), r1.mean() -
-                 legacy_vals["R@1"].mean(), lo, hi, agree, " ".join(map(str, hist)))
-    return at, float(r1.mean()), float(lo), float(hi), agree, hist
+    ok = test["readable"]
+    hit = float((slots == test["target_slot"])[ok].mean())
+    return float(r1.mean()), float(lo), float(hi), agree, hit, hist
 
+  def evaluate(params, at):
+    slots = np.concatenate([np.asarray(choose(params, *xbatch(test, idx)))
+                            for idx in np.array_split(np.arange(len(test["x"])),
+                                                      -(-len(test["x"]) // 16))])
+    r1, lo, hi, agree, hit, hist = judge(slots)
+    ok = test["readable"]
+    logging.info("step %d: R@1 %.4f (legacy %.4f, teacher %.4f) diff %+.4f [%+.4f, %+.4f]; "
+                 "agrees with the teacher %.3f; target %s hit on %.3f of %d; shown slot %s", at,
+                 r1, legacy_vals["R@1"].mean(), teacher_vals["R@1"].mean(), r1 -
+                 legacy_vals["R@1"].mean(), lo, hi, agree, FLAGS.target, hit, ok.sum(),
+                 " ".join(map(str, hist)))
+    return at, r1, lo, hi, agree, hit, hist
+
+  if FLAGS.linear:
+    print_linear(train, test, k, tok, judge, legacy_vals["R@1"].mean())
+    if not FLAGS.steps:
+      return
   rows = [evaluate(params, 0)]
   targets = digits[train["target_slot"]]
+  target_at = evidence_ends(train["ids"], k, tok)[np.arange(len(targets)), train["target_slot"]]
   n = len(train["x"])
-  t1, losses = time.time(), []
+  t1, losses, routes = time.time(), [], []
   for s in range(1, FLAGS.steps + 1):
     idx = rng.choice(n, FLAGS.batch, replace=False)
     x, last = xbatch(train, idx)
-    params, opt_state, loss = step(params, opt_state, x, last, jnp.asarray(targets[idx]))
+    params, opt_state, (loss, route) = step(params, opt_state, x, last,
+                                            jnp.asarray(targets[idx]),
+                                            jnp.asarray(target_at[idx], np.int32))
     losses.append(float(loss))
+    routes.append(float(route))
     if s % 10 == 0:
-      logging.info("step %d/%d loss %.3f (mean of 10), %.2f s/step", s, FLAGS.steps,
-                   np.mean(losses[-10:]), (time.time() - t1) / s)
+      logging.info("step %d/%d loss %.3f, route loss %.3f (means of 10), %.2f s/step", s,
+                   FLAGS.steps, np.mean(losses[-10:]), np.mean(routes[-10:]),
+                   (time.time() - t1) / s)
     if s % FLAGS.eval_every == 0 or s == FLAGS.steps:
       rows.append(evaluate(params, s))
   train_s = time.time() - t1
   shown = ",".join(("title",) + tuple(FLAGS.fields))
   print(f"\nprobe_choice: frozen {L}, fields {shown} ({FLAGS.evidence_format}"
-        f"{', first' if FLAGS.evidence_first else ''}), "
+        f"{', first' if FLAGS.evidence_first else ''}"
+        f"{', number again' if FLAGS.number_again else ''}), "
         f"history {FLAGS.max_history}, "
         f"target {FLAGS.target}, "
+        f"{f'route weight {FLAGS.route_weight}, ' if FLAGS.route_weight else ''}"
         f"lr {FLAGS.lr}, batch {FLAGS.batch}, {FLAGS.steps} steps in {train_s:.0f} s "
         f"({train_s / FLAGS.steps:.2f} s/step); {len(train['x'])} train / {len(test['x'])} test "
         f"slates; total {time.time() - t0:.0f} s\n")
-  print("| step | R@1 | R@1 - legacy [95%] | agrees with teacher | chosen shown slot 0..9 |")
-  print("|---:|---|---|---:|---|")
-  for at, r1, lo, hi, agree, hist in rows:
+  ok = test["readable"]
+  print(f"| step | R@1 | R@1 - legacy [95%] | agrees with teacher | hits the target "
+        f"({FLAGS.target}, {ok.sum()} slates where the prompt fixes it) | chosen shown slot 0..9 |")
+  print("|---:|---|---|---:|---:|---|")
+  for at, r1, lo, hi, agree, hit, hist in rows:
     print(f"| {at} | {r1:.4f} | {r1 - legacy_vals['R@1'].mean():+.4f} [{lo:+.4f}, {hi:+.4f}] "
-          f"| {agree:.3f} | {' '.join(map(str, hist))} |")
+          f"| {agree:.3f} | {hit:.3f} | {' '.join(map(str, hist))} |")
   print_rules(test)
 
 
