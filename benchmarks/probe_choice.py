@@ -26,9 +26,9 @@ first choice and buys many more optimiser steps for the same time:
   the token where its evidence ends (softmax over the slate), and a K-way classifier at the
   answer position. The first says whether the evidence is there, the second whether the lower
   layers already carry the choice to where it must be written;
-- `--route_weight`: a second loss that teaches the upper layers where to look: the first trained
-  layer's first KV group of heads, from the answer position, puts its attention on the token
-  where the target's evidence ends;
+- `--route_weight`: a second loss that teaches the upper layers where to look: the first KV
+  group of heads of one trained layer (`--route_layer`: the first trained one, or any above),
+  from the answer position, puts its attention on the token where the target's evidence ends;
 - `--number_again`: each candidate line ends with its number again, after the evidence, so the
   token that sees the evidence is the digit to be written.
 
@@ -94,6 +94,9 @@ flags.DEFINE_bool("linear", False, "also fit two linear read-outs of the lower l
 flags.DEFINE_float("route_weight", 0.0, "weight of a second loss on the first trained layer's "
                    "attention: from the answer position, the heads of its first KV group put "
                    "their mass on the token where the target's evidence ends (0 = off)")
+flags.DEFINE_integer("route_layer", -1, "the layer whose heads `--route_weight` teaches: -1 = "
+                     "the first trained layer, else its index (the last, 29 for SmolLM2, is one "
+                     "step from the logits)")
 flags.DEFINE_integer("linear_steps", 1000, "full-batch AdamW steps of each linear read-out")
 flags.DEFINE_string("cache_dir", "", "keep the lower layers' outputs here, keyed by everything "
                     "that makes them (reruns with another target, lr or step count skip the pass)")
@@ -318,23 +321,35 @@ def main(argv):
       x, _ = qwen3._run_layer(layer, x, cos, sin, mask, None, None)
     return x
 
-  def top_logits(state, x, last):
+  route_layer = L if FLAGS.route_layer < 0 else FLAGS.route_layer
+  if not L <= route_layer < mcfg.num_layers:
+    raise ValueError(f"--route_layer must be a trained layer ({L}..{mcfg.num_layers - 1}), "
+                     f"got {route_layer}")
+
+  def top(state, x, last):
+    """Logits [B, V] at `last` and the input of the routed layer [B, T, E]."""
     m = nnx.merge(graphdef, state)
     b, t, _ = x.shape
     cos, sin, mask = rope_and_mask(b, t)
-    for layer in m.layers[L:]:
+    routed_in = x
+    for i, layer in enumerate(m.layers[L:], L):
+      if i == route_layer:
+        routed_in = x
       x, _ = qwen3._run_layer(layer, x, cos, sin, mask, None, None)
     h = m.norm(x[jnp.arange(b), last])[:, None]
-    return m.logits(h)[:, 0]  # [B, V]
+    return m.logits(h)[:, 0], routed_in
+
+  def top_logits(state, x, last):
+    return top(state, x, last)[0]
 
   def route_logprob(state, x, last, at):
-    """[B]: log attention mass that the first trained layer's first KV group (its query heads,
-    averaged) puts, from the answer position `last`, on the token `at`."""
+    """[B]: log attention mass that the routed layer's first KV group (its query heads,
+    averaged) puts, from the answer position `last`, on the token `at`; x: the layer's input."""
     m = nnx.merge(graphdef, state)
-    attn = m.layers[L].self_attn
+    attn = m.layers[route_layer].self_attn
     b, t, _ = x.shape
     cos, sin, _ = rope_and_mask(b, t)
-    h = m.layers[L].input_layernorm(x)
+    h = m.layers[route_layer].input_layernorm(x)
     q, k = attn.q_proj(h), attn.k_proj(h)
     if attn.qk_norm:
       q, k = attn.q_norm(q), attn.k_norm(k)
@@ -406,10 +421,11 @@ def main(argv):
   def step(params, opt_state, x, last, target_tok, target_at):
     def loss_fn(p):
       p = optim.stop_frozen(p, L)
-      logits = top_logits(p, x, last)
+      logits, routed_in = top(p, x, last)
       lp = jax.nn.log_softmax(logits)
       loss = -jnp.mean(jnp.take_along_axis(lp, target_tok[:, None], 1))
-      route = -jnp.mean(route_logprob(p, x, last, target_at)) if FLAGS.route_weight else 0.0
+      route = (-jnp.mean(route_logprob(p, routed_in, last, target_at)) if FLAGS.route_weight
+               else 0.0)
       return loss + FLAGS.route_weight * route, (loss, route)
     (_, parts), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
     upd, opt_state = tx.update(g, opt_state, params)
@@ -476,12 +492,14 @@ def main(argv):
       rows.append(evaluate(params, s))
   train_s = time.time() - t1
   shown = ",".join(("title",) + tuple(FLAGS.fields))
+  routed = (f"route weight {FLAGS.route_weight} (layer {route_layer}), " if FLAGS.route_weight
+            else "")
   print(f"\nprobe_choice: frozen {L}, fields {shown} ({FLAGS.evidence_format}"
         f"{', first' if FLAGS.evidence_first else ''}"
         f"{', number again' if FLAGS.number_again else ''}), "
         f"history {FLAGS.max_history}, "
         f"target {FLAGS.target}, "
-        f"{f'route weight {FLAGS.route_weight}, ' if FLAGS.route_weight else ''}"
+        f"{routed}"
         f"lr {FLAGS.lr}, batch {FLAGS.batch}, {FLAGS.steps} steps in {train_s:.0f} s "
         f"({train_s / FLAGS.steps:.2f} s/step); {len(train['x'])} train / {len(test['x'])} test "
         f"slates; total {time.time() - t0:.0f} s\n")
