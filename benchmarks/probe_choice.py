@@ -111,26 +111,26 @@ def _prompt_cfg():
                               reasoning=False, answer_format="positions0")
 
 
-def _evidence_first(content, k):
-  """Candidate lines `3. Title (1995) | co-watched #2, followed last #1` rewritten as
-  `3. co-watched #2, followed last #1 | Title (1995)`: the evidence beside its number."""
+def _rewrite_candidates(content, k, rewrite):
+  """Each candidate line `3. Title (1995) | evidence` of a user message replaced by
+  `rewrite(num, body, evidence)`."""
   lines = content.split("\n")
   for j, line in enumerate(lines):
     num, dot, rest = line.partition(". ")
     if dot and num.isdigit() and int(num) < k and " | " in rest:
       body, _, ev = rest.rpartition(" | ")
-      lines[j] = f"{num}. {ev} | {body}"
+      lines[j] = rewrite(num, body, ev)
   return "\n".join(lines)
 
 
-def _number_again(content, k):
-  """Candidate lines `3. Title (1995) | ...` get ` -> 3` at their end."""
-  lines = content.split("\n")
-  for j, line in enumerate(lines):
-    num, dot, rest = line.partition(". ")
-    if dot and num.isdigit() and int(num) < k and " | " in rest:
-      lines[j] = f"{line} -> {num}"
-  return "\n".join(lines)
+def _evidence_first(num, body, ev):
+  """`3. co-watched #2, followed last #1 | Title (1995)`: the evidence beside its number."""
+  return f"{num}. {ev} | {body}"
+
+
+def _number_again(num, body, ev):
+  """`3. Title (1995) | co-watched #2, followed last #1 -> 3`: the number ends the line."""
+  return f"{num}. {body} | {ev} -> {num}"
 
 
 def build(split, n, items, stats, teacher, tok, pcfg, rng, legacy_dir):
@@ -152,9 +152,9 @@ def build(split, n, items, stats, teacher, tok, pcfg, rng, legacy_dir):
         prompts.with_sids(hist, items, no_sid),
         prompts.with_sids(slate, items, no_sid, e), pcfg)
     if FLAGS.evidence_first and e:
-      msgs[1]["content"] = _evidence_first(msgs[1]["content"], k)
+      msgs[1]["content"] = _rewrite_candidates(msgs[1]["content"], k, _evidence_first)
     if FLAGS.number_again:
-      msgs[1]["content"] = _number_again(msgs[1]["content"], k)
+      msgs[1]["content"] = _rewrite_candidates(msgs[1]["content"], k, _number_again)
     ids.append(np.asarray(chat.encode_chat(msgs, tok, add_generation_prompt=True) + head,
                           np.int32))
     perms.append(perm)
