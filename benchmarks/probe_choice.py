@@ -36,7 +36,7 @@ first choice and buys many more optimiser steps for the same time:
   python benchmarks/probe_choice.py --workdir=W --steps=0 --linear --evidence_format=ranks \
       --cache_dir=/tmp/probe_cache
 
-`--cache_dir` keeps the lower layers' outputs (about 1.4 GB for 1,600 prompts at 24 layers), so
+`--cache_dir` keeps the lower layers' outputs (1.4-1.6 GB for 1,600 prompts at 24 layers), so
 runs that differ only in target, learning rate or steps skip the caching pass.
 
 W needs the data and legacy stages (`python -m gr2_jax.main --config=configs/legacy.py
@@ -64,6 +64,8 @@ from gr2_jax.text import chat, prompts
 from gr2_jax.train import optim
 
 FLAGS = flags.FLAGS
+# The counts of `SlateEvidence.counts`, in its order, as targets (and their rows' names).
+RULES = {"co_watched": "arg-max co-watched", "followed_last": "arg-max followed last"}
 flags.DEFINE_string("workdir", None, "workdir with data and legacy artifacts", required=True)
 flags.DEFINE_string("model", "smollm2", "GGUF path or pretrained name")
 flags.DEFINE_integer("frozen", 20, "lower decoder layers kept fixed (their outputs cached)")
@@ -75,7 +77,7 @@ flags.DEFINE_float("lr", 1e-4, "peak learning rate (cosine to 10%, 10 warm-up st
 flags.DEFINE_integer("eval_every", 50, "steps between test evaluations")
 flags.DEFINE_list("fields", ["year", "evidence"], "item fields shown beside the title "
                   "(year, genres, evidence)")
-flags.DEFINE_enum("target", "teacher", ["teacher", "label", "co_watched", "followed_last"],
+flags.DEFINE_enum("target", "teacher", ["teacher", "label", *RULES],
                   "what the first choice learns: the CF teacher's first item, the slate's "
                   "positive, or a rule read off the shown evidence (arg-max of one count)")
 flags.DEFINE_integer("max_history", 4, "history items shown")
@@ -91,9 +93,10 @@ flags.DEFINE_bool("rules_only", False, "only the rules' rows (no training)")
 flags.DEFINE_bool("linear", False, "also fit two linear read-outs of the lower layers' cached "
                   "outputs (no model step): a scorer shared by the candidates, read where each "
                   "candidate's evidence ends, and a K-way classifier of the answer position")
-flags.DEFINE_float("route_weight", 0.0, "weight of a second loss on the first trained layer's "
-                   "attention: from the answer position, the heads of its first KV group put "
-                   "their mass on the token where the target's evidence ends (0 = off)")
+flags.DEFINE_float("route_weight", 0.0, "weight of a second loss on one trained layer's "
+                   "attention (`--route_layer`): from the answer position, the heads of its "
+                   "first KV group put their mass on the token where the target's evidence ends "
+                   "(0 = off)")
 flags.DEFINE_integer("route_layer", -1, "the layer whose heads `--route_weight` teaches: -1 = "
                      "the first trained layer, else its index (the last, 29 for SmolLM2, is one "
                      "step from the logits)")
@@ -162,18 +165,16 @@ def build(split, n, items, stats, teacher, tok, pcfg, rng, legacy_dir):
   inv = np.argsort(perms, 1)  # legacy position -> shown slot
   label_pos = np.asarray(sl["target_index"])
   # The rules a reader of the evidence could apply: arg-max of each count (ties: legacy order).
+  # A rule's target is a function of the prompt where its maximum is unique and non-zero
+  # (elsewhere the tie is broken by the legacy order, which the shuffled display hides).
   counter = evidence_lib.SlateEvidence(stats, recent=pcfg.max_history)
   counts = [counter.counts([int(h) for h in sl["history"][i] if h >= 0], sl["slate"][i])
             for i in range(len(sl["slate"]))]
-  rules = {"arg-max co-watched": np.asarray([np.argmax(c) for c, _ in counts]),
-           "arg-max followed last": np.asarray([np.argmax(f) for _, f in counts])}
-  # A rule's target is a function of the prompt where its maximum is unique and non-zero
-  # (elsewhere the tie is broken by the legacy order, which the shuffled display hides).
-  unique = {"co_watched": np.asarray([_unique_max(c) for c, _ in counts]),
-            "followed_last": np.asarray([_unique_max(f) for _, f in counts])}
-  target_pos = {"teacher": teacher_top, "label": label_pos,
-                "co_watched": rules["arg-max co-watched"],
-                "followed_last": rules["arg-max followed last"]}[FLAGS.target]
+  rules, unique = {}, {}
+  for r, name in enumerate(RULES):
+    rules[name] = np.asarray([np.argmax(c[r]) for c in counts])
+    unique[name] = np.asarray([_unique_max(c[r]) for c in counts])
+  target_pos = {"teacher": teacher_top, "label": label_pos, **rules}[FLAGS.target]
   return {"ids": ids, "perm": perms, "target_slot": inv[np.arange(len(inv)), target_pos],
           "readable": unique.get(FLAGS.target, np.ones(len(inv), bool)),
           "teacher_slot": inv[np.arange(len(inv)), teacher_top], "slates": sl,
@@ -192,7 +193,8 @@ def print_rules(test):
   print("| rule | R@1 | agrees with teacher |")
   print("|---|---|---:|")
   firsts = {"legacy order": np.zeros(len(sl["slate"]), np.int64),
-            "CF teacher": test["teacher_top"], **test["rules"]}
+            "CF teacher": test["teacher_top"],
+            **{RULES[name]: first for name, first in test["rules"].items()}}
   for name, first in firsts.items():
     r1 = float((first == sl["target_index"]).mean())
     print(f"| {name} | {r1:.4f} | {float((first == test['teacher_top']).mean()):.3f} |")
@@ -243,13 +245,12 @@ def fit_linear(x_train, y_train, x_test, scorer):
   return np.asarray(jnp.argmax(logits(params, xte), -1)), float(loss), train_acc
 
 
-def print_linear(train, test, k, tok, judge, legacy_r1):
+def print_linear(train, test, k, judge, legacy_r1):
   """Where the choice is readable in the lower layers' outputs: at each candidate's own line,
   or already at the answer position (which the upper layers would then only pass on)."""
   t0 = time.time()
   ok = train["readable"]
-  ends = {name: evidence_ends(d["ids"], k, tok) for name, d in (("train", train), ("test", test))}
-  cand = {name: np.stack([x[e] for x, e in zip(d["x"], ends[name])])
+  cand = {name: np.stack([x[e] for x, e in zip(d["x"], d["ends"])])
           for name, d in (("train", train), ("test", test))}
   last = {name: np.stack([x[-1] for x in d["x"]]) for name, d in (("train", train),
                                                                   ("test", test))}
@@ -257,19 +258,21 @@ def print_linear(train, test, k, tok, judge, legacy_r1):
                    np.tile(np.arange(k), len(cand["train"])),
                    cand["test"].reshape(-1, cand["test"].shape[-1]), scorer=False)[0]
   own_acc = float((own == np.tile(np.arange(k), len(cand["test"]))).mean())
-  print(f"\nLinear read-outs of the lower {FLAGS.frozen} layers' outputs, trained on the "
-        f"{ok.sum()} training slates where the target ({FLAGS.target}) is fixed by the prompt, "
-        f"{FLAGS.linear_steps} full-batch steps ({time.time() - t0:.0f} s with the next two); "
-        f"a candidate's own number is read at its evidence's end on {own_acc:.3f} of the test "
-        f"candidates:\n")
-  print("| read-out | train fit | hits the target (test) | agrees with teacher | R@1 | "
-        "R@1 - legacy [95%] | chosen shown slot 0..9 |")
-  print("|---|---:|---:|---:|---|---|---|")
+  rows = []
   for name, xs, scorer in (("scorer at each candidate's evidence end", cand, True),
                            ("classifier at the answer position", last, False)):
     slots, loss, acc = fit_linear(xs["train"][ok], train["target_slot"][ok], xs["test"],
                                   scorer)
-    r1, lo, hi, agree, hit, hist = judge(slots)
+    rows.append((name, loss, acc) + judge(slots))
+  print(f"\nLinear read-outs of the lower {FLAGS.frozen} layers' outputs, trained on the "
+        f"{ok.sum()} training slates where the target ({FLAGS.target}) is fixed by the prompt, "
+        f"{FLAGS.linear_steps} full-batch steps each ({time.time() - t0:.0f} s for the three "
+        f"fits); a candidate's own number is read at its evidence's end on {own_acc:.3f} of the "
+        f"test candidates:\n")
+  print("| read-out | train fit | hits the target (test) | agrees with teacher | R@1 | "
+        "R@1 - legacy [95%] | chosen shown slot 0..9 |")
+  print("|---|---:|---:|---:|---|---|---|")
+  for name, loss, acc, r1, lo, hi, agree, hit, hist in rows:
     print(f"| {name} | {acc:.3f} (loss {loss:.3f}) | {hit:.3f} | {agree:.3f} | {r1:.4f} | "
           f"{r1 - legacy_r1:+.4f} [{lo:+.4f}, {hi:+.4f}] | {' '.join(map(str, hist))} |")
 
@@ -299,6 +302,8 @@ def main(argv):
   digits = np.asarray([tok.encode(str(d)) for d in range(k)])
   assert digits.shape == (k, 1), "each candidate number must be one token"
   digits = digits[:, 0]
+  for data in (train, test):
+    data["ends"] = evidence_ends(data["ids"], k, tok)
   lens = [len(x) for x in train["ids"] + test["ids"]]
   logging.info("prompts: %d train, %d test, %d..%d tokens (mean %.0f); %.0f s", len(train["ids"]),
                len(test["ids"]), min(lens), max(lens), np.mean(lens), time.time() - t0)
@@ -374,8 +379,9 @@ def main(argv):
       yield idx, tokens, np.asarray([len(ids[i]) - 1 for i in idx], np.int32)
 
   def cache(data, split):
-    key = hashlib.sha256(repr((FLAGS.model, L, split, FLAGS.seed, FLAGS.max_history,
-                               [x.tolist() for x in data["ids"]])).encode()).hexdigest()[:16]
+    # The token ids carry everything else that shapes the prompts (seed, fields, history).
+    key = hashlib.sha256(repr((FLAGS.model, L, [x.tolist() for x in data["ids"]])).encode()
+                         ).hexdigest()[:16]
     path = os.path.join(FLAGS.cache_dir, f"probe_{split}_{key}.npz") if FLAGS.cache_dir else ""
     if path and os.path.exists(path):
       with np.load(path) as z:
@@ -410,8 +416,8 @@ def main(argv):
       x[r, :len(data["x"][i])] = data["x"][i]
     return jnp.asarray(x), jnp.asarray([len(data["x"][i]) - 1 for i in idx], np.int32)
 
-  ocfg = optim.OptimConfig(learning_rate=FLAGS.lr, warmup_steps=10, total_steps=max(FLAGS.steps, 1),
-                           frozen_layers=L, weight_decay=0.0)
+  ocfg = optim.OptimConfig(learning_rate=FLAGS.lr, warmup_steps=10,
+                           total_steps=max(FLAGS.steps, 1), frozen_layers=L, weight_decay=0.0)
   tx = optim.make_optimizer(ocfg)
   params = state
   opt_state = tx.init(params)
@@ -468,12 +474,12 @@ def main(argv):
     return at, r1, lo, hi, agree, hit, hist
 
   if FLAGS.linear:
-    print_linear(train, test, k, tok, judge, legacy_vals["R@1"].mean())
+    print_linear(train, test, k, judge, legacy_vals["R@1"].mean())
     if not FLAGS.steps:
       return
   rows = [evaluate(params, 0)]
   targets = digits[train["target_slot"]]
-  target_at = evidence_ends(train["ids"], k, tok)[np.arange(len(targets)), train["target_slot"]]
+  target_at = train["ends"][np.arange(len(targets)), train["target_slot"]]
   n = len(train["x"])
   t1, losses, routes = time.time(), [], []
   for s in range(1, FLAGS.steps + 1):
