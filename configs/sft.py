@@ -32,6 +32,15 @@ def section(preset):
   # Layers below this index and the token embedding stay fixed (`OptimConfig.frozen_layers`):
   # no backward pass below them, no AdamW state for them. 0 trains every layer.
   c.frozen_layers = 0
+  # Attention routing (`gr2_jax.train.route`), numbered answers only: at each number the answer
+  # writes, the heads of KV group `route_group` of layer `route_layer` (-1 = the last) are taught
+  # to look at the end of that candidate's prompt line (with `traces.prompt.number_again`, the
+  # number itself). route_weight is per routed number, in the token loss's units; 0 = off.
+  c.route_weight = 0.0
+  c.route_layer = -1
+  c.route_group = 0
+  c.route_eval_every = 25  # fit curve of both losses on the first route_eval_rows rows
+  c.route_eval_rows = 16
   c.log_every = 10
   c.checkpoint_every = 50
   c.seed = 0

@@ -36,6 +36,9 @@ def prompt_section(preset="default"):
   # within the slate (#1 = largest).
   p.evidence_window = 5
   p.evidence_format = "counts"
+  # Numbered formats: each candidate line ends with its number again (`... -> 3`), the token
+  # `sft.route_weight` routes the answer's heads to.
+  p.number_again = False
   if preset == "tiny":
     p.max_history = 5
   if preset == "smollm2":
@@ -57,6 +60,7 @@ def section(preset):
   c.max_tries = 8  # rejection sampling attempts per example
   # "top1": the teacher's first item is the target; "positives_first": every positive label of
   # the slate precedes every negative (multi-positive slates).
+  # "any": every valid answer (the teacher's own orders; with cf.temperature 0 its greedy ones).
   c.acceptance = "top1"
   # Show each slate in a seeded random order (labels and answers follow) instead of the legacy
   # order, so that SFT cannot learn to rank the first shown candidate first.

@@ -205,17 +205,26 @@ def apply_rope(x, cos, sin):
   return x * cos + rotated * sin
 
 
-def attend(q, k, v, mask):
-  """Grouped-query attention. q [B,T,H,D], k/v [B,S,KVH,D], mask bool [B,T,S] -> [B,T,H,D]."""
+def attend(q, k, v, mask, return_logprobs=False):
+  """Grouped-query attention. q [B,T,H,D], k/v [B,S,KVH,D], mask bool [B,T,S] -> [B,T,H,D].
+
+  With `return_logprobs` also the attention's log-probabilities, f32 [B, KVH, H/KVH, T, S]
+  (query head g of KV group j is head j * H/KVH + g), for losses on where heads look.
+  """
   b, t, h, d = q.shape
   kvh = k.shape[2]
   q = q.reshape(b, t, kvh, h // kvh, d)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
                       preferred_element_type=_F32) * (d ** -0.5)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(_F32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
-  return out.reshape(b, t, h, d)
+  if return_logprobs:
+    logprobs = jax.nn.log_softmax(scores, axis=-1)
+    probs = jnp.exp(logprobs).astype(q.dtype)
+  else:
+    logprobs = None
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype)).reshape(b, t, h, d)
+  return (out, logprobs) if return_logprobs else out
 
 
 class Attention(nnx.Module):
@@ -232,8 +241,11 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(d, cfg.rms_eps, cfg.weight_dtype)
       self.k_norm = RMSNorm(d, cfg.rms_eps, cfg.weight_dtype)
 
-  def __call__(self, x, cos, sin, mask, kv=None, slots=None):
-    """x [B,T,E]; kv: the cache (k, v) [L,B,S,KVH,D] and this layer's index; slots [B,T]."""
+  def __call__(self, x, cos, sin, mask, kv=None, slots=None, attention_out=None):
+    """x [B,T,E]; kv: the cache (k, v) [L,B,S,KVH,D] and this layer's index; slots [B,T].
+
+    attention_out: a list that receives this layer's attention log-probabilities (`attend`).
+    """
     q = self.q_proj(x)  # [B, T, H, D]
     k = self.k_proj(x)  # [B, T, KVH, D]
     if self.qk_norm:
@@ -253,7 +265,11 @@ class Attention(nnx.Module):
       v_all = v_all.at[layer, rows, slots].set(v.astype(v_all.dtype))
       kv = (k_all, v_all, layer)
       k, v = k_all[layer], v_all[layer]
-    out = attend(q, k, v, mask)
+    if attention_out is None:
+      out = attend(q, k, v, mask)
+    else:
+      out, logprobs = attend(q, k, v, mask, return_logprobs=True)
+      attention_out.append(logprobs)
     out = shard(out, ("batch", "length", "act_heads", "head_dim"))
     return self.o_proj(out), kv
 
@@ -282,8 +298,8 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.weight_dtype)
     self.mlp = MLP(cfg, keys)
 
-  def __call__(self, x, cos, sin, mask, kv=None, slots=None):
-    h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, slots)
+  def __call__(self, x, cos, sin, mask, kv=None, slots=None, attention_out=None):
+    h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, slots, attention_out)
     x = shard(x + h, ("batch", "length", "act_embed"))
     x = x + self.mlp(self.post_attention_layernorm(x))
     return shard(x, ("batch", "length", "act_embed")), kv
@@ -337,6 +353,19 @@ class Qwen3(nnx.Module):
     prompt token, the answer tokens) gather those rows and apply `logits` to them, so the
     [B, T, V] logits are never built.
     """
+    return self._forward(tokens, positions, segment_ids, cache, None)
+
+  def hidden_and_attention(self, tokens, positions, layer, *, segment_ids=None):
+    """(`hidden` without a cache, layer `layer`'s attention log-probabilities f32
+    [B, KVH, H/KVH, T, T]): what a loss on where that layer's heads look needs, from the same
+    forward pass (the layer runs without rematerialisation)."""
+    if not 0 <= layer < self.cfg.num_layers:
+      raise UserError(f"attention of layer {layer} asked of a {self.cfg.num_layers}-layer model")
+    out = []
+    x, _ = self._forward(tokens, positions, segment_ids, None, (layer, out))
+    return x, out[0]
+
+  def _forward(self, tokens, positions, segment_ids, cache, attention_of):
     cfg = self.cfg
     b, t = tokens.shape
     tokens = shard(tokens, ("batch", "length"))
@@ -356,7 +385,10 @@ class Qwen3(nnx.Module):
     run = _run_layer_remat if cfg.remat else _run_layer
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (k_all, v_all, i)
-      x, kv = run(layer, x, cos, sin, mask, kv, slots)
+      if attention_of is not None and i == attention_of[0]:
+        x, kv = layer(x, cos, sin, mask, kv, slots, attention_out=attention_of[1])
+      else:
+        x, kv = run(layer, x, cos, sin, mask, kv, slots)
       if cache is not None:
         k_all, v_all = kv[0], kv[1]
     x = self.norm(x)

@@ -33,12 +33,15 @@ from gr2_jax.sids import tokens as sid_lib
 from gr2_jax.teachers import evidence as evidence_lib
 from gr2_jax.text import chat
 from gr2_jax.text import parser
+from gr2_jax.text import prompts
 from gr2_jax.train import optim
 from gr2_jax.train import packing
+from gr2_jax.train import route as route_lib
 from gr2_jax.train import trainer as trainer_lib
 
-SKIP_REASONS = ("malformed", "unknown_sid_tokens", "sid_mismatch", "too_long")
+SKIP_REASONS = ("malformed", "unknown_sid_tokens", "sid_mismatch", "too_long", "unroutable")
 _SID_TOKEN_RE = re.compile(r"<\|sid_begin\|>|<\|sid_end\|>|<s_[a-z]_\d+>")
+_NUMBER_RE = re.compile(r"\d+")
 
 
 def _first_token_at(tok, ids, char_index):
@@ -73,6 +76,54 @@ def weighted_example(messages, tok, lambda_r, lambda_o):
   return ids, weights
 
 
+def _candidate_line_ends(content, k, first):
+  """Character index of the last character of each numbered candidate line (first..first+k-1)
+  of a user turn, or None if its candidate block is not there as `prompts` writes it."""
+  lines = content.split("\n")
+  head = [j for j, line in enumerate(lines) if line.startswith("Candidates (")]
+  if len(head) != 1 or head[0] + k > len(lines) - 1:
+    return None
+  offset = sum(len(line) + 1 for line in lines[:head[0] + 1])
+  ends = []
+  for n, line in enumerate(lines[head[0] + 1:head[0] + 1 + k], first):
+    if not line.startswith(f"{n}. "):
+      return None
+    ends.append(offset + len(line) - 1)
+    offset += len(line) + 1
+  return ends
+
+
+def route_pointers(messages, tok, k, answer_format):
+  """int32 [T] over `chat.render_for_training(messages, tok)`'s ids: at the position that
+  predicts each number of the answer's ranking, the position of the last token of that
+  candidate's prompt line (`gr2_jax.train.route`); -1 elsewhere. None when the candidate lines
+  or the ranking's numbers cannot be located."""
+  first = prompts.first_number(answer_format)
+  ids, _, starts = chat.render_with_starts(messages, tok)
+  user = max(j for j, m in enumerate(messages) if m["role"] == "user")
+  content = messages[user]["content"]
+  ends = _candidate_line_ends(content, k, first)
+  user_ids = tok.encode(content)
+  if ends is None or tok.decode(user_ids) != content:
+    return None
+  keys = [starts[user] + _first_token_at(tok, user_ids, c) for c in ends]
+  answer = messages[-1]["content"]
+  key = answer.find(rerank_lib.RANKING_KEY)
+  lo = answer.find("[", key) if key >= 0 else -1
+  hi = answer.find("]", lo) if lo >= 0 else -1
+  if hi < 0:
+    return None
+  answer_ids = tok.encode(answer)
+  out = np.full(len(ids), -1, np.int32)
+  for m in _NUMBER_RE.finditer(answer, lo, hi):
+    c = int(m.group()) - first
+    if not 0 <= c < k:
+      return None
+    query = starts[-1] + _first_token_at(tok, answer_ids, m.start()) - 1
+    out[query] = keys[c]
+  return out if (out >= 0).any() else None
+
+
 def check_trace(rec, tok, sids, answer_format="sids"):
   """A skip reason (SKIP_REASONS) or None for a usable trace record."""
   try:
@@ -94,10 +145,11 @@ def check_trace(rec, tok, sids, answer_format="sids"):
   return None
 
 
-def load_examples(path, tok, sids, c, answer_format="sids"):
-  """Weighted examples of the usable traces in a jsonl file, and skip counts by reason."""
+def load_examples(path, tok, sids, c, answer_format="sids", route=False):
+  """(weighted examples of the usable traces in a jsonl file, skip counts by reason, assistant
+  tokens per example, `route_pointers` per example or None without `route`)."""
   examples, skipped = [], {r: 0 for r in SKIP_REASONS}
-  lengths = []
+  lengths, pointers = [], []
   with open(path) as f:
     for line in f:
       if not line.strip():
@@ -116,12 +168,18 @@ def load_examples(path, tok, sids, c, answer_format="sids"):
           reason = "malformed"
       if reason is None and len(ids) > c.seq_len:
         reason = "too_long"
+      if reason is None and route:
+        p = route_pointers(rec["messages"], tok, len(rec["slate"]), answer_format)
+        if p is None or len(p) != len(ids):
+          reason = "unroutable"
       if reason is not None:
         skipped[reason] += 1
         continue
       examples.append((ids, w))
       lengths.append(int((w > 0).sum()))
-  return examples, skipped, lengths
+      if route:
+        pointers.append(p)
+  return examples, skipped, lengths, (pointers if route else None)
 
 
 def evaluate(model, tok, name, slates, items, users, sids, prompt_cfg, c, evidence=None):
@@ -133,6 +191,33 @@ def evaluate(model, tok, name, slates, items, users, sids, prompt_cfg, c, eviden
   orders = dict({"legacy": np.tile(np.arange(k), (n, 1))}, **orders)
   rows = tables.evaluate(orders, slates, n_boot=c.n_boot, seed=c.seed)
   return rows, diags, samples
+
+
+def _route_eval_fn(model, rows, c, layer, rt, curve):
+  """eval_fn for `Trainer.fit`: on the first `route_eval_rows` packed rows, the answer-token
+  loss, the route loss and the routed heads' mean attention on their targets (a fit curve:
+  these rows are trained on). Appends each result to `curve`."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from gr2_jax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  graphdef = nnx.graphdef(model)
+  stats = route_lib.make_diagnostics(graphdef, layer=layer, group=c.route_group)
+  n = min(c.route_eval_rows, len(rows["tokens"]))
+  fields = trainer_lib.DEVICE_FIELDS + (route_lib.FIELD,)
+
+  def eval_fn(params, step):
+    totals = np.zeros(5)
+    with sharding_lib.use_rules(rt.mesh, rt.rules):
+      for i in range(0, n, c.batch_size):
+        b = {k: jnp.asarray(rows[k][i:min(n, i + c.batch_size)]) for k in fields}
+        totals += np.asarray([float(v) for v in stats(params, b)])
+    nll, w, r_sum, r_n, mass = totals
+    out = {"answer_loss": nll / max(w, 1.0), "route_loss": r_sum / max(r_n, 1.0),
+           "route_attention": mass / max(r_n, 1.0)}
+    curve.append(dict(step=int(step), **{k: round(v, 4) for k, v in out.items()}))
+    return out
+
+  return eval_fn
 
 
 def run(ctx):
@@ -156,13 +241,26 @@ def _run(ctx, rt):
   with open(os.path.join(traces_dir, "prompt.json")) as f:
     prompt_fields = json.load(f)
   answer_format = prompt_fields.get("answer_format", "sids")
-  examples, skipped, lengths = load_examples(path, tok, sids, c, answer_format)
+  routed = c.route_weight > 0
+  if c.route_weight < 0:
+    raise UserError(f"sft.route_weight must be >= 0 (0 = off), got {c.route_weight}")
+  if routed:
+    if prompts.first_number(answer_format) is None:
+      raise UserError("sft.route_weight routes the answer's candidate numbers to their prompt "
+                      "lines: it needs a numbered answer_format (--config.traces.prompt."
+                      f"answer_format=positions or positions0), got {answer_format!r}")
+    route_layer = route_lib.resolve_layer(model.cfg, c.route_layer, c.frozen_layers)
+    route_lib.check_group(model.cfg, c.route_group)
+  examples, skipped, lengths, pointers = load_examples(path, tok, sids, c, answer_format,
+                                                       route=routed)
   logging.info("[sft] %d usable %s traces; skipped %s", len(examples), c.mode, skipped)
   if not examples:
     raise UserError(f"no usable traces in {path} (skipped: {skipped}); too_long: raise "
                     "--config.sft.seq_len; unknown_sid_tokens / sid_mismatch: rerun the traces "
-                    "stage with this workdir's sids and midtrain artifacts")
-  rows = packing.pack(examples, c.seq_len, tok.pad_id)
+                    "stage with this workdir's sids and midtrain artifacts; unroutable: the "
+                    "traces' prompts lack the numbered candidate lines route_weight needs")
+  rows = packing.pack(examples, c.seq_len, tok.pad_id,
+                      pointers={route_lib.FIELD: pointers} if routed else None)
   per_step = c.batch_size * c.micro_batches
   steps = c.steps or max(1, math.ceil(c.epochs * len(rows["tokens"]) / per_step))
   logging.info("[sft] %d packed rows of %d tokens (fill %.2f), %d steps",
@@ -173,11 +271,21 @@ def _run(ctx, rt):
                            weight_decay=c.weight_decay, clip_norm=c.clip_norm,
                            frozen_layers=c.frozen_layers)
   tcfg = trainer_lib.TrainerConfig(num_steps=steps, micro_batches=c.micro_batches,
-                                   log_every=c.log_every, checkpoint_every=c.checkpoint_every)
+                                   log_every=c.log_every, checkpoint_every=c.checkpoint_every,
+                                   eval_every=c.route_eval_every if routed else 0)
+  objective = eval_fn = None
+  route_curve = []
+  if routed:
+    objective = route_lib.objective(model.cfg, layer=route_layer, weight=c.route_weight,
+                                    group=c.route_group, frozen_layers=c.frozen_layers)
+    logging.info("[sft] route loss: weight %g, layer %d, KV group %d; %d routed answer "
+                 "numbers in %d traces", c.route_weight, route_layer, c.route_group,
+                 int((rows[route_lib.FIELD] >= 0).sum()), len(examples))
+    eval_fn = _route_eval_fn(model, rows, c, route_layer, rt, route_curve)
   tr = trainer_lib.Trainer(model, ocfg, tcfg, mesh=rt.mesh, rules=rt.rules,
-                           workdir=ctx.path("train"), name="sft")
+                           workdir=ctx.path("train"), name="sft", objective=objective)
   ds = tr.batches(rows, c.batch_size, c.micro_batches, seed=c.seed)
-  params, summary = tr.fit(ds)
+  params, summary = tr.fit(ds, eval_fn=eval_fn)
   model = tr.model(params)
   rt.save(ctx.out_dir, model, tok)
   if runtime_lib.process_zero():
@@ -192,6 +300,9 @@ def _run(ctx, rt):
       "final_loss": hist[-1]["loss"] if hist else None,
       "train_seconds": summary["wall_seconds"],
   }
+  if routed:
+    report["route"] = {"weight": c.route_weight, "layer": route_layer, "group": c.route_group,
+                       "curve": route_curve}
   if c.eval_examples:
     t0 = time.time()
     legacy_dir = runner.artifact_dir(ctx.workdir, ctx.config, "legacy")

@@ -37,7 +37,7 @@ from gr2_jax.text import prompts
 from gr2_jax.text import tokenizers
 
 MODES = ("targeted", "rejection")
-ACCEPTANCE = ("top1", "positives_first")
+ACCEPTANCE = ("top1", "positives_first", "any")
 DROP_REASONS = ("empty_slate", "target_not_in_slate", "invalid_output", "not_accepted")
 
 
@@ -49,7 +49,10 @@ def prompt_config(section):
 
 
 def accepted(order, target_pos, labels, rule):
-  """Whether an output order (slate positions) passes the acceptance rule."""
+  """Whether an output order (slate positions) passes the acceptance rule ("any": every valid
+  order, so the traces are the teacher's own orders, its greedy ones at temperature 0)."""
+  if rule == "any":
+    return True
   if rule == "top1":
     return order[0] == target_pos
   lab = np.asarray(labels)[list(order)] > 0

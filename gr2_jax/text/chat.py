@@ -43,16 +43,24 @@ def render_for_training(messages: Sequence[dict], tokenizer: Tokenizer):
   The mask is 1 exactly on the assistant turns' content tokens and their `<|im_end|>` (the
   model learns to stop), 0 on everything else, the `<|im_start|>assistant\\n` header included.
   """
+  ids, mask, _ = render_with_starts(messages, tokenizer)
+  return ids, mask
+
+
+def render_with_starts(messages: Sequence[dict], tokenizer: Tokenizer):
+  """`render_for_training`'s ids and mask, and where each message's content starts in the ids
+  (a list of ints): message m's content tokens are `tokenizer.encode(content)` from there."""
   _check(messages)
   newline = tokenizer.encode("\n")
-  ids, mask = [], []
+  ids, mask, starts = [], [], []
   for m in messages:
     header = [tokenizer.im_start_id] + tokenizer.encode(m["role"] + "\n")
     body = tokenizer.encode(m["content"]) + [tokenizer.im_end_id]
     learn = int(m["role"] == "assistant")
+    starts.append(len(ids) + len(header))
     ids += header + body + newline
     mask += [0] * len(header) + [learn] * len(body) + [0] * len(newline)
-  return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+  return np.asarray(ids, np.int32), np.asarray(mask, np.int32), starts
 
 
 def encode_chat(messages: Sequence[dict], tokenizer: Tokenizer,

@@ -58,6 +58,10 @@ class PromptConfig:
   # With reasoning=False: the assistant turn opens with the answer's head ({"recommendations":
   # [), so the model writes only the list (the reasoning bypassed, the serving setting).
   answer_head: bool = False
+  # Numbered formats: each candidate line ends with its number again (`3. Title | ... -> 3`),
+  # so the line's last token, where a reader of the line has gathered it, is the number the
+  # answer copies (what `sft.route_weight` teaches the last layer's heads to look at).
+  number_again: bool = False
 
   def __post_init__(self):
     if self.part_order not in PART_ORDERS:
@@ -79,6 +83,9 @@ class PromptConfig:
     if self.answer_head and self.reasoning:
       raise UserError("prompt answer_head prefills the ranking's head, which skips the "
                       "reasoning: it needs reasoning=False")
+    if self.number_again and first_number(self.answer_format) is None:
+      raise UserError("prompt number_again repeats each candidate's number: it needs a "
+                      f"numbered answer_format (positions, positions0), got {self.answer_format!r}")
     if self.max_history < 1:
       raise UserError(f"prompt max_history must be >= 1, got {self.max_history}")
 
@@ -140,7 +147,8 @@ def _candidates_block(slate_items, cfg):
   lines = [item_line(it, cfg) for it in slate_items]
   first = first_number(cfg.answer_format)
   if first is not None:
-    lines = [f"{i}. {line}" for i, line in enumerate(lines, first)]
+    again = cfg.number_again
+    lines = [f"{i}. {line}" + (f" -> {i}" if again else "") for i, line in enumerate(lines, first)]
   return [f"Candidates ({len(slate_items)}):"] + lines
 
 

@@ -16,7 +16,7 @@ from gr2_jax.errors import UserError
 FIELDS = ("tokens", "positions", "segment_ids", "targets", "weights", "task")
 
 
-def pack(examples, seq_len, pad_id=0, tasks=None):
+def pack(examples, seq_len, pad_id=0, tasks=None, pointers=None):
   """Packs `examples` into rows; returns dict of arrays [N, seq_len] (see FIELDS).
 
   Args:
@@ -25,6 +25,9 @@ def pack(examples, seq_len, pad_id=0, tasks=None):
     pad_id: token id of padding.
     tasks: optional int per example, copied to `task` on each of its predicted tokens (-1
       elsewhere), so that trained tokens can be counted per task.
+    pointers: optional {field: one int array [L] per example}: at position i of an example, a
+      position of the same example (-1 = none). Each becomes an int32 field of the rows, at the
+      example's positions, pointing at row positions (the example's offset added; -1 kept).
   """
   if seq_len < 2:
     raise UserError(f"seq_len={seq_len} must be at least 2")
@@ -53,6 +56,12 @@ def pack(examples, seq_len, pad_id=0, tasks=None):
       "weights": np.zeros((len(rows), seq_len), np.float32),
       "task": np.full((len(rows), seq_len), -1, np.int32),
   }
+  pointers = dict(pointers or {})
+  for name, values in pointers.items():
+    if name in out or len(values) != len(examples):
+      raise UserError(f"pointer field {name!r} must be new and hold one array per example "
+                      f"({len(examples)}), got {len(values)}")
+    out[name] = np.full((len(rows), seq_len), -1, np.int32)
   for r, members in enumerate(rows):
     start = 0
     for seg, i in enumerate(members, start=1):
@@ -66,5 +75,11 @@ def pack(examples, seq_len, pad_id=0, tasks=None):
       out["targets"][r, start:start + n - 1] = ids[1:]
       out["weights"][r, start:start + n - 1] = w[1:]
       out["task"][r, start:start + n - 1] = tasks[i]
+      for name, values in pointers.items():
+        p = np.asarray(values[i], np.int64)
+        if p.shape != (n,) or p.max(initial=-1) >= n:
+          raise UserError(f"pointer field {name!r} of example {i} must be [{n}] positions of "
+                          f"the example or -1")
+        out[name][r, sl] = np.where(p >= 0, p + start, -1)
       start += n
   return out

@@ -3,6 +3,7 @@ end to end, and its checkpoint's rows in the eval table."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -79,10 +80,11 @@ def test_unusable_traces_are_counted(tiny_workdir, sft_run, tmp_path):
   path = tmp_path / "t.jsonl"
   path.write_text("\n".join(lines) + "\n")
   c = dict(config.sft)
-  ex, skipped, _ = sft.load_examples(str(path), tok, sids, _Section(c))
-  assert len(ex) == 2
-  assert skipped == {"malformed": 2, "unknown_sid_tokens": 1, "sid_mismatch": 1, "too_long": 0}
-  ex, skipped, _ = sft.load_examples(str(path), tok, sids, _Section(dict(c, seq_len=16)))
+  ex, skipped, _, pointers = sft.load_examples(str(path), tok, sids, _Section(c))
+  assert len(ex) == 2 and pointers is None
+  assert skipped == {"malformed": 2, "unknown_sid_tokens": 1, "sid_mismatch": 1, "too_long": 0,
+                     "unroutable": 0}
+  ex, skipped, _, _ = sft.load_examples(str(path), tok, sids, _Section(dict(c, seq_len=16)))
   assert not ex and skipped["too_long"] == 2
 
 
@@ -136,6 +138,8 @@ def test_eval_stage_joins_model_rows(tiny_workdir, sft_run):
 @pytest.mark.parametrize("stage,overrides,message", [
     ("sft", {"lambda_r": 2.0}, "lambda_r <= lambda_o"),
     ("sft", {"mode": "beam"}, "traces_beam.jsonl does not exist"),
+    ("sft", {"route_weight": 1.0}, "needs a numbered answer_format"),
+    ("sft", {"route_weight": -1.0}, "route_weight must be >= 0"),
     ("eval", {"checkpoints": ("no-equals-sign",)}, "name=folder"),
 ])
 def test_bad_config_is_one_clear_error(tiny_workdir, stage, overrides, message):
@@ -160,3 +164,30 @@ def test_tiny_sft_on_positions_traces(tiny_workdir):
   numbers = json.dumps(json.loads(answer)["recommendations"])
   assert ranking.endswith(numbers + "}<|im_end|>") and numbers.startswith("[")
   assert '"recommendations"' not in tok.decode(ids[w == 0.25].tolist())
+
+
+def test_tiny_sft_with_the_route_loss(tiny_workdir):
+  config = _config(route_weight=1.0, route_eval_every=2)
+  config.traces.prompt.answer_format = "positions0"
+  config.traces.prompt.number_again = True
+  out, summary = runner.run_stage(config, tiny_workdir, "sft")
+  assert summary["skipped"] == {r: 0 for r in sft.SKIP_REASONS} and summary["traces"] > 0
+  route = summary["route"]
+  assert route["layer"] == 1 and [p["step"] for p in route["curve"]] == [2, 4]
+  for p in route["curve"]:
+    assert p["route_loss"] > 0 and 0 < p["route_attention"] < 1
+  assert rerank_lib.load_rerank_info(out)[0].number_again
+  _, tok = artifact.load_model_and_tokenizer(out)
+  for rec in _traces(tiny_workdir, config)[:3]:
+    msgs = rec["messages"]
+    pointers = sft.route_pointers(msgs, tok, len(rec["slate"]), "positions0")
+    ids, _ = chat.render_for_training(msgs, tok)
+    answer = json.loads(msgs[-1]["content"])["recommendations"]
+    queries = np.flatnonzero(pointers >= 0)
+    digits = lambda j: re.sub(r"\D", "", tok.decode([int(ids[j])]))
+    assert len(queries) == len(answer) == len(rec["slate"])
+    for q, n in zip(queries, answer):
+      # The routed query predicts the number; its key is the number again, ending n's line.
+      assert digits(q + 1) == str(n) and digits(pointers[q]) == str(n)
+      line_end = tok.decode(ids[:pointers[q] + 1].tolist())
+      assert line_end.endswith(f" -> {n}") and f"\n{n}. " in line_end[-300:]

@@ -159,3 +159,16 @@ def test_positions0_numbers_the_candidates_from_zero():
       "1. <|sid_begin|><s_a_3><s_b_4><|sid_end|> Babe (1995) | Children's\n"
       "2. <|sid_begin|><s_a_4><s_b_5><|sid_end|> Alien (1979) | Horror, Sci-Fi")
   assert prompts.recommendations((2, 0, 1), [S[2], S[3], S[4]], "positions0") == [2, 0, 1]
+
+
+def test_number_again_ends_each_candidate_line_with_its_number():
+  cfg = prompts.PromptConfig(answer_format="positions", number_again=True,
+                             part_order="system_candidates_user")
+  msgs = prompts.build_messages(HISTORY, SLATE, cfg, user=USER)
+  assert msgs[1]["content"] == (
+      "Candidates (3):\n"
+      "1. <|sid_begin|><s_a_2><s_b_3><|sid_end|> Fargo (1996) | Crime, Drama -> 1\n"
+      "2. <|sid_begin|><s_a_3><s_b_4><|sid_end|> Babe (1995) | Children's -> 2\n"
+      "3. <|sid_begin|><s_a_4><s_b_5><|sid_end|> Alien (1979) | Horror, Sci-Fi -> 3\n" + CONTEXT)
+  with pytest.raises(UserError, match="number_again .* needs a numbered answer_format"):
+    prompts.PromptConfig(number_again=True)

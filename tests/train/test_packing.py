@@ -38,3 +38,14 @@ def test_packed_logits_equal_unpacked():
   for start, ids in ((0, a), (4, b)):
     alone = run(np.asarray([ids]), np.arange(len(ids))[None], np.ones((1, len(ids)), np.int32))
     np.testing.assert_allclose(packed[0, start:start + len(ids)], alone[0], atol=1e-5)
+
+
+def test_pointers_move_with_their_example():
+  ex = [([5, 6, 7], [0, 1, 1]), ([8, 9, 10], [0, 1, 1])]
+  # Example 0: position 2 points at its position 0; example 1: position 1 at its position 0.
+  rows = packing.pack(ex, seq_len=8, pointers={"route": [[-1, -1, 0], [-1, 0, -1]]})
+  np.testing.assert_array_equal(rows["route"], [[-1, -1, 0, -1, 3, -1, -1, -1]])
+  with pytest.raises(UserError, match="pointer field 'route' of example 1"):
+    packing.pack(ex, seq_len=8, pointers={"route": [[-1, -1, 0], [-1, 3, -1]]})
+  with pytest.raises(UserError, match="one array per example"):
+    packing.pack(ex, seq_len=8, pointers={"route": [[-1, -1, 0]]})
