@@ -18,6 +18,9 @@ def section(preset):
   c.mode = "rejection"  # which traces: "rejection" or "targeted"
   c.lambda_r = 0.3  # loss weight of reasoning (explanation) tokens
   c.lambda_o = 1.0  # loss weight of ranking tokens (the recommendations and the turn's end)
+  # Loss weight of the ranking's first entry (its number or SID tokens; 0 = lambda_o): the
+  # choice R@1 scores, one token of ~36 in a numbered answer.
+  c.lambda_first = 0.0
   c.num_devices = 0  # 0 = all; the mesh is (data = devices, 1, 1)
   c.seq_len = 704  # packed row length; longer conversations are dropped and counted
   c.batch_size = 4

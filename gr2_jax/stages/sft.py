@@ -42,6 +42,7 @@ from gr2_jax.train import trainer as trainer_lib
 SKIP_REASONS = ("malformed", "unknown_sid_tokens", "sid_mismatch", "too_long", "unroutable")
 _SID_TOKEN_RE = re.compile(r"<\|sid_begin\|>|<\|sid_end\|>|<s_[a-z]_\d+>")
 _NUMBER_RE = re.compile(r"\d+")
+_FIRST_ENTRY_RE = re.compile(r'\s*"?([^,\]\s"][^,\]"]*?)"?\s*[,\]]')
 
 
 def _first_token_at(tok, ids, char_index):
@@ -56,11 +57,12 @@ def _first_token_at(tok, ids, char_index):
   return lo
 
 
-def weighted_example(messages, tok, lambda_r, lambda_o):
+def weighted_example(messages, tok, lambda_r, lambda_o, lambda_first=0.0):
   """(ids int32 [T], weights float32 [T]) of a conversation whose last turn is the answer.
 
   Weights are 0 outside the assistant turn, lambda_r on the reasoning and lambda_o from the
-  token that completes the ranking key to the turn's end.
+  token that completes the ranking key to the turn's end; with lambda_first > 0 the tokens of
+  the ranking's first entry (the re-ranker's choice, which R@1 scores) weigh lambda_first.
   """
   ids, mask = chat.render_for_training(messages, tok)
   weights = mask.astype(np.float32) * lambda_o
@@ -73,6 +75,12 @@ def weighted_example(messages, tok, lambda_r, lambda_o):
     # The token holding the key's last character starts the ranking part.
     j = _first_token_at(tok, content_ids, key + len(rerank_lib.RANKING_KEY) - 1)
     weights[body[0]:body[0] + j] = lambda_r
+    lo = content.find("[", key)
+    entry = _FIRST_ENTRY_RE.match(content, lo + 1) if lo >= 0 else None
+    if lambda_first > 0 and entry is not None:
+      j0 = _first_token_at(tok, content_ids, entry.start(1))
+      j1 = _first_token_at(tok, content_ids, entry.end(1) - 1)
+      weights[body[0] + j0:body[0] + j1 + 1] = lambda_first
   return ids, weights
 
 
@@ -163,7 +171,8 @@ def load_examples(path, tok, sids, c, answer_format="sids", route=False):
                 else "malformed")
       if reason is None:
         try:
-          ids, w = weighted_example(rec["messages"], tok, c.lambda_r, c.lambda_o)
+          ids, w = weighted_example(rec["messages"], tok, c.lambda_r, c.lambda_o,
+                                    c.lambda_first)
         except UserError:
           reason = "malformed"
       if reason is None and len(ids) > c.seq_len:
@@ -227,6 +236,9 @@ def run(ctx):
 def _run(ctx, rt):
   c = ctx.section
   t_start = time.time()
+  if c.lambda_first < 0:
+    raise UserError(f"sft.lambda_first must be >= 0 (0 = the first entry weighs lambda_o), "
+                    f"got {c.lambda_first}")
   if not 0 <= c.lambda_r <= c.lambda_o or c.lambda_o <= 0:
     raise UserError(f"sft needs 0 <= lambda_r <= lambda_o and lambda_o > 0, got lambda_r "
                     f"{c.lambda_r}, lambda_o {c.lambda_o}")

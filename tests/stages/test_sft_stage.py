@@ -140,6 +140,7 @@ def test_eval_stage_joins_model_rows(tiny_workdir, sft_run):
     ("sft", {"mode": "beam"}, "traces_beam.jsonl does not exist"),
     ("sft", {"route_weight": 1.0}, "needs a numbered answer_format"),
     ("sft", {"route_weight": -1.0}, "route_weight must be >= 0"),
+    ("sft", {"lambda_first": -1.0}, "lambda_first must be >= 0"),
     ("eval", {"checkpoints": ("no-equals-sign",)}, "name=folder"),
 ])
 def test_bad_config_is_one_clear_error(tiny_workdir, stage, overrides, message):
@@ -191,3 +192,10 @@ def test_tiny_sft_with_the_route_loss(tiny_workdir):
       assert digits(q + 1) == str(n) and digits(pointers[q]) == str(n)
       line_end = tok.decode(ids[:pointers[q] + 1].tolist())
       assert line_end.endswith(f" -> {n}") and f"\n{n}. " in line_end[-300:]
+    # lambda_first weighs exactly the first number's token(s), the rest as before.
+    ids_w, w = sft.weighted_example(msgs, tok, 0.25, 1.0, lambda_first=5.0)
+    _, w0 = sft.weighted_example(msgs, tok, 0.25, 1.0)
+    first = np.flatnonzero(w == 5.0)
+    assert len(first) and re.sub(r"\D", "", tok.decode(ids_w[first].tolist())) == str(answer[0])
+    np.testing.assert_array_equal(np.delete(w, first), np.delete(w0, first))
+    assert np.all(w0[first] == 1.0)
