@@ -20,6 +20,8 @@ import re
 import time
 
 from absl import logging
+from flax import nnx
+import jax.numpy as jnp
 import numpy as np
 
 from gr2_jax.data import artifacts
@@ -28,6 +30,7 @@ from gr2_jax import runner
 from gr2_jax.errors import UserError
 from gr2_jax.eval import tables
 from gr2_jax.parallel import runtime as runtime_lib
+from gr2_jax.parallel import sharding as sharding_lib
 from gr2_jax.rerank import evaluate as rerank_lib
 from gr2_jax.sids import tokens as sid_lib
 from gr2_jax.teachers import evidence as evidence_lib
@@ -206,9 +209,6 @@ def _route_eval_fn(model, rows, c, layer, rt, curve):
   """eval_fn for `Trainer.fit`: on the first `route_eval_rows` packed rows, the answer-token
   loss, the route loss and the routed heads' mean attention on their targets (a fit curve:
   these rows are trained on). Appends each result to `curve`."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from gr2_jax.parallel import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   graphdef = nnx.graphdef(model)
   stats = route_lib.make_diagnostics(graphdef, layer=layer, group=c.route_group)
   n = min(c.route_eval_rows, len(rows["tokens"]))
