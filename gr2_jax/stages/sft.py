@@ -78,9 +78,9 @@ def weighted_example(messages, tok, lambda_r, lambda_o, lambda_first=0.0):
     # The token holding the key's last character starts the ranking part.
     j = _first_token_at(tok, content_ids, key + len(rerank_lib.RANKING_KEY) - 1)
     weights[body[0]:body[0] + j] = lambda_r
-    lo = content.find("[", key)
+    lo = content.find("[", key) if lambda_first > 0 else -1
     entry = _FIRST_ENTRY_RE.match(content, lo + 1) if lo >= 0 else None
-    if lambda_first > 0 and entry is not None:
+    if entry is not None:
       j0 = _first_token_at(tok, content_ids, entry.start(1))
       j1 = _first_token_at(tok, content_ids, entry.end(1) - 1)
       weights[body[0] + j0:body[0] + j1 + 1] = lambda_first

@@ -17,7 +17,6 @@ the step divides both by the token weights as usual.
 """
 
 import functools
-import math
 
 from flax import nnx
 import jax
@@ -25,7 +24,6 @@ import jax.numpy as jnp
 
 from gr2_jax.errors import UserError
 from gr2_jax.models import qwen3
-from gr2_jax.train import metrics_log
 from gr2_jax.train import trainer as trainer_lib
 
 FIELD = "route"
@@ -94,10 +92,9 @@ def objective(model_cfg, *, layer, weight, group=0, frozen_layers=0,
   loss = functools.partial(routed_token_loss, layer=layer, weight=weight, group=group,
                            loss_chunk=loss_chunk)
   return trainer_lib.Objective(
-      loss=loss, fields=trainer_lib.DEVICE_FIELDS + (FIELD,),
-      count=lambda b: (b["segment_ids"] > 0).sum(), unit="tokens",
-      flops=lambda shape: metrics_log.model_flops_per_token(
-          model_cfg, shape[-1], frozen_layers) * math.prod(shape))
+      loss=loss, fields=trainer_lib.DEVICE_FIELDS + (FIELD,), count=trainer_lib.count_tokens,
+      unit="tokens", flops=functools.partial(trainer_lib.token_step_flops, model_cfg,
+                                             frozen_layers=frozen_layers))
 
 
 def make_diagnostics(graphdef, *, layer, group=0, loss_chunk=trainer_lib.LOSS_CHUNK):

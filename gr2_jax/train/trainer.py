@@ -137,6 +137,16 @@ def batch_dataset(rows, batch_size, micro_batches=1, seed=0, shuffle=True, boxes
   return ds.map(gather)
 
 
+def count_tokens(batch):
+  """The real (non-padding) tokens of a packed batch: the token loss's throughput numerator."""
+  return int((batch["segment_ids"] > 0).sum())
+
+
+def token_step_flops(model_cfg, shape, frozen_layers=0):
+  """Model FLOPs of one step of a decoder on packed token rows of `shape` ([M, B, T])."""
+  return metrics_log.model_flops_per_token(model_cfg, shape[-1], frozen_layers) * np.prod(shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """What a step minimises, for models other than the decoder's next-token loss.
@@ -300,14 +310,13 @@ class Trainer:
 
   def _count(self, batch):
     if self.objective is None:
-      return int((batch["segment_ids"] > 0).sum())
+      return count_tokens(batch)
     return int(self.objective.count(batch))
 
   def _step_flops(self, shape):
     """Model FLOPs of one step on a global batch whose first field has `shape`."""
     if self.objective is None:
-      return metrics_log.model_flops_per_token(self.model_cfg, shape[-1],
-                                               self.frozen_layers) * np.prod(shape)
+      return token_step_flops(self.model_cfg, shape, self.frozen_layers)
     if self.objective.flops is None:
       return None
     return self.objective.flops(shape)
