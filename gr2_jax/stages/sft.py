@@ -207,22 +207,24 @@ def evaluate(model, tok, name, slates, items, users, sids, prompt_cfg, c, eviden
 
 def _route_eval_fn(model, rows, c, layer, rt, curve):
   """eval_fn for `Trainer.fit`: on the first `route_eval_rows` packed rows, the answer-token
-  loss, the route loss and the routed heads' mean attention on their targets (a fit curve:
-  these rows are trained on). Appends each result to `curve`."""
+  loss (weighted as trained), the route loss, the routed heads' mean attention on their
+  targets, and the first number's own loss and probability (the choice; chance is 1/K) (a fit
+  curve: these rows are trained on). Appends each result to `curve`."""
   graphdef = nnx.graphdef(model)
   stats = route_lib.make_diagnostics(graphdef, layer=layer, group=c.route_group)
   n = min(c.route_eval_rows, len(rows["tokens"]))
   fields = trainer_lib.DEVICE_FIELDS + (route_lib.FIELD,)
 
   def eval_fn(params, step):
-    totals = np.zeros(5)
+    totals = np.zeros(8)
     with sharding_lib.use_rules(rt.mesh, rt.rules):
       for i in range(0, n, c.batch_size):
         b = {k: jnp.asarray(rows[k][i:min(n, i + c.batch_size)]) for k in fields}
         totals += np.asarray([float(v) for v in stats(params, b)])
-    nll, w, r_sum, r_n, mass = totals
+    nll, w, r_sum, r_n, mass, f_nll, f_n, f_prob = totals
     out = {"answer_loss": nll / max(w, 1.0), "route_loss": r_sum / max(r_n, 1.0),
-           "route_attention": mass / max(r_n, 1.0)}
+           "route_attention": mass / max(r_n, 1.0), "first_loss": f_nll / max(f_n, 1.0),
+           "first_prob": f_prob / max(f_n, 1.0)}
     curve.append(dict(step=int(step), **{k: round(v, 4) for k, v in out.items()}))
     return out
 

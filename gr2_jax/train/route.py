@@ -66,21 +66,34 @@ def route_nll(attn_logp, route, group):
   return -jnp.sum(jnp.mean(picked, axis=1)), jnp.sum(on).astype(jnp.float32)
 
 
-def _parts(graphdef, params, batch, layer, group, loss_chunk):
-  """(token NLL sum, token weight sum, attention log-probs of `layer`) of one batch."""
+def first_routed(route, segment_ids):
+  """bool [B, T]: the first routed query of each packed example (the position that predicts
+  the answer's first number, the re-ranker's choice)."""
+  on = route >= 0
+  start = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                           segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  count = jnp.cumsum(on, axis=1)
+  # Routed queries before each example's start, carried along the example (counts only grow).
+  before = jax.lax.cummax(jnp.where(start, count - on, 0), axis=1)
+  return on & (count - before == 1)
+
+
+def _parts(graphdef, params, batch, layer, loss_chunk):
+  """(token NLL sum, token weight sum, attention log-probs of `layer`, per-token target
+  log-probs [B, T]) of one batch."""
   model = nnx.merge(graphdef, params)
   x, attn = model.hidden_and_attention(batch["tokens"], batch["positions"], layer,
                                        segment_ids=batch["segment_ids"])
   logp = qwen3.chunked_token_logps(x, model.logits, batch["targets"], loss_chunk)
   w = batch["weights"].astype(jnp.float32)
-  return -jnp.sum(logp * w), jnp.sum(w), attn
+  return -jnp.sum(logp * w), jnp.sum(w), attn, logp
 
 
 def routed_token_loss(graphdef, params, batch, *, layer, weight, group=0,
                       loss_chunk=trainer_lib.LOSS_CHUNK):
   """(sum of weighted token NLLs + weight * sum of routed queries' NLLs, sum of token weights)
   of one [B, T] batch: `trainer.token_loss` with the routing term."""
-  nll, w, attn = _parts(graphdef, params, batch, layer, group, loss_chunk)
+  nll, w, attn, _ = _parts(graphdef, params, batch, layer, loss_chunk)
   r_sum, _ = route_nll(attn, batch[FIELD], group)
   return nll + weight * r_sum, w
 
@@ -99,14 +112,18 @@ def objective(model_cfg, *, layer, weight, group=0, frozen_layers=0,
 
 def make_diagnostics(graphdef, *, layer, group=0, loss_chunk=trainer_lib.LOSS_CHUNK):
   """A jitted (params, batch [B, T]) -> (token NLL sum, token weight sum, routed NLL sum, routed
-  queries, sum over routed queries of the group's mean attention on the routed position)."""
+  queries, sum over routed queries of the group's mean attention on the routed position, NLL sum
+  of the answers' first numbers, their count, sum of their probabilities)."""
 
   @jax.jit
   def stats(params, batch):
-    nll, w, attn = _parts(graphdef, params, batch, layer, group, loss_chunk)
+    nll, w, attn, logp = _parts(graphdef, params, batch, layer, loss_chunk)
     r_sum, r_n = route_nll(attn, batch[FIELD], group)
     picked, on = _picked(attn, batch[FIELD], group)
     mass = jnp.sum(jnp.where(on, jnp.mean(jnp.exp(picked), axis=1), 0.0))
-    return nll, w, r_sum, r_n, mass
+    first = first_routed(batch[FIELD], batch["segment_ids"])
+    f_nll = -jnp.sum(jnp.where(first, logp, 0.0))
+    f_prob = jnp.sum(jnp.where(first, jnp.exp(logp), 0.0))
+    return nll, w, r_sum, r_n, mass, f_nll, jnp.sum(first).astype(jnp.float32), f_prob
 
   return stats

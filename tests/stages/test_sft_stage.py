@@ -177,6 +177,8 @@ def test_tiny_sft_with_the_route_loss(tiny_workdir):
   assert route["layer"] == 1 and [p["step"] for p in route["curve"]] == [2, 4]
   for p in route["curve"]:
     assert p["route_loss"] > 0 and 0 < p["route_attention"] < 1
+    assert p["first_loss"] > 0 and 0 < p["first_prob"] < 1
+    assert p["first_prob"] >= np.exp(-p["first_loss"]) - 1e-6  # Jensen: mean p >= exp(-mean NLL)
   assert rerank_lib.load_rerank_info(out)[0].number_again
   _, tok = artifact.load_model_and_tokenizer(out)
   for rec in _traces(tiny_workdir, config)[:3]:

@@ -106,6 +106,24 @@ def test_routed_loss_is_token_loss_plus_weighted_route_nll():
   np.testing.assert_allclose(float(total), float(tok_sum) + 0.7 * ref, rtol=1e-5)
   stats = route.make_diagnostics(graphdef, layer=1)(params, batch)
   np.testing.assert_allclose([float(stats[2]), float(stats[3])], [ref, 3.0], rtol=1e-5)
+  # The first routed query of each example (positions 2 and 1) predicts its first number:
+  # its NLL and probability from the model's full softmax over each example alone.
+  nll, prob = 0.0, 0.0
+  for tokens, q in (([3, 9, 4, 17, 8, 2], 2), ([5, 6, 7, 8], 1)):
+    logits, _ = model(jnp.asarray([tokens]), jnp.arange(len(tokens))[None])
+    lp = jax.nn.log_softmax(np.asarray(logits[0, q], np.float64))[tokens[q + 1]]
+    nll, prob = nll - lp, prob + np.exp(lp)
+  np.testing.assert_allclose([float(s) for s in stats[5:]], [nll, 2.0, prob], rtol=1e-5)
+
+
+def test_first_routed_query_of_each_packed_example():
+  route_ = jnp.asarray([[-1, 4, 5, -1, -1, 9, 8, -1, 3, -1],
+                        [-1, -1, -1, 2, -1, -1, -1, -1, -1, -1]])
+  segs = jnp.asarray([[1, 1, 1, 1, 2, 2, 2, 3, 3, 0],
+                      [1, 1, 2, 2, 2, 3, 3, 3, 0, 0]])
+  first = np.asarray(route.first_routed(route_, segs))
+  assert np.flatnonzero(first[0]).tolist() == [1, 5, 8]
+  assert np.flatnonzero(first[1]).tolist() == [3]
 
 
 def test_a_step_on_the_route_loss_raises_attention_on_the_targets():
