@@ -70,11 +70,14 @@ class PromptConfig:
     unknown = [f for f in self.item_fields if f not in ITEM_FIELDS]
     if unknown:
       raise UserError(f"unknown prompt item_fields {unknown}; valid: {', '.join(ITEM_FIELDS)}")
-    if "sid" not in self.item_fields:
-      raise UserError("prompt item_fields must include 'sid': the answer cites items by SID")
     if self.answer_format not in ANSWER_FORMATS:
       raise UserError(f"prompt answer_format must be one of {', '.join(ANSWER_FORMATS)}, "
                       f"got {self.answer_format!r}")
+    if "sid" not in self.item_fields and (self.reasoning
+                                          or first_number(self.answer_format) is None):
+      raise UserError("prompt item_fields must include 'sid' unless the answer is numbered "
+                      "(answer_format positions or positions0) without reasoning: the answer "
+                      "and the reasoning cite items by SID")
     if self.evidence_format not in EVIDENCE_FORMATS:
       raise UserError(f"prompt evidence_format must be {' or '.join(EVIDENCE_FORMATS)}, "
                       f"got {self.evidence_format!r}")
@@ -93,8 +96,9 @@ class PromptConfig:
 def item_legend(cfg: PromptConfig) -> str:
   """How an item line reads under cfg's fields, e.g. `SID title (year) | genres`."""
   fields = cfg.item_fields
-  head = "SID" + (" title" if "title" in fields else "") + (" (year)" if "year" in fields else "")
-  return " | ".join([head] + [f for f in fields if f not in ("sid", "title", "year")])
+  head = " ".join(w for f, w in (("sid", "SID"), ("title", "title"), ("year", "(year)"))
+                  if f in fields)
+  return " | ".join([head] * bool(head) + [f for f in fields if f not in ("sid", "title", "year")])
 
 
 def system_text(cfg: PromptConfig) -> str:
@@ -119,7 +123,7 @@ def system_text(cfg: PromptConfig) -> str:
 
 def item_line(item, cfg: PromptConfig) -> str:
   fields = tuple(f for f in cfg.item_fields if f != "sid")
-  return tokens.format_item(item, item["sid"], fields)
+  return tokens.format_item(item, item["sid"] if "sid" in cfg.item_fields else "", fields)
 
 
 def user_text(user) -> str:

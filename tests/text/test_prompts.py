@@ -172,3 +172,22 @@ def test_number_again_ends_each_candidate_line_with_its_number():
       "3. <|sid_begin|><s_a_4><s_b_5><|sid_end|> Alien (1979) | Horror, Sci-Fi -> 3\n" + CONTEXT)
   with pytest.raises(UserError, match="number_again .* needs a numbered answer_format"):
     prompts.PromptConfig(number_again=True)
+
+
+def test_numbered_answers_may_leave_the_sids_out():
+  cfg = prompts.PromptConfig(answer_format="positions0", item_fields=("title", "year", "genres"),
+                             reasoning=False)
+  msgs = prompts.build_messages(HISTORY, SLATE, cfg, user=USER)
+  assert "Items: title (year) | genres." in msgs[0]["content"]
+  assert msgs[1]["content"] == (
+      "User: age 25, gender F\n"
+      "History (oldest first):\n"
+      "Toy Story (1995) | Animation, Comedy\n"
+      "Heat (1995) | Action, Crime\n"
+      "Candidates (3):\n"
+      "0. Fargo (1996) | Crime, Drama\n"
+      "1. Babe (1995) | Children's\n"
+      "2. Alien (1979) | Horror, Sci-Fi")
+  for kwargs in ({"reasoning": False}, {"answer_format": "positions", "reasoning": True}):
+    with pytest.raises(UserError, match="must include 'sid' unless the answer is numbered"):
+      prompts.PromptConfig(item_fields=("title", "year"), **kwargs)
